@@ -1,0 +1,8 @@
+"""rstar-batch: distributed batch reranking with the R* cross-encoder on Ray Data."""
+
+__version__ = "0.1.0"
+
+from rstar_batch.config import ConfigError, RerankConfig  # noqa: E402
+from rstar_batch.pipeline import JobSummary, rerank  # noqa: E402
+
+__all__ = ["ConfigError", "JobSummary", "RerankConfig", "rerank", "__version__"]

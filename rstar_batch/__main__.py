@@ -1,0 +1,3 @@
+from rstar_batch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Command line: argument parsing only; every command calls the Python API.
+
+The `rerank` options are generated from `RerankConfig`'s fields, so the CLI,
+the YAML keys and the docs cannot drift apart. Values given on the command line
+override those in `--config FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+from typing import Any, Optional, Sequence
+
+from rstar_batch.config import ConfigError, RerankConfig, field_type
+
+log = logging.getLogger("rstar_batch")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per RerankConfig field, grouped as the fields are."""
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(RerankConfig):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or parser.add_argument_group(meta["group"])
+        groups[meta["group"]] = group
+        base, optional = field_type(f)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "required" if meta.get("required") else f"default: {default}"
+        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
+                                      help=f"{meta['help']} ({shown})")
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is list:
+            kwargs.update(nargs="+", metavar=f.name.upper())
+        elif typing.get_origin(base) is typing.Literal:
+            kwargs.update(choices=typing.get_args(base))
+        else:
+            kwargs.update(type=base, metavar=f.name.upper())
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> RerankConfig:
+    names = {f.name for f in dataclasses.fields(RerankConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if getattr(args, "config", None):
+        return RerankConfig.from_yaml(args.config, overrides=given)
+    return RerankConfig.from_dict(given, source="command line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rstar-batch",
+        description="Rerank retrieval candidates with the R* cross-encoder on Ray.")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="Logging detail (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    rerank = commands.add_parser(
+        "rerank", help="Score and rank candidate Parquet; write ranked Parquet.",
+        description="Score every (query, passage) candidate with the model and write "
+                    "each query's candidates ranked. Options may also come from "
+                    "--config FILE (YAML keys = option names with underscores); the "
+                    "command line wins.")
+    rerank.add_argument("--config", metavar="FILE", help="YAML file of options (default: none)")
+    add_config_options(rerank)
+
+    sample = commands.add_parser("sample-data", help="Write a synthetic candidate set.")
+    sample.add_argument("out", metavar="OUT", help="Folder to write Parquet parts into")
+    sample.add_argument("--queries", type=int, default=20, help="Queries (default: 20)")
+    sample.add_argument("--candidates", type=int, default=50,
+                        help="Candidates per query (default: 50)")
+    sample.add_argument("--files", type=int, default=2, help="Parquet parts (default: 2)")
+    sample.add_argument("--seed", type=int, default=0, help="Random seed (default: 0)")
+
+    tiny = commands.add_parser(
+        "make-tiny-model", help="Write a random-weight model with R*'s architecture.",
+        description="For offline smoke runs and tests: R*'s exact architecture with "
+                    "random weights and a locally trained tokenizer. Its scores are "
+                    "meaningless.")
+    tiny.add_argument("out", metavar="DIR", help="Folder to write the model into")
+
+    demo = commands.add_parser(
+        "demo", help="Make sample data, rerank it on a local Ray, show the result.")
+    demo.add_argument("--model", default=None,
+                      help="Hub id or model folder (default: jaspercatapang/R-star)")
+    demo.add_argument("--tiny-model", action="store_true",
+                      help="Use a random-weight model with R*'s architecture, built "
+                           "locally: no hub access, meaningless scores (default: off)")
+    demo.add_argument("--workdir", default="rstar-demo",
+                      help="Folder for the sample data and output (default: rstar-demo)")
+    return parser
+
+
+def _run_rerank(args: argparse.Namespace) -> int:
+    from rstar_batch.pipeline import rerank
+
+    summary = rerank(config_from_args(args))
+    print(summary.line())
+    return 0
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from rstar_batch.testing import write_sample_data
+
+    paths = write_sample_data(args.out, args.queries, args.candidates, args.files, args.seed)
+    print(f"wrote {args.queries * args.candidates} candidate pairs in {len(paths)} file(s) "
+          f"under {args.out}")
+    return 0
+
+
+def _run_tiny(args: argparse.Namespace) -> int:
+    from rstar_batch.testing import make_tiny_model
+
+    print(f"wrote tiny model to {make_tiny_model(args.out)}")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from rstar_batch.demo import run_demo
+
+    if args.tiny_model and args.model:
+        raise ConfigError("give --model or --tiny-model, not both")
+    run_demo(args.workdir, model=args.model, tiny=args.tiny_model)
+    return 0
+
+
+COMMANDS = {"rerank": _run_rerank, "sample-data": _run_sample,
+            "make-tiny-model": _run_tiny, "demo": _run_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rstar_batch.io.sinks import OutputError
+    from rstar_batch.io.sources import InputError
+    from rstar_batch.model import ModelUnavailableError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, InputError, OutputError, ModelUnavailableError) as exc:
+        print(f"rstar-batch: error: {exc}", file=sys.stderr)
+        return 2

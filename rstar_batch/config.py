@@ -1,0 +1,207 @@
+"""The job's one typed configuration.
+
+`RerankConfig` is the single source for the CLI flags (`cli.py` builds its
+parser from these fields), the YAML keys (`from_yaml`) and the Python API.
+Each field's metadata carries its help text and the option group it is shown in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+DEFAULT_MODEL = "jaspercatapang/R-star"
+
+Activation = Literal["auto", "sigmoid", "softmax", "none"]
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or file a user must fix."""
+
+
+def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
+    meta = {"help": help, "group": group, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RerankConfig:
+    """Everything a rerank job needs; shared by the CLI, YAML files and `rerank()`."""
+
+    # -- input / output -------------------------------------------------------------
+    candidates: list[str] = _opt(
+        [], "Candidate Parquet: files, folders or globs; local paths or any fsspec URI.",
+        "input/output", required=True)
+    output: str = _opt(
+        "", "Output folder (local path or URI) for the ranked Parquet files.",
+        "input/output", required=True)
+    overwrite: bool = _opt(
+        False, "Replace an output folder that holds files this tool did not write.",
+        "input/output")
+
+    # -- columns ----------------------------------------------------------------------
+    query_id_column: str = _opt("query_id", "Input column holding the query id.", "columns")
+    query_column: str = _opt("query", "Input column holding the query text.", "columns")
+    doc_id_column: str = _opt("doc_id", "Input column holding the passage id.", "columns")
+    passage_column: str = _opt("passage", "Input column holding the passage text.", "columns")
+    keep_columns: list[str] = _opt(
+        [], "Input columns copied unchanged to the output, after rank.", "columns")
+
+    # -- model ------------------------------------------------------------------------
+    model: str = _opt(DEFAULT_MODEL, "Hugging Face hub id or local model folder.", "model")
+    revision: Optional[str] = _opt(
+        None, "Hub revision (branch, tag or commit) of the model.", "model")
+    trust_remote_code: bool = _opt(
+        False, "Allow the model repository to run its own Python code.", "model")
+    max_length: int = _opt(
+        512, "Tokens per (query, passage) pair; longer pairs are cut longest-first.", "model")
+    score_activation: Activation = _opt(
+        "auto", "Logits to score: auto = sigmoid for one logit, softmax class 1 for two.",
+        "model")
+    device: Device = _opt(
+        "auto", "Where replicas run: auto = cuda when the cluster has GPUs, else cpu.",
+        "model")
+    dtype: DType = _opt(
+        "auto", "Model dtype: auto = bfloat16 on GPUs that support it, float16 on "
+        "older GPUs, float32 on CPU. Scores are always float32.", "model")
+
+    # -- ranking ----------------------------------------------------------------------
+    top_k: Optional[int] = _opt(
+        None, "Keep the best K passages per query (default: all).", "ranking")
+    rank_partitions: Optional[int] = _opt(
+        None, "Output files; each query lands in exactly one (default: one per ~2M pairs).",
+        "ranking")
+
+    # -- scaling ----------------------------------------------------------------------
+    min_replicas: int = _opt(1, "Smallest number of model replicas.", "scaling")
+    max_replicas: Optional[int] = _opt(
+        None, "Largest number of model replicas (default: one per GPU; 1 on CPU).",
+        "scaling")
+    gpus_per_replica: float = _opt(
+        1.0, "GPUs each replica reserves (a fraction packs several per GPU).", "scaling")
+    cpus_per_replica: float = _opt(1.0, "Logical CPUs each replica reserves.", "scaling")
+    cpu_threads: Optional[int] = _opt(
+        None, "Torch threads of a CPU replica (default: the node's cores).", "scaling")
+    tokenize_workers: int = _opt(
+        2, "Largest number of CPU tokenizer actors.", "scaling")
+    batch_tokens: int = _opt(
+        16384, "Token budget of one forward pass (rows x longest row).", "scaling")
+    max_batch_pairs: int = _opt(256, "Most pairs in one forward pass.", "scaling")
+    replica_batch_rows: int = _opt(
+        2048, "Rows handed to a replica per call; it length-sorts within them.", "scaling")
+
+    # -- cluster ----------------------------------------------------------------------
+    address: Optional[str] = _opt(
+        None, "Ray cluster to join (auto, ray://host:port). Default: the submitting "
+        "job's cluster under `ray job submit`, else a local Ray started in-process.",
+        "cluster")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.candidates, str):
+            self.candidates = [self.candidates]
+        self.candidates = [str(c) for c in self.candidates]
+        self.keep_columns = list(self.keep_columns)
+        _check_literals(self)
+        _check_positive(self, "max_length", "batch_tokens", "max_batch_pairs",
+                        "replica_batch_rows", "tokenize_workers", "min_replicas")
+        _check_positive(self, "top_k", "rank_partitions", "max_replicas", "cpu_threads",
+                        optional=True)
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ConfigError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas "
+                f"({self.min_replicas})")
+        if not 0 < self.gpus_per_replica <= 8:
+            raise ConfigError(f"gpus_per_replica must be in (0, 8], got {self.gpus_per_replica}")
+        if self.cpus_per_replica <= 0:
+            raise ConfigError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
+        names = [self.query_id_column, self.query_column, self.doc_id_column,
+                 self.passage_column]
+        if len(set(names)) != 4:
+            raise ConfigError(f"the four input column names must differ, got {names}")
+        clash = {"score", "rank"} & set(self.keep_columns)
+        if clash:
+            raise ConfigError(f"keep_columns cannot include output columns {sorted(clash)}")
+
+    def validate_required(self) -> None:
+        """Raise if a field the job cannot run without is empty."""
+        if not self.candidates:
+            raise ConfigError("no candidates given: set --candidates (or `candidates:` in YAML)")
+        if not self.output:
+            raise ConfigError("no output given: set --output (or `output:` in YAML)")
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RerankConfig":
+        """Build from a mapping; unknown keys are an error naming the closest key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                near = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: Optional[dict[str, Any]] = None) -> "RerankConfig":
+        """Load a YAML file; `overrides` (e.g. command-line values) win over it."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                values = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys to values")
+        values.update(overrides or {})
+        return cls.from_dict(values, source=f"config file '{path}'")
+
+    def replace(self, **changes: Any) -> "RerankConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def field_type(f: dataclasses.Field) -> tuple[Any, bool]:
+    """The field's base type and whether it may be None."""
+    hint = typing.get_type_hints(RerankConfig)[f.name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    return hint, False
+
+
+def _check_literals(cfg: RerankConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        base, _ = field_type(f)
+        if typing.get_origin(base) is Literal:
+            allowed = typing.get_args(base)
+            if getattr(cfg, f.name) not in allowed:
+                raise ConfigError(
+                    f"{f.name} must be one of {', '.join(allowed)}; got {getattr(cfg, f.name)!r}")
+
+
+def _check_positive(cfg: RerankConfig, *names: str, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")

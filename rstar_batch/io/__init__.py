@@ -1,0 +1,1 @@
+"""Sources (candidate Parquet) and sinks (ranked Parquet, rejected rows, manifest)."""

@@ -1,0 +1,140 @@
+"""Find and check the candidate Parquet files before anything is scored.
+
+Every problem is reported here, on the driver, naming the file and column:
+a path that does not exist, a file that is not Parquet, a missing column, a
+column of the wrong type, ids whose type differs between files, no rows.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rstar_batch.io import fs as fsio
+
+log = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """Candidate input the user must fix."""
+
+
+@dataclass(frozen=True)
+class CandidateFiles:
+    """The resolved candidate files with what their footers say."""
+
+    filesystem: pafs.FileSystem
+    paths: list[str]
+    num_rows: int
+    schema: pa.Schema           # the columns the job reads, as the first file has them
+    total_bytes: int
+
+
+def _is_data_file(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return not name.startswith(("_", ".")) and name.endswith((".parquet", ".parq", ".pq"))
+
+
+def _expand_one(fs: pafs.FileSystem, uri: str, path: str) -> list[str]:
+    if any(ch in path for ch in "*?["):
+        if fsio.is_local(fs):
+            matches = sorted(globlib.glob(path, recursive=True))
+        else:
+            import fsspec
+
+            matches = sorted(fsspec.core.url_to_fs(uri)[0].glob(path))
+        files = [m for m in matches if fs.get_file_info(m).type == pafs.FileType.File]
+        if not files:
+            raise InputError(f"candidates pattern '{uri}' matches no files")
+        return files
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"candidates path '{uri}' does not exist")
+    if info.type == pafs.FileType.File:
+        return [path]
+    files = sorted(i.path for i in fsio.list_files(fs, path) if _is_data_file(i.path))
+    if not files:
+        raise InputError(f"candidates folder '{uri}' holds no .parquet files")
+    return files
+
+
+def expand(uris: list[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """All candidate files named by files, folders and globs (one filesystem)."""
+    filesystem, paths = None, []
+    for uri in uris:
+        fs, path = fsio.resolve(uri)
+        if filesystem is not None and type(fs) is not type(filesystem):
+            raise InputError(f"all candidates must live on one filesystem; '{uri}' does not")
+        filesystem = filesystem or fs
+        paths.extend(_expand_one(fs, uri, path))
+    if not paths:
+        raise InputError("no candidates given")
+    return filesystem, list(dict.fromkeys(paths))
+
+
+def _footer(fs: pafs.FileSystem, path: str) -> tuple[str, pa.Schema, int, int]:
+    try:
+        with fs.open_input_file(path) as fh:
+            meta = pq.ParquetFile(fh).metadata
+            return path, meta.schema.to_arrow_schema(), meta.num_rows, fh.size()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"candidates file '{path}' is not a readable Parquet file: {exc}"
+                         ) from None
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or (
+        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
+
+
+def _is_id(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or _is_text(t)
+
+
+def check_schema(path: str, schema: pa.Schema, roles: dict[str, str], keep: list[str]) -> None:
+    """Raise naming the file and column if a needed column is missing or mistyped."""
+    for role, column in roles.items():
+        if column not in schema.names:
+            raise InputError(
+                f"candidates file '{path}' has no {role} column '{column}' (it has: "
+                f"{', '.join(schema.names)}); map yours with --{role.replace('_', '-')}-column")
+        kind, ok = ("an integer or string", _is_id) if role.endswith("_id") else (
+            "a string", _is_text)
+        column_type = schema.field(column).type
+        if not ok(column_type):
+            raise InputError(f"column '{column}' ({role}) in candidates file '{path}' is "
+                             f"{column_type}; it must be {kind}")
+    for column in keep:
+        if column not in schema.names:
+            raise InputError(f"candidates file '{path}' has no column '{column}' named in "
+                             f"keep_columns (it has: {', '.join(schema.names)})")
+
+
+def inspect_candidates(uris: list[str], roles: dict[str, str], keep: list[str],
+                       threads: int = 16) -> CandidateFiles:
+    """Resolve, open and check every candidate file; count its rows from the footers."""
+    fs, paths = expand(uris)
+    with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
+        footers = list(pool.map(lambda p: _footer(fs, p), paths))
+    needed = list(dict.fromkeys([*roles.values(), *keep]))
+    first_path, first_schema = footers[0][0], footers[0][1]
+    for path, schema, _, _ in footers:
+        check_schema(path, schema, roles, keep)
+        for column in needed:
+            if not schema.field(column).type.equals(first_schema.field(column).type):
+                raise InputError(
+                    f"column '{column}' is {schema.field(column).type} in '{path}' but "
+                    f"{first_schema.field(column).type} in '{first_path}'; make them match")
+    num_rows = sum(f[2] for f in footers)
+    if num_rows == 0:
+        raise InputError(f"candidates {', '.join(uris)} hold no rows "
+                         f"({len(paths)} file(s), 0 rows)")
+    log.info("candidates: %d file(s), %d rows", len(paths), num_rows)
+    schema = pa.schema([first_schema.field(c) for c in needed])
+    return CandidateFiles(fs, paths, num_rows, schema, sum(f[3] for f in footers))

@@ -1,0 +1,165 @@
+"""Loading a model replica: hub id or folder, dtype, device. Nothing else.
+
+`describe_model` runs once on the driver, before any data moves, so a model
+that cannot be had fails the job in seconds with a one-line message instead of
+inside every replica. `load_replica` and `load_tokenizer` run in the actors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model cannot be loaded from where the user pointed."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver learned about the model, recorded in the manifest."""
+
+    source: str            # hub id or absolute local folder
+    revision: Optional[str]  # hub commit, or None for a folder
+    fingerprint: str       # hub commit sha, or sha256 of the folder's files
+    num_labels: int
+    architecture: str
+
+
+def is_local(spec: str) -> bool:
+    return os.path.isdir(os.path.expanduser(spec))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep == "\\"
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_hint(spec: str) -> str:
+    return (f"cannot reach the Hugging Face hub to fetch model '{spec}' and it is not in "
+            "the local cache; pass a local model folder instead: --model /path/to/model "
+            "(for an offline smoke run: rstar-batch make-tiny-model DIR)")
+
+
+def _folder_fingerprint(folder: str) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        digest.update(name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def describe_model(spec: str, revision: Optional[str] = None,
+                   trust_remote_code: bool = False) -> ModelInfo:
+    """Check the model can be had and read its config; raise one clear line if not."""
+    from transformers import AutoConfig
+
+    if is_local(spec):
+        folder = os.path.abspath(os.path.expanduser(spec))
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            raise ModelUnavailableError(
+                f"model folder '{folder}' has no config.json; is it a saved transformers model?")
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return ModelInfo(folder, None, _folder_fingerprint(folder), config.num_labels,
+                         config.model_type)
+    if _looks_like_path(spec):
+        raise ModelUnavailableError(f"model folder '{spec}' does not exist")
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    local_only = offline or not _hub_reachable()
+    try:
+        config = AutoConfig.from_pretrained(
+            spec, revision=revision, trust_remote_code=trust_remote_code,
+            local_files_only=local_only)
+    except OSError as exc:
+        if local_only:
+            raise ModelUnavailableError(_offline_hint(spec)) from None
+        raise ModelUnavailableError(f"cannot load model '{spec}' from the hub: {exc}") from None
+    commit = getattr(config, "_commit_hash", None) or revision
+    return ModelInfo(spec, commit, f"hub:{commit}", config.num_labels, config.model_type)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → cuda when this process sees a GPU, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but this worker sees no GPU")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """'auto' → bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        if device != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, _DTYPES[dtype])
+
+
+def _source_and_revision(info: ModelInfo) -> tuple[str, Optional[str]]:
+    # Replicas load the exact commit the driver resolved, so a push to the hub
+    # in the middle of a job cannot mix two model versions in one output.
+    return info.source, info.revision
+
+
+def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    source, revision = _source_and_revision(info)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, revision=revision, trust_remote_code=trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        log.warning("model '%s' has no fast tokenizer; tokenization will be slow", source)
+    return tokenizer
+
+
+def load_replica(info: ModelInfo, device: str, dtype: str,
+                 trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
+    """Load the model once for a replica: (model in eval mode, torch device, dtype)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    source, revision = _source_and_revision(info)
+    device_name = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device_name)
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError):
+        log.info("model '%s' has no SDPA attention; using its default", source)
+        model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    torch_device = torch.device(device_name)
+    model = model.to(torch_device).eval()
+    log.info("loaded %s on %s as %s", source, torch_device, torch_dtype)
+    return model, torch_device, torch_dtype

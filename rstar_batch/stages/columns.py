@@ -1,0 +1,21 @@
+"""Names of the internal columns that flow between stages.
+
+Internal names start with an underscore so they can never collide with a
+column the user keeps (kept columns pass through under their input names).
+"""
+
+QUERY_ID = "_qid"
+QUERY = "_query"
+DOC_ID = "_did"
+PASSAGE = "_passage"
+REJECT = "_reject"        # null for rows that are scored, else the reason
+BUCKET = "_bucket"        # which output file the row's query lands in
+INPUT_IDS = "_input_ids"
+TOKEN_TYPE_IDS = "_token_type_ids"
+SCORE = "score"
+
+# Reasons a row is not scored; each is counted in the summary.
+NULL_QUERY_ID = "null_query_id"
+NULL_DOC_ID = "null_doc_id"
+NULL_QUERY = "null_query"
+NULL_PASSAGE = "null_passage"

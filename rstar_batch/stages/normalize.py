@@ -1,0 +1,57 @@
+"""Normalize: map the user's column names to internal ones, flag unscorable rows.
+
+Rows with a null id or text are never scored and never dropped: they get a
+reason in the `_reject` column and travel on to the rejected-rows table.
+Each row also gets the bucket (output file) its query belongs to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rstar_batch.stages import columns as C
+
+
+def query_buckets(query_ids: pa.ChunkedArray | pa.Array, num_buckets: int) -> np.ndarray:
+    """A stable bucket per query id, the same in every process and run."""
+    if num_buckets == 1:
+        return np.zeros(len(query_ids), dtype=np.int32)
+    ids = query_ids.to_numpy(zero_copy_only=False)
+    if ids.dtype.kind in "iu":
+        ids = ids.astype(np.int64)
+    else:
+        ids = ids.astype(object)
+    return (pd.util.hash_array(ids, categorize=False) % np.uint64(num_buckets)).astype(np.int32)
+
+
+class Normalize:
+    """Rename the four input columns, keep the listed ones, add reason and bucket."""
+
+    def __init__(self, query_id: str, query: str, doc_id: str, passage: str,
+                 keep: list[str], num_buckets: int) -> None:
+        self.mapping = {query_id: C.QUERY_ID, query: C.QUERY, doc_id: C.DOC_ID,
+                        passage: C.PASSAGE}
+        self.keep = list(keep)
+        self.num_buckets = num_buckets
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        missing = [c for c in [*self.mapping, *self.keep] if c not in batch.column_names]
+        if missing:
+            raise KeyError(f"input batch lacks column(s) {missing}")
+        cols = {new: batch[old] for old, new in self.mapping.items()}
+        reason = pa.nulls(batch.num_rows, pa.string())
+        # Later checks win, so the first missing field (ids before texts) is named.
+        for column, why in [(C.PASSAGE, C.NULL_PASSAGE), (C.QUERY, C.NULL_QUERY),
+                            (C.DOC_ID, C.NULL_DOC_ID), (C.QUERY_ID, C.NULL_QUERY_ID)]:
+            reason = pc.if_else(pc.is_null(cols[column]), pa.scalar(why), reason)
+        qids = cols[C.QUERY_ID]
+        if qids.null_count:
+            qids = pc.fill_null(qids, pa.scalar(0, qids.type) if pa.types.is_integer(
+                qids.type) else pa.scalar("", qids.type))
+        buckets = query_buckets(qids, self.num_buckets)
+        out = {**cols, **{k: batch[k] for k in self.keep},
+               C.REJECT: reason, C.BUCKET: pa.array(buckets, pa.int32())}
+        return pa.table(out)

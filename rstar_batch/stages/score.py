@@ -1,0 +1,158 @@
+"""Score: token ids → float32 relevance scores, on model-replica actors.
+
+Rows handed to a replica are sorted by token count (longest first, so the CUDA
+allocator's first batch is its largest), cut into forward passes that fit a
+token budget, each padded only to its own longest row, and put back in input
+order. Padding is masked, so no choice here changes a score.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rstar_batch.model import ModelInfo, load_replica
+from rstar_batch.stages import columns as C
+
+log = logging.getLogger(__name__)
+
+
+def resolve_activation(activation: str, num_labels: int) -> str:
+    """'auto' → sigmoid for one logit, softmax (class 1) for two."""
+    if activation != "auto":
+        if activation == "softmax" and num_labels < 2:
+            raise ValueError("score_activation 'softmax' needs a model with two or more labels")
+        return activation
+    if num_labels == 1:
+        return "sigmoid"
+    if num_labels == 2:
+        return "softmax"
+    raise ValueError(f"the model has {num_labels} labels; set score_activation explicitly")
+
+
+def plan_batches(lengths: np.ndarray, batch_tokens: int, max_pairs: int) -> list[np.ndarray]:
+    """Group row indices into forward passes, longest rows first.
+
+    A pass holds rows while (rows × its longest row) stays within `batch_tokens`
+    and rows ≤ `max_pairs`; a single row longer than the budget gets a pass alone.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, min(max_pairs, batch_tokens // longest))
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def pad_rows(values: pa.ListArray, rows: np.ndarray, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a list array as a right-padded int64 matrix and its attention mask."""
+    picked = values.take(pa.array(rows))
+    lengths = pc.list_value_length(picked).to_numpy(zero_copy_only=False)
+    width = int(lengths.max()) if len(lengths) else 0
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    matrix = np.full((len(rows), width), pad, dtype=np.int64)
+    matrix[mask] = picked.flatten().to_numpy(zero_copy_only=False)
+    return matrix, mask.astype(np.int64)
+
+
+class Scorer:
+    """One model replica scoring pre-tokenized pairs in-process (no Ray needed)."""
+
+    def __init__(self, model: ModelInfo, device: str = "cpu", dtype: str = "auto",
+                 activation: str = "auto", batch_tokens: int = 16384,
+                 max_batch_pairs: int = 256, cpu_threads: Optional[int] = None,
+                 trust_remote_code: bool = False) -> None:
+        import torch
+
+        self.torch = torch
+        self.model, self.device, self.dtype = load_replica(model, device, dtype,
+                                                           trust_remote_code)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
+        self.activation = resolve_activation(activation, model.num_labels)
+        self.batch_tokens = batch_tokens
+        self.max_batch_pairs = max_batch_pairs
+        self.pad_id = getattr(self.model.config, "pad_token_id", None) or 0
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        tensor = self.torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _forward(self, input_ids: pa.ListArray, token_types: Optional[pa.ListArray],
+                 rows: np.ndarray) -> np.ndarray:
+        ids, mask = pad_rows(input_ids, rows, self.pad_id)
+        inputs = {"input_ids": self._to_device(ids), "attention_mask": self._to_device(mask)}
+        if token_types is not None:
+            inputs["token_type_ids"] = self._to_device(pad_rows(token_types, rows)[0])
+        logits = self.model(**inputs).logits.float()
+        if self.activation == "sigmoid":
+            out = self.torch.sigmoid(logits[:, -1])
+        elif self.activation == "softmax":
+            out = self.torch.softmax(logits, dim=-1)[:, 1]
+        else:
+            out = logits[:, -1]
+        return out.cpu().numpy().astype(np.float32)
+
+    def score(self, input_ids: pa.ListArray,
+              token_types: Optional[pa.ListArray] = None) -> np.ndarray:
+        """Scores for every row of `input_ids`, in input order."""
+        lengths = pc.list_value_length(input_ids).to_numpy(zero_copy_only=False)
+        scores = np.empty(len(lengths), dtype=np.float32)
+        pending = plan_batches(lengths, self.batch_tokens, self.max_batch_pairs)
+        with self.torch.inference_mode():
+            while pending:
+                rows = pending.pop(0)
+                try:
+                    scores[rows] = self._forward(input_ids, token_types, rows)
+                except self.torch.OutOfMemoryError:
+                    if len(rows) == 1:
+                        raise
+                    self._shrink_after_oom(len(rows))
+                    half = len(rows) // 2
+                    pending[:0] = [rows[:half], rows[half:]]
+        return scores
+
+    def _shrink_after_oom(self, rows: int) -> None:
+        self.torch.cuda.empty_cache()
+        self.batch_tokens = max(1, self.batch_tokens // 2)
+        log.warning("CUDA out of memory on %d pairs; halving the batch, token budget now %d "
+                    "for the rest of the run", rows, self.batch_tokens)
+
+
+class Score:
+    """Callable class for `map_batches`: one model replica per actor."""
+
+    def __init__(self, **scorer_kwargs: Any) -> None:
+        self.scorer = Scorer(**scorer_kwargs)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scored = np.flatnonzero(pc.is_null(batch[C.REJECT]).to_numpy(zero_copy_only=False))
+        scores = np.full(batch.num_rows, np.nan, dtype=np.float32)
+        if len(scored):
+            types = batch[C.TOKEN_TYPE_IDS] if C.TOKEN_TYPE_IDS in batch.column_names else None
+            take = pa.array(scored)
+            scores[scored] = self.scorer.score(
+                batch[C.INPUT_IDS].combine_chunks().take(take),
+                None if types is None else types.combine_chunks().take(take))
+            bad = scored[~np.isfinite(scores[scored])]
+            if len(bad):
+                raise FloatingPointError(
+                    f"the model produced non-finite scores for {len(bad)} pair(s), e.g. "
+                    f"query_id={batch[C.QUERY_ID][int(bad[0])]} doc_id="
+                    f"{batch[C.DOC_ID][int(bad[0])]}; try --dtype float32")
+        out = batch.drop_columns([c for c in (C.INPUT_IDS, C.TOKEN_TYPE_IDS)
+                                  if c in batch.column_names])
+        valid = np.zeros(batch.num_rows, dtype=bool)
+        valid[scored] = True
+        out = out.append_column(C.SCORE, pa.array(scores, pa.float32(), mask=~valid))
+        assert out.num_rows == batch.num_rows, "score stage must emit every input row once"
+        return out

@@ -1,0 +1,168 @@
+"""Tiny model and sample data makers shared by tests, the demo and benchmarks.
+
+`make_tiny_model` builds a model with R*'s exact architecture (BERT, 4 layers,
+hidden 512, 8 heads, FFN 2048, vocab 28,996, 512 positions, one logit) with
+random weights and a cased WordPiece tokenizer trained locally, so everything
+runs without the Hugging Face hub. Its scores are meaningless but deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+R_STAR_ARCHITECTURE = dict(
+    vocab_size=28996,
+    hidden_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    intermediate_size=2048,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    hidden_act="gelu",
+    num_labels=1,
+)
+
+_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+# A small English-like lexicon with some accented, CJK and emoji words, so the
+# tokenizer and the tests see non-ASCII text.
+_COMMON = (
+    "the of and to in is was for on that with as by at from it an be this are or which "
+    "has had not but were its also they their have been one two first new more after "
+    "most other some time into used can than only over such years during between many "
+    "where when these both under while may about through each because however"
+).split()
+_TOPICS = (
+    "river bridge engine protein galaxy violin harbour glacier vaccine turbine novel "
+    "market cathedral volcano algorithm satellite orchard reactor museum senate "
+    "canal telescope enzyme railway festival parliament desert island fossil comet "
+    "battery language molecule kingdom climate highway treaty opera stadium tribe "
+    "library Paris Einstein Amazon Tokyo Nile Beethoven Marie Curie Sahara Himalaya "
+    "café naïve résumé Zürich São Paulo Kraków 東京 北京 数据 検索 음악 😀 🚀 ✨"
+).split()
+_FILLER = (
+    "system history population water energy process structure region century "
+    "government company research species music theory city country family school "
+    "building science war public form field period area design power control study"
+).split()
+
+
+def _sentence(rng: random.Random, n_words: int, topic: list[str]) -> str:
+    words = []
+    for _ in range(n_words):
+        r = rng.random()
+        pool = topic if r < 0.25 else _FILLER if r < 0.55 else _COMMON
+        words.append(rng.choice(pool))
+    if words:
+        words[0] = words[0][:1].upper() + words[0][1:]
+    return " ".join(words) + "."
+
+
+def _passage_length(rng: random.Random) -> int:
+    """Words in a passage: ~20-200, mean ~60, and about 1 in 100 very long."""
+    if rng.random() < 0.01:
+        return rng.randint(600, 1200)
+    return max(20, min(200, int(rng.lognormvariate(3.95, 0.45))))
+
+
+def make_candidates(num_queries: int, candidates_per_query: int,
+                    seed: int = 0) -> pa.Table:
+    """A synthetic candidate set with the default input columns.
+
+    query_id is int64 and doc_id a string, so both id types are exercised; a
+    `first_stage_score` column mimics the retriever's score (higher is better).
+    """
+    rng = random.Random(seed)
+    qids, queries, dids, passages, first = [], [], [], [], []
+    for q in range(num_queries):
+        topic = rng.sample(_TOPICS, 4)
+        query = " ".join(rng.choice(topic + _FILLER) for _ in range(rng.randint(3, 12)))
+        for c in range(candidates_per_query):
+            qids.append(q + 1)
+            queries.append(query)
+            dids.append(f"D{rng.randrange(10**8):08d}-{q}-{c}")
+            passages.append(_sentence(rng, _passage_length(rng), topic))
+            first.append(round(30.0 - c * 0.25 + rng.random(), 4))
+    return pa.table({
+        "query_id": pa.array(qids, pa.int64()),
+        "query": pa.array(queries, pa.string()),
+        "doc_id": pa.array(dids, pa.string()),
+        "passage": pa.array(passages, pa.string()),
+        "first_stage_score": pa.array(first, pa.float32()),
+    })
+
+
+def write_sample_data(out_dir: str, num_queries: int, candidates_per_query: int,
+                      files: int = 2, seed: int = 0) -> list[str]:
+    """Write `make_candidates(...)` as `files` Parquet parts; return their paths.
+
+    Parts are cut by row, so a query's candidates may span two files, as they
+    do in real retriever output.
+    """
+    table = make_candidates(num_queries, candidates_per_query, seed=seed)
+    os.makedirs(out_dir, exist_ok=True)
+    files = max(1, min(files, table.num_rows))
+    step = -(-table.num_rows // files)
+    paths = []
+    for i in range(files):
+        path = os.path.join(out_dir, f"part-{i:05d}.parquet")
+        pq.write_table(table.slice(i * step, step), path)
+        paths.append(path)
+    return paths
+
+
+def _training_text(seed: int = 1234) -> Iterator[str]:
+    rng = random.Random(seed)
+    for _ in range(3000):
+        yield _sentence(rng, rng.randint(5, 40), rng.sample(_TOPICS, 6))
+    yield " ".join(_COMMON + _TOPICS + _FILLER)
+    yield "".join(chr(c) for c in range(33, 127))  # every printable ASCII character
+
+
+def make_tiny_model(path: str, seed: int = 0) -> str:
+    """Write a random-weight model with R*'s architecture and a local tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    target = Path(path)
+    if (target / "config.json").exists():
+        return str(target)
+    target.mkdir(parents=True, exist_ok=True)
+
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(
+        lowercase=False, strip_accents=False, clean_text=True, handle_chinese_chars=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=R_STAR_ARCHITECTURE["vocab_size"], special_tokens=_SPECIAL_TOKENS)
+    wordpiece.train_from_iterator(_training_text(), trainer)
+    tokenizer = BertTokenizer(vocab=wordpiece.get_vocab(), do_lower_case=False,
+                              strip_accents=False, model_max_length=512)
+    tokenizer.save_pretrained(str(target))
+
+    torch.manual_seed(seed)
+    config = BertConfig(**R_STAR_ARCHITECTURE)
+    model = BertForSequenceClassification(config).eval()
+    # Random init gives near-identical logits; widen the head so scores spread out.
+    with torch.no_grad():
+        model.classifier.weight.mul_(50.0)
+    model.save_pretrained(str(target), safe_serialization=True)
+    log.info("wrote tiny R*-architecture model to %s", target)
+    return str(target)
+
+
+def default_tiny_model_dir(base: Optional[str] = None) -> str:
+    """Where the demo keeps its tiny model when the user names none."""
+    root = base or os.environ.get("RSTAR_BATCH_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "rstar-batch")
+    return os.path.join(root, "tiny-r-star")

@@ -106,8 +106,8 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
     import ray.data
 
     roles = _roles(config)
-    ds = ray.data.read_parquet(source.paths, filesystem=source.filesystem,
-                               columns=source.schema.names)
+    ds = ray.data.read_parquet(source.paths, filesystem=source.filesystem).select_columns(
+        source.schema.names)
     ds = ds.map_batches(
         Normalize(roles["query_id"], roles["query"], roles["doc_id"], roles["passage"],
                   config.keep_columns, buckets),
@@ -165,14 +165,15 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     out_fs, root = fsio.resolve(config.output)
     buckets = config.rank_partitions or min(4096, math.ceil(source.num_rows / PAIRS_PER_BUCKET))
 
+    sinks.prepare_output(out_fs, root, config.output, config.overwrite, marker={
+        "tool": "rstar-batch", "version": __version__, "started": started})
+
     with ray_session(config.address):
         import ray
 
         replicas = plan_replicas(config, ray.cluster_resources())
         log.info("scoring %d pairs with %s replica(s) on %s (%d..%d)", source.num_rows,
                  model.source, replicas.device, replicas.min_size, replicas.max_size)
-        sinks.prepare_output(out_fs, root, config.output, config.overwrite, marker={
-            "tool": "rstar-batch", "version": __version__, "started": started})
         plan = build_scoring_plan(config, source, model, replicas, buckets)
         plan.write_parquet(sinks.scored_dir(root), filesystem=out_fs,
                            partition_cols=[C.BUCKET])

@@ -55,8 +55,13 @@ def list_files(fs: pafs.FileSystem, path: str, recursive: bool = True) -> list[p
     return [i for i in info if i.type == pafs.FileType.File]
 
 
+def _make_parent(fs: pafs.FileSystem, path: str) -> None:
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+
+
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write a whole file so readers never see half of it."""
+    _make_parent(fs, path)
     if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         with fs.open_output_stream(tmp) as out:
@@ -79,6 +84,7 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
 
 def write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     """Write one Parquet file so readers never see half of it."""
+    _make_parent(fs, path)
     target = f"{path}.tmp-{uuid.uuid4().hex}" if is_local(fs) else path
     pq.write_table(table, target, filesystem=fs, compression="zstd")
     if target != path:

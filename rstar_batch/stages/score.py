@@ -107,25 +107,28 @@ class Scorer:
         """Scores for every row of `input_ids`, in input order."""
         lengths = pc.list_value_length(input_ids).to_numpy(zero_copy_only=False)
         scores = np.empty(len(lengths), dtype=np.float32)
-        pending = plan_batches(lengths, self.batch_tokens, self.max_batch_pairs)
+        remaining = np.arange(len(lengths))
         with self.torch.inference_mode():
-            while pending:
-                rows = pending.pop(0)
-                try:
-                    scores[rows] = self._forward(input_ids, token_types, rows)
-                except self.torch.OutOfMemoryError:
-                    if len(rows) == 1:
-                        raise
-                    self._shrink_after_oom(len(rows))
-                    half = len(rows) // 2
-                    pending[:0] = [rows[:half], rows[half:]]
+            while len(remaining):
+                batches = [remaining[b] for b in plan_batches(
+                    lengths[remaining], self.batch_tokens, self.max_batch_pairs)]
+                remaining = remaining[:0]
+                for i, rows in enumerate(batches):
+                    try:
+                        scores[rows] = self._forward(input_ids, token_types, rows)
+                    except self.torch.OutOfMemoryError:
+                        if len(rows) == 1:
+                            raise
+                        self._shrink_after_oom(len(rows), int(lengths[rows].max()))
+                        remaining = np.concatenate(batches[i:])  # re-plan what is left
+                        break
         return scores
 
-    def _shrink_after_oom(self, rows: int) -> None:
+    def _shrink_after_oom(self, rows: int, longest: int) -> None:
         self.torch.cuda.empty_cache()
-        self.batch_tokens = max(1, self.batch_tokens // 2)
-        log.warning("CUDA out of memory on %d pairs; halving the batch, token budget now %d "
-                    "for the rest of the run", rows, self.batch_tokens)
+        self.batch_tokens = max(1, min(self.batch_tokens, rows * longest) // 2)
+        log.warning("CUDA out of memory on %d pairs of up to %d tokens; token budget now %d "
+                    "for the rest of the run", rows, longest, self.batch_tokens)
 
 
 class Score:

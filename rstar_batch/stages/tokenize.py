@@ -35,9 +35,22 @@ class Tokenize:
         self.with_types = "token_type_ids" in self.tokenizer.model_input_names
 
     def encode(self, queries: list[str], passages: list[str]) -> dict[str, list[list[int]]]:
-        return self.tokenizer(queries, passages, truncation=True, max_length=self.max_length,
-                              return_attention_mask=False,
-                              return_token_type_ids=self.with_types)
+        """Encode pairs exactly as `tokenizer(query, passage, ...)` does one at a time.
+
+        transformers treats an empty-string passage as no passage at all
+        ([CLS] query [SEP]), while a batch call would add a second [SEP]; those
+        rows are encoded alone so both paths give the same ids and scores.
+        """
+        args = dict(truncation=True, max_length=self.max_length, return_attention_mask=False,
+                    return_token_type_ids=self.with_types)
+        enc = dict(self.tokenizer(queries, passages, **args))
+        empty = [i for i, p in enumerate(passages) if p == ""]
+        if empty:
+            alone = self.tokenizer([queries[i] for i in empty], **args)
+            for key, rows in enc.items():
+                for j, i in enumerate(empty):
+                    rows[i] = alone[key][j]
+        return enc
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scored = pc.is_null(batch[C.REJECT]).to_numpy(zero_copy_only=False)

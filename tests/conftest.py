@@ -1,0 +1,75 @@
+"""Shared fixtures: the tiny model, sample data, the reference scores, one Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rstar_batch.testing import make_tiny_model, write_sample_data
+from tests.reference import reference_scores
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return make_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-r-star"))
+
+
+def edge_case_table() -> pa.Table:
+    """Pairs that stress tokenization and padding; ids are integers."""
+    long_words = " ".join(["glacier river engine"] * 400)          # far past 512 tokens
+    rows = [
+        (1, "violin festival Paris", 10, long_words),
+        (1, "violin festival Paris", 11, "violin"),                 # one word
+        (1, "violin festival Paris", 12, ""),                       # empty passage
+        (1, "violin festival Paris", 13, "Café in Zürich, naïve résumé of São Paulo."),
+        (1, "violin festival Paris", 14, "東京 and 北京 数据 検索 음악 😀 🚀 ✨ concerts"),
+        (1, "violin festival Paris", 15, long_words + " end"),
+        (2, "a lone query with one candidate", 20, "the only candidate passage"),
+        (3, "東京 😀 café " * 150, 30, "query longer than the passage, cut first"),
+    ]
+    many = [(4, "comet telescope orbit", 100 + i, f"comet {'telescope ' * i}orbit {i}")
+            for i in range(70)]
+    qid, query, did, passage = zip(*(rows + many))
+    return pa.table({"query_id": pa.array(qid, pa.int64()), "query": list(query),
+                     "doc_id": pa.array(did, pa.int64()), "passage": list(passage)})
+
+
+@pytest.fixture(scope="session")
+def edge_cases() -> pa.Table:
+    return edge_case_table()
+
+
+@pytest.fixture(scope="session")
+def edge_case_reference(tiny_model, edge_cases) -> dict:
+    return reference_scores(tiny_model, edge_cases)
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> str:
+    """20 queries × 50 candidates in two Parquet parts (the issue's acceptance set)."""
+    out = str(tmp_path_factory.mktemp("sample") / "candidates")
+    write_sample_data(out, num_queries=20, candidates_per_query=50, files=2, seed=7)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_reference(tiny_model, sample_dir) -> dict:
+    return reference_scores(tiny_model, pq.read_table(sample_dir))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the in-process tests; torn down even after failures."""
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,156 @@
+"""Each stage on its own, in-process: normalize, tokenize, score, rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from rstar_batch.model import describe_model
+from rstar_batch.stages import columns as C
+from rstar_batch.stages.normalize import Normalize, query_buckets
+from rstar_batch.stages.rank import rank_table
+from rstar_batch.stages.score import Score, Scorer, pad_rows, plan_batches, resolve_activation
+from rstar_batch.stages.tokenize import Tokenize
+
+
+def _normalized(table: pa.Table, buckets: int = 1, keep=()) -> pa.Table:
+    return Normalize("query_id", "query", "doc_id", "passage", list(keep), buckets)(table)
+
+
+def test_normalize_flags_each_null_field_and_keeps_the_row():
+    table = pa.table({
+        "query_id": pa.array([1, None, 3, 4, 5], pa.int64()),
+        "query": ["q", "q", None, "q", "q"],
+        "doc_id": ["a", "b", "c", None, "e"],
+        "passage": ["p", "p", "p", "p", None],
+    })
+    out = _normalized(table)
+    assert out.num_rows == 5
+    assert out[C.REJECT].to_pylist() == [None, C.NULL_QUERY_ID, C.NULL_QUERY,
+                                         C.NULL_DOC_ID, C.NULL_PASSAGE]
+
+
+def test_query_buckets_are_stable_and_keep_a_query_together():
+    ids = pa.array(["q1", "q2", "q1", "q3"] * 50)
+    first, again = query_buckets(ids, 7), query_buckets(ids, 7)
+    assert (first == again).all()
+    assert len(set(first[::4])) == 1  # every "q1" row in one bucket
+    assert set(np.unique(first)) <= set(range(7))
+    ints = query_buckets(pa.array(np.arange(1000)), 8)
+    assert len(np.unique(ints)) == 8  # spreads over all buckets
+
+
+def test_plan_batches_sorts_longest_first_and_respects_the_budget():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 512, size=1000)
+    batches = plan_batches(lengths, batch_tokens=4096, max_pairs=64)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(1000))  # every row exactly once
+    assert (np.diff(lengths[flat]) <= 0).all()           # longest first
+    for rows in batches:
+        assert len(rows) <= 64
+        assert len(rows) == 1 or len(rows) * lengths[rows].max() <= 4096
+
+
+def test_plan_batches_gives_an_over_budget_row_its_own_batch():
+    assert [len(b) for b in plan_batches(np.array([900, 10, 10]), 512, 8)] == [1, 2]
+
+
+def test_pad_rows_pads_right_and_masks():
+    values = pa.array([[5, 6, 7], [8], [9, 10]], pa.list_(pa.int32()))
+    ids, mask = pad_rows(values, np.array([2, 0]), pad=0)
+    assert ids.tolist() == [[9, 10, 0], [5, 6, 7]]
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_activation_follows_the_number_of_labels():
+    assert resolve_activation("auto", 1) == "sigmoid"
+    assert resolve_activation("auto", 2) == "softmax"
+    assert resolve_activation("none", 1) == "none"
+    with pytest.raises(ValueError, match="3 labels"):
+        resolve_activation("auto", 3)
+    with pytest.raises(ValueError, match="two or more"):
+        resolve_activation("softmax", 1)
+
+
+def test_rank_breaks_ties_by_doc_id_and_cuts_top_k():
+    scored = pa.table({
+        C.QUERY_ID: pa.array([2, 1, 1, 1, 2], pa.int64()),
+        C.DOC_ID: ["z", "b", "a", "c", "y"],
+        C.SCORE: pa.array([0.1, 0.5, 0.5, 0.9, 0.1], pa.float32()),
+        "extra": [1, 2, 3, 4, 5],
+    })
+    out = rank_table(scored, keep=["extra"])
+    assert out.column_names == ["query_id", "doc_id", "score", "rank", "extra"]
+    assert out.to_pydict()["doc_id"] == ["c", "a", "b", "y", "z"]
+    assert out.to_pydict()["rank"] == [1, 2, 3, 1, 2]
+    assert out.schema.field("rank").type == pa.int32()
+    top1 = rank_table(scored, keep=[], top_k=1)
+    assert top1.to_pydict()["doc_id"] == ["c", "y"]
+
+
+def _tokenized(tiny_model: str, table: pa.Table) -> pa.Table:
+    info = describe_model(tiny_model)
+    return Tokenize(info, max_length=512)(_normalized(table))
+
+
+def test_tokenize_matches_the_pair_tokenizer(tiny_model, edge_cases):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    out = _tokenized(tiny_model, edge_cases)
+    for i, row in enumerate(edge_cases.to_pylist()):
+        enc = tokenizer(row["query"], row["passage"], truncation=True, max_length=512)
+        assert out[C.INPUT_IDS][i].as_py() == enc["input_ids"]
+        assert out[C.TOKEN_TYPE_IDS][i].as_py() == enc["token_type_ids"]
+    assert max(len(x) for x in out[C.INPUT_IDS].to_pylist()) == 512
+    assert out[C.PASSAGE].null_count == out.num_rows  # texts of scored rows are dropped
+
+
+@pytest.mark.parametrize("batch_tokens,max_pairs", [(100_000, 256), (2048, 16), (1, 1)])
+def test_scores_equal_the_one_pair_reference_whatever_the_batching(
+        tiny_model, edge_cases, edge_case_reference, batch_tokens, max_pairs):
+    tokens = _tokenized(tiny_model, edge_cases)
+    scorer = Scorer(describe_model(tiny_model), device="cpu", dtype="float32",
+                    batch_tokens=batch_tokens, max_batch_pairs=max_pairs)
+    scores = scorer.score(tokens[C.INPUT_IDS].combine_chunks(),
+                          tokens[C.TOKEN_TYPE_IDS].combine_chunks())
+    keys = zip(edge_cases["query_id"].to_pylist(), edge_cases["doc_id"].to_pylist())
+    expected = np.array([edge_case_reference[k] for k in keys])
+    assert scores.dtype == np.float32
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5)
+    assert np.std(expected) > 1e-3  # the tiny model separates pairs: a real comparison
+
+
+def test_score_stage_keeps_rejected_rows_unscored(tiny_model):
+    table = pa.table({"query_id": [1, 1], "query": ["q", None], "doc_id": [1, 2],
+                      "passage": ["p", "p"]})
+    tokens = _tokenized(tiny_model, table)
+    out = Score(model=describe_model(tiny_model), device="cpu", dtype="float32")(tokens)
+    assert out.num_rows == 2
+    assert out[C.SCORE].null_count == 1 and out[C.SCORE][1].as_py() is None
+    assert C.INPUT_IDS not in out.column_names
+
+
+def test_cuda_out_of_memory_halves_the_batch_and_keeps_it_small(tiny_model, monkeypatch):
+    import torch
+
+    scorer = Scorer(describe_model(tiny_model), device="cpu", dtype="float32",
+                    batch_tokens=4096, max_batch_pairs=64)
+    real_forward, calls = scorer._forward, []
+
+    def forward(ids, types, rows):
+        calls.append(len(rows))
+        if len(rows) > 8:
+            raise torch.OutOfMemoryError("fake")
+        return real_forward(ids, types, rows)
+
+    monkeypatch.setattr(scorer, "_forward", forward)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    ids = pa.array([[2, 7, 8, 3, 9, 3]] * 32, pa.list_(pa.int32()))
+    scores = scorer.score(ids)
+    assert len(scores) == 32 and np.isfinite(scores).all()
+    # 32 rows × 6 tokens fail → budget 96 tokens; 16 rows fail → 48; then 8 rows fit
+    assert calls == [32, 16, 8, 8, 8, 8] and scorer.batch_tokens == 48
+    assert np.allclose(scores, scores[0], atol=1e-6)  # identical rows, identical scores

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "meaningless.")
     tiny.add_argument("out", metavar="DIR", help="Folder to write the model into")
 
+    status = commands.add_parser(
+        "status", help="Show a job's progress (or its summary) from its output folder.")
+    status.add_argument("output", metavar="OUTPUT", help="The job's --output")
+    status.add_argument("--json", action="store_true", help="Print JSON (default: text)")
+
     demo = commands.add_parser(
         "demo", help="Make sample data, rerank it on a local Ray, show the result.")
     demo.add_argument("--model", default=None,
@@ -124,6 +129,21 @@ def _run_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_status(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from rstar_batch.status import job_status
+
+    status = job_status(args.output)
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(status), "percent": round(status.percent, 2),
+                          "eta_s": status.eta_s}))
+    else:
+        print(status.text())
+    return 0 if status.state != "NOT_OURS" else 2
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from rstar_batch.demo import run_demo
 
@@ -133,7 +153,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"rerank": _run_rerank, "sample-data": _run_sample,
+COMMANDS = {"rerank": _run_rerank, "status": _run_status, "sample-data": _run_sample,
             "make-tiny-model": _run_tiny, "demo": _run_demo}
 
 
@@ -142,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from rstar_batch.io.sinks import OutputError
+    from rstar_batch.checkpoint import OutputError
     from rstar_batch.io.sources import InputError
     from rstar_batch.model import ModelUnavailableError
 

@@ -47,6 +47,12 @@ class RerankConfig:
     overwrite: bool = _opt(
         False, "Replace an output folder that holds files this tool did not write.",
         "input/output")
+    restart: bool = _opt(
+        False, "Discard the progress or result of an earlier run in the output folder "
+        "and start again (needed when the config or input changed).", "input/output")
+    checkpoint_rows: int = _opt(
+        4096, "Pairs per checkpoint chunk: a killed job redoes at most the chunks that "
+        "were in flight.", "input/output")
 
     # -- columns ----------------------------------------------------------------------
     query_id_column: str = _opt("query_id", "Input column holding the query id.", "columns")
@@ -98,6 +104,9 @@ class RerankConfig:
     max_batch_pairs: int = _opt(256, "Most pairs in one forward pass.", "scaling")
     replica_batch_rows: int = _opt(
         2048, "Rows handed to a replica per call; it length-sorts within them.", "scaling")
+    batch_retries: int = _opt(
+        2, "Times a replica retries a batch whose scoring raised before the job fails.",
+        "scaling")
 
     # -- cluster ----------------------------------------------------------------------
     address: Optional[str] = _opt(
@@ -112,7 +121,11 @@ class RerankConfig:
         self.keep_columns = list(self.keep_columns)
         _check_literals(self)
         _check_positive(self, "max_length", "batch_tokens", "max_batch_pairs",
-                        "replica_batch_rows", "tokenize_workers", "min_replicas")
+                        "replica_batch_rows", "tokenize_workers", "min_replicas",
+                        "checkpoint_rows")
+        if isinstance(self.batch_retries, bool) or not isinstance(self.batch_retries, int) \
+                or self.batch_retries < 0:
+            raise ConfigError(f"batch_retries must be 0 or more, got {self.batch_retries!r}")
         _check_positive(self, "top_k", "rank_partitions", "max_replicas", "cpu_threads",
                         optional=True)
         if self.max_replicas is not None and self.max_replicas < self.min_replicas:

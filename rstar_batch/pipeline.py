@@ -1,13 +1,14 @@
 """The rerank job: stages wired into a Ray Data plan, top to bottom as data flows.
 
-    pass 1 (Ray Data, streaming):
-      read Parquet → normalize → tokenize (CPU actors) → score (model replicas)
-      → write scored rows, hive-partitioned by the bucket of their query
+    pass 1 (Ray Data, streaming, checkpointed):
+      read pending chunks → normalize → tokenize (CPU actors) → score (model
+      replicas) → write runs of scored rows, one piece per bucket, and commit them
     pass 2 (one Ray task per bucket):
-      read the bucket → rank per query → write part-NNNNN.parquet and _rejected/
+      read the bucket's committed rows → rank per query → part-NNNNN.parquet, _rejected/
 
 Scoring needs no grouping and streams; ranking needs all of a query's rows,
 which the bucket guarantees, so pass 2 is a cheap, idempotent sort per file.
+Rerunning the same command resumes: see checkpoint.py for the rules.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import math
 import time
 from typing import Any, Optional
 
-from rstar_batch import __version__
+from rstar_batch import __version__, checkpoint
 from rstar_batch.cluster import ray_session
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io import fs as fsio
 from rstar_batch.io import sinks
+from rstar_batch.io.read import ReadChunks, plan_read_tasks
+from rstar_batch.io.scored import WriteRuns, bucket_pieces
 from rstar_batch.io.sources import CandidateFiles, inspect_candidates
 from rstar_batch.model import ModelInfo, describe_model
-from rstar_batch.stages import columns as C
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.score import Score, resolve_activation
 from rstar_batch.stages.tokenize import Tokenize
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PAIRS_PER_BUCKET = 2_000_000
 TOKENIZE_BATCH_ROWS = 1024
+PROGRESS_EVERY_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,20 +50,31 @@ class JobSummary:
     queries: int
     rejected: dict[str, int]
     seconds: float
+    already_done: bool = False
 
     @property
     def pairs_per_second(self) -> float:
         return self.scored / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        if self.already_done:
+            return (f"rstar-batch: already done, nothing to do ({self.pairs} pairs, "
+                    f"{self.queries} queries → {self.output})")
         rejected = sum(self.rejected.values())
         detail = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected.items()))
         return (f"rstar-batch: {self.pairs} pairs, {self.queries} queries, "
                 f"{self.scored} scored, {rejected} rejected{f' ({detail})' if detail else ''}, "
                 f"{self.seconds:.1f} s, {self.pairs_per_second:.1f} pairs/s → {self.output}")
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "JobSummary":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "pairs_per_second": round(self.pairs_per_second, 2)}
+        fields = dataclasses.asdict(self)
+        fields.pop("already_done")
+        return {**fields, "pairs_per_second": round(self.pairs_per_second, 2)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +115,16 @@ def _check_keep(config: RerankConfig) -> None:
 
 
 def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo,
-                       replicas: ReplicaPlan, buckets: int) -> Any:
-    """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score."""
+                       replicas: ReplicaPlan, buckets: int, chunks: list[checkpoint.Chunk],
+                       out_fs: Any, root: str, run: int) -> Any:
+    """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit."""
     import ray.data
 
     roles = _roles(config)
-    ds = ray.data.read_parquet(source.paths, filesystem=source.filesystem).select_columns(
-        source.schema.names)
+    tasks = plan_read_tasks(chunks, source.paths, source.row_groups)
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds = ds.map_batches(ReadChunks(source.filesystem, source.schema.names),
+                        batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(
         Normalize(roles["query_id"], roles["query"], roles["doc_id"], roles["passage"],
                   config.keep_columns, buckets),
@@ -117,25 +134,59 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
                                              trust_remote_code=config.trust_remote_code),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.tokenize_workers),
         batch_size=TOKENIZE_BATCH_ROWS, batch_format="pyarrow", num_cpus=1)
-    return ds.map_batches(
+    ds = ds.map_batches(
         Score, fn_constructor_kwargs=dict(
             model=model, device=replicas.device, dtype=config.dtype,
             activation=config.score_activation, batch_tokens=config.batch_tokens,
             max_batch_pairs=config.max_batch_pairs, cpu_threads=config.cpu_threads,
-            trust_remote_code=config.trust_remote_code),
+            trust_remote_code=config.trust_remote_code, retries=config.batch_retries),
         compute=ray.data.ActorPoolStrategy(min_size=replicas.min_size,
                                            max_size=replicas.max_size),
         batch_size=config.replica_batch_rows, batch_format="pyarrow",
         num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None)
+    return ds.map_batches(WriteRuns(out_fs, root, run), batch_size=None,
+                          batch_format="pyarrow")
+
+
+class ProgressLog:
+    """A periodic log line: pairs done of total, pairs/s, ETA."""
+
+    def __init__(self, total: int, already: int) -> None:
+        self.total, self.done, self.started_with = total, already, already
+        self.started = self.last = time.monotonic()
+
+    def add(self, rows: int) -> None:
+        self.done += rows
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            rate = (self.done - self.started_with) / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("progress: %d/%d pairs (%.1f%%), %.1f pairs/s, ETA %.0f s", self.done,
+                     self.total, 100.0 * self.done / self.total, rate, eta)
+
+
+def run_scoring(plan: Any, progress: ProgressLog) -> int:
+    """Execute pass 1, consuming the commits as they land; return rows committed."""
+    rows = 0
+    for batch in plan.iter_batches(batch_size=None, batch_format="pyarrow"):
+        committed = int(sum(e - s for s, e in zip(batch["start"].to_pylist(),
+                                                   batch["end"].to_pylist())))
+        rows += committed
+        progress.add(committed)
+    return rows
 
 
 def rank_all(fs: Any, root: str, config: RerankConfig) -> list[dict]:
     """Pass 2: one task per bucket; each writes its ranked file and rejected rows."""
     import ray
 
+    progress = checkpoint.read_progress(fs, root)
+    committed = {checkpoint.run_name(chunk, start, end)
+                 for chunk, ranges in progress.covered.items() for start, end in ranges}
     task = ray.remote(num_cpus=1)(sinks.rank_bucket)
     refs = [task.remote(fs, root, bucket, files, config.keep_columns, config.top_k)
-            for bucket, files in sinks.scored_buckets(fs, root).items()]
+            for bucket, files in bucket_pieces(fs, root, committed).items()]
     return ray.get(refs)
 
 
@@ -149,50 +200,84 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "pyarrow": pyarrow.__version__}
 
 
+def job_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo) -> dict:
+    """What the output is built from; a resume must match it exactly."""
+    key = checkpoint.config_key(config)
+    buckets = config.rank_partitions or min(4096, math.ceil(source.num_rows / PAIRS_PER_BUCKET))
+    return {"config": key, "config_hash": checkpoint.digest(key),
+            "model_fingerprint": model.fingerprint,
+            "input": checkpoint.fingerprint_inputs(source), "total_rows": source.num_rows,
+            "buckets": buckets}
+
+
 def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     """Score and rank every candidate; return the job's summary.
 
     Pass a `RerankConfig`, its fields as keywords, or both (keywords win).
     Works inside an already-initialised Ray program or starts its own.
+    Rerunning the same job resumes it; a finished job is a no-op.
     """
     config = (config or RerankConfig()).replace(**fields)
     config.validate_required()
     _check_keep(config)
     started = time.time()
     model = describe_model(config.model, config.revision, config.trust_remote_code)
-    resolve_activation(config.score_activation, model.num_labels)
+    activation = resolve_activation(config.score_activation, model.num_labels)
     source = inspect_candidates(config.candidates, _roles(config), config.keep_columns)
     out_fs, root = fsio.resolve(config.output)
-    buckets = config.rank_partitions or min(4096, math.ceil(source.num_rows / PAIRS_PER_BUCKET))
+    plan = job_plan(config, source, model)
+    opened = checkpoint.open_job(out_fs, root, config.output, plan,
+                                 overwrite=config.overwrite, restart=config.restart)
+    if opened.finished:
+        summary = JobSummary.from_dict(opened.finished["summary"])
+        log.info("output '%s' already holds this finished job; nothing to do", config.output)
+        return dataclasses.replace(summary, already_done=True)
 
-    sinks.prepare_output(out_fs, root, config.output, config.overwrite, marker={
-        "tool": "rstar-batch", "version": __version__, "started": started})
+    chunks = checkpoint.plan_chunks(source.file_rows, config.checkpoint_rows)
+    done = checkpoint.read_progress(out_fs, root).done_chunks(chunks)
+    pending = [c for c in chunks if c.id not in done]
+    progress = ProgressLog(source.num_rows, sum(c.rows for c in chunks if c.id in done))
+    if done:
+        log.info("resuming run %d: %d of %d chunks already done, %d pairs left", opened.run,
+                 len(done), len(chunks), source.num_rows - progress.done)
 
     with ray_session(config.address):
         import ray
 
         replicas = plan_replicas(config, ray.cluster_resources())
-        log.info("scoring %d pairs with %s replica(s) on %s (%d..%d)", source.num_rows,
-                 model.source, replicas.device, replicas.min_size, replicas.max_size)
-        plan = build_scoring_plan(config, source, model, replicas, buckets)
-        plan.write_parquet(sinks.scored_dir(root), filesystem=out_fs,
-                           partition_cols=[C.BUCKET])
+        if pending:
+            log.info("scoring %d pairs with %s on %s (%d..%d replicas)",
+                     sum(c.rows for c in pending), model.source, replicas.device,
+                     replicas.min_size, replicas.max_size)
+            run_scoring(build_scoring_plan(config, source, model, replicas, plan["buckets"],
+                                           pending, out_fs, root, opened.run), progress)
+        _check_all_committed(out_fs, root, chunks)
         parts = rank_all(out_fs, root, config)
 
     summary = _summarise(config.output, source.num_rows, parts, time.time() - started)
-    fsio.write_json(out_fs, fsio.join(root, sinks.MANIFEST), {
-        "summary": summary.to_dict(), "config": config.to_dict(),
-        "model": dataclasses.asdict(model), "activation": resolve_activation(
-            config.score_activation, model.num_labels),
+    runs = checkpoint.read_progress(out_fs, root).rows_by_run
+    fsio.write_json(out_fs, fsio.join(root, checkpoint.MANIFEST), {
+        "summary": summary.to_dict(),
+        "pairs_scored_per_run": {str(k): v for k, v in sorted(runs.items())},
+        "plan": plan, "config": config.to_dict(), "config_hash": plan["config_hash"],
+        "model": dataclasses.asdict(model), "activation": activation,
         "input": {"files": len(source.paths), "rows": source.num_rows,
-                  "bytes": source.total_bytes},
-        "rank_partitions": buckets, "replicas": dataclasses.asdict(replicas),
-        "versions": _versions(),
+                  "bytes": source.total_bytes, "fingerprint": plan["input"]["digest"]},
+        "replicas": dataclasses.asdict(replicas), "versions": _versions(),
+        "finished": time.time(),
     })
-    fsio.delete(out_fs, fsio.join(root, sinks.WORK))
-    fsio.write_bytes(out_fs, fsio.join(root, sinks.SUCCESS), b"")
+    fsio.write_bytes(out_fs, fsio.join(root, checkpoint.SUCCESS), b"")
+    fsio.delete(out_fs, checkpoint.work_dir(root))
     log.info(summary.line())
     return summary
+
+
+def _check_all_committed(fs: Any, root: str, chunks: list[checkpoint.Chunk]) -> None:
+    missing = [c for c in chunks if c.id not in
+               checkpoint.read_progress(fs, root).done_chunks(chunks)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} chunk(s) were not committed after scoring (first: "
+                           f"chunk {missing[0].id}); rerun the same command to finish them")
 
 
 def _summarise(output: str, pairs: int, parts: list[dict], seconds: float) -> JobSummary:

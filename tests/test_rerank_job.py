@@ -145,14 +145,18 @@ def test_rows_with_null_fields_are_counted_and_kept_with_their_reason(
     assert manifest["summary"]["rejected"] == summary.rejected
 
 
-def test_rerun_into_its_own_output_replaces_it_without_duplicates(
+def test_rerunning_a_finished_job_is_a_no_op_that_says_so(
         ray_local, tiny_model, edge_cases, tmp_path):
     path = str(tmp_path / "c.parquet")
     pq.write_table(edge_cases, path)
     out = str(tmp_path / "out")
     first = rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
+    before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
     again = rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
-    assert first.written == again.written == pq.read_table(out).num_rows
+    assert again.already_done and not first.already_done
+    assert "already done, nothing to do" in again.line()
+    assert (again.pairs, again.written) == (first.pairs, first.written)
+    assert {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)} == before
     import ray
 
     assert ray.is_initialized()  # the caller's Ray is left running

@@ -34,6 +34,8 @@ class CandidateFiles:
     num_rows: int
     schema: pa.Schema           # the columns the job reads, as the first file has them
     total_bytes: int
+    file_rows: list[int]        # rows of each file, in `paths` order
+    row_groups: list[list[int]]  # rows of each row group of each file
 
 
 def _is_data_file(path: str) -> bool:
@@ -78,11 +80,12 @@ def expand(uris: list[str]) -> tuple[pafs.FileSystem, list[str]]:
     return filesystem, list(dict.fromkeys(paths))
 
 
-def _footer(fs: pafs.FileSystem, path: str) -> tuple[str, pa.Schema, int, int]:
+def _footer(fs: pafs.FileSystem, path: str) -> tuple[str, pa.Schema, int, int, list[int]]:
     try:
         with fs.open_input_file(path) as fh:
             meta = pq.ParquetFile(fh).metadata
-            return path, meta.schema.to_arrow_schema(), meta.num_rows, fh.size()
+            groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            return path, meta.schema.to_arrow_schema(), meta.num_rows, fh.size(), groups
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"candidates file '{path}' is not a readable Parquet file: {exc}"
                          ) from None
@@ -124,7 +127,7 @@ def inspect_candidates(uris: list[str], roles: dict[str, str], keep: list[str],
         footers = list(pool.map(lambda p: _footer(fs, p), paths))
     needed = list(dict.fromkeys([*roles.values(), *keep]))
     first_path, first_schema = footers[0][0], footers[0][1]
-    for path, schema, _, _ in footers:
+    for path, schema, *_ in footers:
         check_schema(path, schema, roles, keep)
         for column in needed:
             if not schema.field(column).type.equals(first_schema.field(column).type):
@@ -137,4 +140,5 @@ def inspect_candidates(uris: list[str], roles: dict[str, str], keep: list[str],
                          f"({len(paths)} file(s), 0 rows)")
     log.info("candidates: %d file(s), %d rows", len(paths), num_rows)
     schema = pa.schema([first_schema.field(c) for c in needed])
-    return CandidateFiles(fs, paths, num_rows, schema, sum(f[3] for f in footers))
+    return CandidateFiles(fs, paths, num_rows, schema, sum(f[3] for f in footers),
+                          [f[2] for f in footers], [f[4] for f in footers])

@@ -4,6 +4,8 @@ Internal names start with an underscore so they can never collide with a
 column the user keeps (kept columns pass through under their input names).
 """
 
+CHUNK = "_chunk"          # which checkpoint chunk the row belongs to
+ROW = "_row"              # the row's position within its chunk
 QUERY_ID = "_qid"
 QUERY = "_query"
 DOC_ID = "_did"

@@ -52,6 +52,7 @@ class Normalize:
             qids = pc.fill_null(qids, pa.scalar(0, qids.type) if pa.types.is_integer(
                 qids.type) else pa.scalar("", qids.type))
         buckets = query_buckets(qids, self.num_buckets)
-        out = {**cols, **{k: batch[k] for k in self.keep},
+        tags = {k: batch[k] for k in (C.CHUNK, C.ROW) if k in batch.column_names}
+        out = {**tags, **cols, **{k: batch[k] for k in self.keep},
                C.REJECT: reason, C.BUCKET: pa.array(buckets, pa.int32())}
         return pa.table(out)

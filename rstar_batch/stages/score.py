@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rstar_batch.faults import FaultHook
 from rstar_batch.model import ModelInfo, load_replica
 from rstar_batch.stages import columns as C
 
@@ -131,27 +132,51 @@ class Scorer:
                     "for the rest of the run", rows, longest, self.batch_tokens)
 
 
-class Score:
-    """Callable class for `map_batches`: one model replica per actor."""
+class BatchFailedError(RuntimeError):
+    """A batch failed every retry; names the pairs it held."""
 
-    def __init__(self, **scorer_kwargs: Any) -> None:
+
+class Score:
+    """Callable class for `map_batches`: one model replica per actor.
+
+    A batch whose scoring raises is retried `retries` times on the same replica;
+    a replica that dies is restarted by Ray and its batch retried there.
+    """
+
+    def __init__(self, retries: int = 2, **scorer_kwargs: Any) -> None:
         self.scorer = Scorer(**scorer_kwargs)
+        self.retries = retries
+        self.fault = FaultHook.from_env()
+
+    def _score_with_retries(self, batch: pa.Table, rows: np.ndarray) -> np.ndarray:
+        types = batch[C.TOKEN_TYPE_IDS] if C.TOKEN_TYPE_IDS in batch.column_names else None
+        take = pa.array(rows)
+        ids = batch[C.INPUT_IDS].combine_chunks().take(take)
+        types = None if types is None else types.combine_chunks().take(take)
+        for attempt in range(self.retries + 1):
+            try:
+                self.fault.before_batch()
+                scores = self.scorer.score(ids, types)
+                _check_finite(batch, rows, scores)
+                return scores
+            except Exception as exc:  # noqa: BLE001 - any failure of a batch is retried
+                if attempt == self.retries:
+                    pairs = ", ".join(
+                        f"({batch[C.QUERY_ID][int(i)]}, {batch[C.DOC_ID][int(i)]})"
+                        for i in rows[:5])
+                    raise BatchFailedError(
+                        f"scoring failed {attempt + 1} time(s) for a batch of {len(rows)} "
+                        f"pairs (query_id, doc_id): {pairs}{', …' if len(rows) > 5 else ''}"
+                        f": {type(exc).__name__}: {exc}") from exc
+                log.warning("scoring a batch of %d pairs failed (%s); retry %d of %d",
+                            len(rows), exc, attempt + 1, self.retries)
+        raise AssertionError("unreachable")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scored = np.flatnonzero(pc.is_null(batch[C.REJECT]).to_numpy(zero_copy_only=False))
         scores = np.full(batch.num_rows, np.nan, dtype=np.float32)
         if len(scored):
-            types = batch[C.TOKEN_TYPE_IDS] if C.TOKEN_TYPE_IDS in batch.column_names else None
-            take = pa.array(scored)
-            scores[scored] = self.scorer.score(
-                batch[C.INPUT_IDS].combine_chunks().take(take),
-                None if types is None else types.combine_chunks().take(take))
-            bad = scored[~np.isfinite(scores[scored])]
-            if len(bad):
-                raise FloatingPointError(
-                    f"the model produced non-finite scores for {len(bad)} pair(s), e.g. "
-                    f"query_id={batch[C.QUERY_ID][int(bad[0])]} doc_id="
-                    f"{batch[C.DOC_ID][int(bad[0])]}; try --dtype float32")
+            scores[scored] = self._score_with_retries(batch, scored)
         out = batch.drop_columns([c for c in (C.INPUT_IDS, C.TOKEN_TYPE_IDS)
                                   if c in batch.column_names])
         valid = np.zeros(batch.num_rows, dtype=bool)
@@ -159,3 +184,12 @@ class Score:
         out = out.append_column(C.SCORE, pa.array(scores, pa.float32(), mask=~valid))
         assert out.num_rows == batch.num_rows, "score stage must emit every input row once"
         return out
+
+
+def _check_finite(batch: pa.Table, rows: np.ndarray, scores: np.ndarray) -> None:
+    bad = rows[~np.isfinite(scores)]
+    if len(bad):
+        raise FloatingPointError(
+            f"the model produced non-finite scores for {len(bad)} pair(s), e.g. "
+            f"query_id={batch[C.QUERY_ID][int(bad[0])]} doc_id={batch[C.DOC_ID][int(bad[0])]}"
+            "; try --dtype float32")

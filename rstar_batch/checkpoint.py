@@ -1,0 +1,274 @@
+"""Progress, manifest and resume rules.
+
+The input is cut into *chunks*: fixed row ranges of one file (`checkpoint_rows`
+long), a pure function of the input files' row counts, so every run of the same
+job cuts the same chunks. Scored rows are written in *runs*: a contiguous range
+of one chunk's rows, one Parquet piece per bucket, then a commit marker whose
+name says which rows it holds:
+
+    _work/plan.json                            what this output is being built from
+    _work/scored/_bucket=B/c00000012-0-4096.parquet   a run's rows of bucket B
+    _work/commits/c00000012-0-4096.r1              committed by run 1 of the job
+
+A chunk is done when its committed runs cover all its rows. A kill loses only
+uncommitted runs; the next run redoes the chunks that are not done. If a retried
+batch commits an overlapping run, the rank pass keeps each (chunk, row) once.
+Everything above is derived from file names, so `status` works from any machine
+that can list the output, while the job runs and after it died.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from typing import Any, Optional
+
+import pyarrow.fs as pafs
+
+from rstar_batch.config import RerankConfig
+from rstar_batch.io import fs as fsio
+from rstar_batch.io.sources import CandidateFiles
+
+MARKER = "_rstar_batch.json"
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+REJECTED = "_rejected"
+PLAN = "plan.json"
+_COMMIT = re.compile(r"^c(\d+)-(\d+)-(\d+)\.r(\d+)$")
+
+# Fields whose change would change the output; the rest (scaling, cluster,
+# batch sizes) may differ between a run and its resume.
+_SCALING_GROUPS = {"scaling", "cluster"}
+_NOT_IN_KEY = {"overwrite", "restart", "address"}
+
+
+class OutputError(ValueError):
+    """The output location cannot be used as asked."""
+
+
+class ResumeError(OutputError):
+    """The output holds progress or results of a different job."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    id: int
+    file: int      # index into the sorted candidate paths
+    start: int     # first row within the file
+    rows: int
+
+
+def plan_chunks(file_rows: list[int], chunk_rows: int) -> list[Chunk]:
+    """Cut each file into chunks of `chunk_rows` rows (the last of a file shorter)."""
+    chunks: list[Chunk] = []
+    for file, rows in enumerate(file_rows):
+        for start in range(0, rows, chunk_rows):
+            chunks.append(Chunk(len(chunks), file, start, min(chunk_rows, rows - start)))
+    return chunks
+
+
+def run_name(chunk: int, start: int, end: int) -> str:
+    """Base name of a run of rows [start, end) of a chunk (pieces and commit share it)."""
+    return f"c{chunk:08d}-{start}-{end}"
+
+
+def commit_name(chunk: int, start: int, end: int, run: int) -> str:
+    return f"{run_name(chunk, start, end)}.r{run}"
+
+
+def parse_commit(name: str) -> Optional[tuple[int, int, int, int]]:
+    """(chunk, start, end, run) from a commit name, or None for other files."""
+    match = _COMMIT.match(name)
+    return tuple(int(g) for g in match.groups()) if match else None  # type: ignore
+
+
+def work_dir(root: str) -> str:
+    return fsio.join(root, "_work")
+
+
+def commits_dir(root: str) -> str:
+    return fsio.join(work_dir(root), "commits")
+
+
+def scored_dir(root: str) -> str:
+    return fsio.join(work_dir(root), "scored")
+
+
+# -- what the job is ------------------------------------------------------------------
+
+def config_key(config: RerankConfig) -> dict[str, Any]:
+    """The config fields that decide the output (hashed into the manifest)."""
+    key = {}
+    for f in dataclasses.fields(config):
+        if f.metadata.get("group") in _SCALING_GROUPS or f.name in _NOT_IN_KEY:
+            continue
+        key[f.name] = getattr(config, f.name)
+    return key
+
+
+def digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint_inputs(source: CandidateFiles) -> dict[str, Any]:
+    """Paths, sizes and modification times of the input: changes when the input does."""
+    infos = source.filesystem.get_file_info(source.paths)
+    files = [[i.path, i.size, i.mtime_ns] for i in infos]
+    return {"files": files, "rows": source.file_rows, "digest": digest(files)}
+
+
+def describe_changes(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between two plans' config keys and inputs."""
+    changes = [f"{k}: {old['config'].get(k)!r} → {new['config'].get(k)!r}"
+               for k in sorted(set(old["config"]) | set(new["config"]))
+               if old["config"].get(k) != new["config"].get(k)]
+    if old["model_fingerprint"] != new["model_fingerprint"]:
+        changes.append(f"model files: {old['model_fingerprint']} → {new['model_fingerprint']}")
+    if old["input"]["digest"] != new["input"]["digest"]:
+        before = {f[0]: f[1:] for f in old["input"]["files"]}
+        after = {f[0]: f[1:] for f in new["input"]["files"]}
+        for path in sorted(set(before) | set(after)):
+            if path not in after:
+                changes.append(f"input file removed: {path}")
+            elif path not in before:
+                changes.append(f"input file added: {path}")
+            elif before[path] != after[path]:
+                changes.append(f"input file changed (size or modification time): {path}")
+    return changes
+
+
+# -- what has been done ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class Progress:
+    """Committed runs, from the commit markers' names (and their times)."""
+
+    covered: dict[int, list[tuple[int, int]]]  # chunk → committed [start, end) ranges
+    rows_by_run: dict[int, int]
+    last_commit: Optional[float]
+    first_commit_of_run: dict[int, float]
+
+    def done_chunks(self, chunks: list[Chunk]) -> set[int]:
+        return {c.id for c in chunks if _covers(self.covered.get(c.id, []), c.rows)}
+
+    def done_rows(self, chunks: list[Chunk]) -> int:
+        done = self.done_chunks(chunks)
+        return sum(c.rows for c in chunks if c.id in done)
+
+
+def _covers(ranges: list[tuple[int, int]], rows: int) -> bool:
+    reach = 0
+    for start, end in sorted(ranges):
+        if start > reach:
+            return False
+        reach = max(reach, end)
+    return reach >= rows
+
+
+def read_progress(fs: pafs.FileSystem, root: str) -> Progress:
+    covered: dict[int, list[tuple[int, int]]] = {}
+    by_run: dict[int, int] = {}
+    first: dict[int, float] = {}
+    last = None
+    for info in fsio.list_files(fs, commits_dir(root), recursive=False):
+        parsed = parse_commit(info.path.rsplit("/", 1)[-1])
+        if parsed is None:
+            continue
+        chunk, start, end, run = parsed
+        covered.setdefault(chunk, []).append((start, end))
+        by_run[run] = by_run.get(run, 0) + end - start
+        when = info.mtime.timestamp() if info.mtime else None
+        if when is not None:
+            last = max(last or when, when)
+            first[run] = min(first.get(run, when), when)
+    return Progress(covered, by_run, last, first)
+
+
+def write_commit(fs: pafs.FileSystem, root: str, chunk: int, start: int, end: int,
+                 run: int) -> None:
+    fsio.write_bytes(fs, fsio.join(commits_dir(root), commit_name(chunk, start, end, run)),
+                     b"")
+
+
+def committed_pieces(fs: pafs.FileSystem, root: str, bucket_dir: str) -> list[str]:
+    """The piece files of one bucket folder whose run is committed."""
+    committed = {
+        run_name(*p[:3]) for p in (
+            parse_commit(i.path.rsplit("/", 1)[-1])
+            for i in fsio.list_files(fs, commits_dir(root), recursive=False)) if p}
+    return sorted(i.path for i in fsio.list_files(fs, bucket_dir, recursive=False)
+                  if i.path.rsplit("/", 1)[-1].removesuffix(".parquet") in committed)
+
+
+def runs_dir(root: str) -> str:
+    return fsio.join(work_dir(root), "runs")
+
+
+def list_runs(fs: pafs.FileSystem, root: str) -> dict[int, float]:
+    """run number → start time, from the run records."""
+    runs = {}
+    for info in fsio.list_files(fs, runs_dir(root), recursive=False):
+        name = info.path.rsplit("/", 1)[-1]
+        if name.startswith("r") and name.endswith(".json"):
+            runs[int(name[1:-5])] = fsio.read_json(fs, info.path)["started"]
+    return runs
+
+
+# -- the resume rules -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Opened:
+    """What to do with the output: continue as run `run`, or nothing (`finished`)."""
+
+    run: int
+    finished: Optional[dict] = None  # the manifest of an identical finished job
+
+
+def _refuse(uri: str, what: str, changes: list[str]) -> ResumeError:
+    listed = "; ".join(changes[:8]) + ("; …" if len(changes) > 8 else "")
+    return ResumeError(f"output '{uri}' holds {what} of a different job ({listed}); rerun "
+                       "with --restart to discard it, or choose another output")
+
+
+def open_job(fs: pafs.FileSystem, root: str, uri: str, plan: dict, *,
+             overwrite: bool = False, restart: bool = False) -> Opened:
+    """Decide between a fresh start, a resume and a no-op; refuse what would mix jobs."""
+    existing = fsio.list_files(fs, root)
+    if existing and not fsio.exists(fs, fsio.join(root, MARKER)):
+        if not overwrite:
+            sample = ", ".join(i.path.rsplit("/", 1)[-1] for i in existing[:3])
+            raise OutputError(
+                f"output '{uri}' already holds {len(existing)} file(s) this tool did not "
+                f"write (e.g. {sample}); choose an empty folder or pass --overwrite to "
+                "delete them")
+    elif existing and not restart:
+        if fsio.exists(fs, fsio.join(root, SUCCESS)):
+            manifest = fsio.read_json(fs, fsio.join(root, MANIFEST))
+            changes = describe_changes(manifest["plan"], plan)
+            if changes:
+                raise _refuse(uri, "the finished output", changes)
+            return Opened(run=0, finished=manifest)
+        plan_path = fsio.join(work_dir(root), PLAN)
+        if fsio.exists(fs, plan_path):
+            changes = describe_changes(fsio.read_json(fs, plan_path), plan)
+            if changes:
+                raise _refuse(uri, "unfinished progress", changes)
+            run = max(list_runs(fs, root), default=0) + 1
+            fsio.write_json(fs, fsio.join(runs_dir(root), f"r{run}.json"),
+                            {"run": run, "started": now()})
+            return Opened(run=run)
+    if existing:
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+    fs.create_dir(root, recursive=True)
+    fsio.write_json(fs, fsio.join(root, MARKER), {"tool": "rstar-batch", "created": now()})
+    fsio.write_json(fs, fsio.join(work_dir(root), PLAN), plan)
+    fsio.write_json(fs, fsio.join(runs_dir(root), "r1.json"), {"run": 1, "started": now()})
+    return Opened(run=1)
+
+
+def now() -> float:
+    return time.time()

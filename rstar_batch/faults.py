@@ -1,0 +1,50 @@
+"""Test-only fault injection into the score stage. Unset in production.
+
+RSTAR_BATCH_TEST_FAULT selects the fault:
+  exit:N        the replica process dies (os._exit) at its N-th batch, once per job
+  raise:N       the N-th batch raises once per job (its retry succeeds)
+  raise:always  every batch raises (the job must fail, naming the rows)
+"Once per job" is kept by a marker file in RSTAR_BATCH_TEST_FAULT_DIR, which
+survives the replica's restart.
+"""
+
+from __future__ import annotations
+
+import os
+
+FAULT_ENV = "RSTAR_BATCH_TEST_FAULT"
+DIR_ENV = "RSTAR_BATCH_TEST_FAULT_DIR"
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+class FaultHook:
+    def __init__(self, spec: str = "", marker_dir: str = "") -> None:
+        self.kind, _, self.when = spec.partition(":")
+        self.marker_dir = marker_dir
+        self.batches = 0
+
+    @classmethod
+    def from_env(cls) -> "FaultHook":
+        return cls(os.environ.get(FAULT_ENV, ""), os.environ.get(DIR_ENV, ""))
+
+    def before_batch(self) -> None:
+        if not self.kind:
+            return
+        self.batches += 1
+        if self.when == "always":
+            raise InjectedFault("injected fault: every batch fails")
+        if self.batches >= int(self.when) and self._claim():
+            if self.kind == "exit":
+                os._exit(17)
+            raise InjectedFault(f"injected fault at batch {self.batches}")
+
+    def _claim(self) -> bool:
+        try:
+            os.close(os.open(os.path.join(self.marker_dir, f"fired-{self.kind}"),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False

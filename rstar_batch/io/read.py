@@ -1,0 +1,92 @@
+"""Read the pending chunks of the candidate files, streaming, one row group at a time.
+
+Chunks that start in the same row group are read by one task, so each row
+group is decoded once per run however large it is. Every emitted table is one
+chunk, tagged with its id (`_chunk`) and each row's position in it (`_row`):
+together they name a physical input row, even when ids repeat.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rstar_batch.checkpoint import Chunk
+from rstar_batch.stages import columns as C
+
+READ_TASK_ROWS = 65536
+STREAM_BATCH_ROWS = 8192
+
+
+def plan_read_tasks(chunks: list[Chunk], paths: list[str],
+                    row_groups: list[list[int]]) -> list[dict]:
+    """Group pending chunks into read tasks: one file, whole row groups, ~64k rows."""
+    tasks: list[dict] = []
+    current: dict = {}
+    for chunk in sorted(chunks, key=lambda c: (c.file, c.start)):
+        starts = np.concatenate([[0], np.cumsum(row_groups[chunk.file])])
+        first_group = int(np.searchsorted(starts, chunk.start, side="right") - 1)
+        last_group = int(np.searchsorted(starts, chunk.start + chunk.rows, side="left") - 1)
+        same_group = current and current["groups"][-1] == first_group
+        if (current and current["file"] == chunk.file
+                and (same_group or current["rows"] < READ_TASK_ROWS)):
+            current["chunks"].append([chunk.id, chunk.start, chunk.rows])
+            current["groups"] = sorted(set(current["groups"]) | set(
+                range(first_group, last_group + 1)))
+            current["rows"] += chunk.rows
+            continue
+        current = {"file": chunk.file, "path": paths[chunk.file], "rows": chunk.rows,
+                   "groups": list(range(first_group, last_group + 1)),
+                   "first_row": int(starts[first_group]),
+                   "chunks": [[chunk.id, chunk.start, chunk.rows]]}
+        tasks.append(current)
+    return tasks
+
+
+def _slice(pieces: list[tuple[int, pa.RecordBatch]], start: int, end: int) -> pa.Table:
+    keep = [(pos, b) for pos, b in pieces if pos < end and pos + b.num_rows > start]
+    table = pa.Table.from_batches([b for _, b in keep])
+    return table.slice(start - keep[0][0], end - start)
+
+
+class ReadChunks:
+    """`map_batches` function: one read task in, one table per chunk out."""
+
+    def __init__(self, filesystem: pafs.FileSystem, columns: list[str]) -> None:
+        self.filesystem = filesystem
+        self.columns = columns
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for task in batch.to_pylist():
+            yield from self._read(task)
+
+    def _read(self, task: dict) -> Iterator[pa.Table]:
+        wanted = sorted((start, start + rows, cid) for cid, start, rows in task["chunks"])
+        with self.filesystem.open_input_file(task["path"]) as fh:
+            parquet = pq.ParquetFile(fh)
+            pieces: list[tuple[int, pa.RecordBatch]] = []
+            position, i = task["first_row"], 0
+            batches = parquet.iter_batches(batch_size=STREAM_BATCH_ROWS,
+                                           row_groups=task["groups"], columns=self.columns,
+                                           use_threads=False)
+            for record_batch in batches:
+                pieces.append((position, record_batch))
+                position += record_batch.num_rows
+                while i < len(wanted) and wanted[i][1] <= position:
+                    start, end, cid = wanted[i]
+                    table = _slice(pieces, start, end)
+                    yield table.append_column(C.CHUNK, pa.array(np.full(end - start, cid),
+                                                                pa.int64())) \
+                        .append_column(C.ROW, pa.array(np.arange(end - start), pa.int32()))
+                    i += 1
+                if i == len(wanted):
+                    break
+                nxt = wanted[i][0] if i < len(wanted) else position
+                pieces = [(p, b) for p, b in pieces if p + b.num_rows > nxt]
+        if i != len(wanted):
+            raise IOError(f"candidates file '{task['path']}' ended before row {wanted[i][1]}; "
+                          "was it changed while the job ran?")

@@ -1,0 +1,87 @@
+"""Scored rows between the two passes: the pass-1 sink and the pass-2 source.
+
+`WriteRuns` ends pass 1: it splits a batch into runs (contiguous rows of one
+chunk), writes each run's rows as one piece per bucket, then commits the run.
+Piece and commit names depend only on the rows they hold, so a retried batch
+overwrites its own files. `bucket_pieces` and `read_bucket` give pass 2 the
+committed rows of one bucket, each physical input row once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rstar_batch import checkpoint
+from rstar_batch.io import fs as fsio
+from rstar_batch.stages import columns as C
+
+
+def bucket_dir(root: str, bucket: int) -> str:
+    return fsio.join(checkpoint.scored_dir(root), f"b{bucket:05d}")
+
+
+def split_runs(chunks: np.ndarray, rows: np.ndarray) -> list[tuple[int, int, int, np.ndarray]]:
+    """(chunk, start, end, indices) for each run of consecutive rows of one chunk."""
+    order = np.lexsort((rows, chunks))
+    c, r = chunks[order], rows[order]
+    breaks = np.flatnonzero((np.diff(c) != 0) | (np.diff(r) != 1)) + 1
+    runs = []
+    for part in np.split(np.arange(len(order)), breaks):
+        if len(part):
+            first, last = part[0], part[-1]
+            runs.append((int(c[first]), int(r[first]), int(r[last]) + 1, order[part]))
+    return runs
+
+
+class WriteRuns:
+    """`map_batches` function ending pass 1; returns one row per committed run."""
+
+    def __init__(self, filesystem: pafs.FileSystem, root: str, run: int) -> None:
+        self.filesystem = filesystem
+        self.root = root
+        self.run = run
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        chunks = batch[C.CHUNK].to_numpy()
+        rows = batch[C.ROW].to_numpy()
+        buckets = batch[C.BUCKET].to_numpy()
+        data = batch.drop_columns([C.BUCKET])
+        unscored = pc.is_valid(batch[C.REJECT]).to_numpy(zero_copy_only=False)
+        done = {"chunk": [], "start": [], "end": [], "scored": []}
+        for chunk, start, end, index in split_runs(chunks, rows):
+            name = checkpoint.run_name(chunk, start, end)
+            for bucket in np.unique(buckets[index]):
+                part = index[buckets[index] == bucket]
+                fsio.write_table(self.filesystem,
+                                 fsio.join(bucket_dir(self.root, int(bucket)), name + ".parquet"),
+                                 data.take(pa.array(part)))
+            checkpoint.write_commit(self.filesystem, self.root, chunk, start, end, self.run)
+            done["chunk"].append(chunk)
+            done["start"].append(start)
+            done["end"].append(end)
+            done["scored"].append(int(len(index) - np.count_nonzero(unscored[index])))
+        return pa.table(done)
+
+
+def bucket_pieces(fs: pafs.FileSystem, root: str, committed: set[str]) -> dict[int, list[str]]:
+    """Committed piece files of every bucket, from one listing of the scored folder."""
+    buckets: dict[int, list[str]] = {}
+    for info in fsio.list_files(fs, checkpoint.scored_dir(root)):
+        folder, name = info.path.rsplit("/", 2)[-2:]
+        if folder.startswith("b") and name.removesuffix(".parquet") in committed:
+            buckets.setdefault(int(folder[1:]), []).append(info.path)
+    return {b: sorted(files) for b, files in sorted(buckets.items())}
+
+
+def read_bucket(fs: pafs.FileSystem, files: list[str]) -> pa.Table:
+    """A bucket's scored rows, each (chunk, row) once even if two runs overlapped."""
+    table = pq.read_table(files, filesystem=fs)
+    key = table[C.CHUNK].to_numpy().astype(np.int64) * (1 << 32) + table[C.ROW].to_numpy()
+    _, first = np.unique(key, return_index=True)
+    if len(first) != table.num_rows:
+        table = table.take(pa.array(np.sort(first)))
+    return table.drop_columns([C.CHUNK, C.ROW])

@@ -42,7 +42,9 @@ _COMMIT = re.compile(r"^c(\d+)-(\d+)-(\d+)\.r(\d+)$")
 # Fields whose change would change the output; the rest (scaling, cluster,
 # batch sizes) may differ between a run and its resume.
 _SCALING_GROUPS = {"scaling", "cluster"}
-_NOT_IN_KEY = {"overwrite", "restart", "address"}
+# The output is where the progress lives, and the input is compared by its
+# fingerprint (resolved paths, sizes, times), so neither is compared as typed.
+_NOT_IN_KEY = {"overwrite", "restart", "address", "output", "candidates"}
 
 
 class OutputError(ValueError):

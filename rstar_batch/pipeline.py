@@ -35,7 +35,6 @@ from rstar_batch.stages.tokenize import Tokenize
 log = logging.getLogger(__name__)
 
 PAIRS_PER_BUCKET = 2_000_000
-TOKENIZE_BATCH_ROWS = 1024
 PROGRESS_EVERY_S = 30.0
 
 
@@ -47,6 +46,7 @@ class JobSummary:
     pairs: int
     scored: int
     written: int
+    pairs_this_run: int
     queries: int
     rejected: dict[str, int]
     seconds: float
@@ -54,7 +54,8 @@ class JobSummary:
 
     @property
     def pairs_per_second(self) -> float:
-        return self.scored / self.seconds if self.seconds > 0 else 0.0
+        """Pairs this run processed (the rest were done by earlier runs) per second."""
+        return self.pairs_this_run / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
         if self.already_done:
@@ -62,8 +63,11 @@ class JobSummary:
                     f"{self.queries} queries → {self.output})")
         rejected = sum(self.rejected.values())
         detail = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected.items()))
-        return (f"rstar-batch: {self.pairs} pairs, {self.queries} queries, "
-                f"{self.scored} scored, {rejected} rejected{f' ({detail})' if detail else ''}, "
+        resumed = (f" ({self.pairs_this_run} in this run)"
+                   if self.pairs_this_run != self.pairs else "")
+        return (f"rstar-batch: {self.pairs} pairs{resumed}, {self.queries} queries, "
+                f"{self.scored} scored, {rejected} rejected"
+                f"{f' ({detail})' if detail else ''}, "
                 f"{self.seconds:.1f} s, {self.pairs_per_second:.1f} pairs/s → {self.output}")
 
     @classmethod
@@ -129,19 +133,24 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
         Normalize(roles["query_id"], roles["query"], roles["doc_id"], roles["passage"],
                   config.keep_columns, buckets),
         batch_format="pyarrow", batch_size=None)
+    # Blocks of one replica batch each: otherwise Ray Data bundles many small
+    # blocks into one task, whose output (and so every commit) lands only at its end.
+    ds = ds.repartition(target_num_rows_per_block=config.replica_batch_rows)
     ds = ds.map_batches(
         Tokenize, fn_constructor_kwargs=dict(model=model, max_length=config.max_length,
                                              trust_remote_code=config.trust_remote_code),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.tokenize_workers),
-        batch_size=TOKENIZE_BATCH_ROWS, batch_format="pyarrow", num_cpus=1)
+        batch_size=config.replica_batch_rows, batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(
         Score, fn_constructor_kwargs=dict(
             model=model, device=replicas.device, dtype=config.dtype,
             activation=config.score_activation, batch_tokens=config.batch_tokens,
             max_batch_pairs=config.max_batch_pairs, cpu_threads=config.cpu_threads,
             trust_remote_code=config.trust_remote_code, retries=config.batch_retries),
-        compute=ray.data.ActorPoolStrategy(min_size=replicas.min_size,
-                                           max_size=replicas.max_size),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=replicas.min_size, max_size=replicas.max_size,
+            # Two batches per replica keep a GPU fed while bounding what a kill loses.
+            max_tasks_in_flight_per_actor=2),
         batch_size=config.replica_batch_rows, batch_format="pyarrow",
         num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None)
     return ds.map_batches(WriteRuns(out_fs, root, run), batch_size=None,
@@ -254,8 +263,9 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
         _check_all_committed(out_fs, root, chunks)
         parts = rank_all(out_fs, root, config)
 
-    summary = _summarise(config.output, source.num_rows, parts, time.time() - started)
     runs = checkpoint.read_progress(out_fs, root).rows_by_run
+    summary = _summarise(config.output, source.num_rows, parts, runs.get(opened.run, 0),
+                         time.time() - started)
     fsio.write_json(out_fs, fsio.join(root, checkpoint.MANIFEST), {
         "summary": summary.to_dict(),
         "pairs_scored_per_run": {str(k): v for k, v in sorted(runs.items())},
@@ -280,7 +290,8 @@ def _check_all_committed(fs: Any, root: str, chunks: list[checkpoint.Chunk]) -> 
                            f"chunk {missing[0].id}); rerun the same command to finish them")
 
 
-def _summarise(output: str, pairs: int, parts: list[dict], seconds: float) -> JobSummary:
+def _summarise(output: str, pairs: int, parts: list[dict], this_run: int,
+               seconds: float) -> JobSummary:
     rows = sum(p["rows"] for p in parts)
     if rows != pairs:
         raise RuntimeError(f"exactly-once check failed: the input has {pairs} rows but "
@@ -291,6 +302,6 @@ def _summarise(output: str, pairs: int, parts: list[dict], seconds: float) -> Jo
             rejected[reason] = rejected.get(reason, 0) + count
     return JobSummary(output=output, pairs=pairs,
                       scored=sum(p["scored"] for p in parts),
-                      written=sum(p["written"] for p in parts),
+                      written=sum(p["written"] for p in parts), pairs_this_run=this_run,
                       queries=sum(p["queries"] for p in parts), rejected=rejected,
                       seconds=round(seconds, 3))

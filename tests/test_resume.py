@@ -1,0 +1,175 @@
+"""Checkpointed progress: kill the job anywhere, rerun it, get exactly the uninterrupted output."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import rstar_batch
+from rstar_batch.checkpoint import ResumeError
+from rstar_batch.testing import write_sample_data
+from tests.jobs import Job, run
+
+pytestmark = pytest.mark.slow
+TOTAL = 1200
+
+
+@pytest.fixture(scope="module")
+def job_input(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("resume") / "candidates")
+    write_sample_data(out, num_queries=30, candidates_per_query=40, files=3, seed=11)
+    return out
+
+
+def _args(candidates: str, output: str, model: str, *extra: str) -> list[str]:
+    # Short pairs and small chunks keep each run to seconds while leaving 20 chunks to kill in.
+    return ["rerank", "--candidates", candidates, "--output", output, "--model", model,
+            "--max-length", "96", "--checkpoint-rows", "60", "--replica-batch-rows", "60",
+            "--rank-partitions", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def baseline(job_input, tiny_model, tmp_path_factory) -> pa.Table:
+    out = str(tmp_path_factory.mktemp("baseline") / "out")
+    job = run(_args(job_input, out, tiny_model), out + ".log")
+    assert job.proc.returncode == 0, job.output()[-3000:]
+    return pq.read_table(out)
+
+
+def _assert_same_output(out: str, baseline: pa.Table) -> None:
+    got = pq.read_table(out)
+    assert got.num_rows == baseline.num_rows == TOTAL
+    mine = {(r["query_id"], r["doc_id"]): r for r in got.to_pylist()}
+    assert len(mine) == TOTAL  # no duplicates
+    theirs = {(r["query_id"], r["doc_id"]): r for r in baseline.to_pylist()}
+    assert mine.keys() == theirs.keys()  # nothing lost
+    by_rank = {(r["query_id"], r["rank"]): r for r in baseline.to_pylist()}
+    for key, row in mine.items():
+        assert abs(row["score"] - theirs[key]["score"]) <= 1e-5
+        if row["rank"] != theirs[key]["rank"]:  # only a near-tie may swap places
+            other = by_rank[(row["query_id"], row["rank"])]
+            assert abs(other["score"] - row["score"]) <= 2e-5
+    files = {}
+    for path in glob.glob(os.path.join(out, "part-*.parquet")):
+        for qid in set(pq.read_table(path)["query_id"].to_pylist()):
+            assert files.setdefault(qid, path) == path  # each query in one file
+
+
+def _commits(out: str) -> int:
+    return len(glob.glob(os.path.join(out, "_work", "commits", "c*")))
+
+
+def _committed_rows(out: str) -> int:
+    rows = 0
+    for path in glob.glob(os.path.join(out, "_work", "commits", "c*")):
+        _, start, end = os.path.basename(path).split(".")[0].split("-")
+        rows += int(end) - int(start)
+    return rows
+
+
+KILL_POINTS = {
+    "before_any_write": lambda out: os.path.exists(os.path.join(out, "_work", "plan.json")),
+    "half_way": lambda out: _committed_rows(out) >= TOTAL // 2,
+    "during_final_pass": lambda out: _committed_rows(out) >= TOTAL,
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_killed_job_resumes_without_loss_or_duplicates(
+        point, job_input, tiny_model, baseline, tmp_path):
+    out = str(tmp_path / "out")
+    job = Job(_args(job_input, out, tiny_model), str(tmp_path / "run1.log"))
+    job.wait_until(lambda: KILL_POINTS[point](out))
+    job.kill()
+    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
+    done_at_kill = _committed_rows(out)
+
+    status = run(["status", out], str(tmp_path / "status.log")).output()
+    assert f"/{TOTAL} pairs scored" in status and "rerun the same command" in status \
+        or point == "before_any_write" and "0/1200" in status
+
+    rerun = run(_args(job_input, out, tiny_model), str(tmp_path / "run2.log"))
+    assert rerun.proc.returncode == 0, rerun.output()[-3000:]
+    _assert_same_output(out, baseline)
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    per_run = {int(k): v for k, v in manifest["pairs_scored_per_run"].items()}
+    assert per_run.get(1, 0) == done_at_kill  # nothing committed was lost
+    assert sum(per_run.values()) >= TOTAL
+    if point == "half_way":
+        assert per_run[2] <= 0.55 * TOTAL  # little redone
+    if point == "during_final_pass":
+        assert 2 not in per_run  # scoring was done: the rerun only ranked
+    done = run(["status", out], str(tmp_path / "status2.log")).output()
+    assert done.startswith(f"DONE {TOTAL} pairs, 30 queries")
+
+
+def test_status_while_the_job_runs_shows_progress_rate_and_eta(job_input, tiny_model, tmp_path):
+    out = str(tmp_path / "out")
+    job = Job(_args(job_input, out, tiny_model), str(tmp_path / "run.log"))
+    try:
+        job.wait_until(lambda: _commits(out) >= 3)
+        text = run(["status", out], str(tmp_path / "status.log")).output()
+        assert "pairs scored" in text and "pairs/s, ETA" in text and "run 1" in text
+        report = json.loads(run(["status", out, "--json"], str(tmp_path / "s.json")).output())
+        assert 0 < report["done"] < TOTAL and report["total"] == TOTAL
+        assert report["rate"] > 0 and report["eta_s"] > 0
+    finally:
+        job.kill()
+
+
+@pytest.mark.parametrize("fault", ["exit:3", "raise:2"])
+def test_replica_faults_are_retried_and_the_job_completes_exactly_once(
+        fault, job_input, tiny_model, baseline, tmp_path):
+    out = str(tmp_path / "out")
+    job = run(_args(job_input, out, tiny_model), str(tmp_path / "run.log"),
+              env={"RSTAR_BATCH_TEST_FAULT": fault, "RSTAR_BATCH_TEST_FAULT_DIR": str(tmp_path)})
+    assert job.proc.returncode == 0, job.output()[-3000:]
+    assert os.path.exists(tmp_path / f"fired-{fault.split(':')[0]}")  # the fault did happen
+    _assert_same_output(out, baseline)
+
+
+def test_batch_failing_every_retry_fails_the_job_naming_its_rows(job_input, tiny_model, tmp_path):
+    out = str(tmp_path / "out")
+    job = run(_args(job_input, out, tiny_model, "--batch-retries", "1"), str(tmp_path / "r.log"),
+              env={"RSTAR_BATCH_TEST_FAULT": "raise:always"})
+    assert job.proc.returncode != 0
+    text = job.output()
+    assert "scoring failed 2 time(s) for a batch of 60 pairs (query_id, doc_id): (" in text
+    assert "injected fault" in text
+    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
+
+
+def test_changed_config_or_input_is_refused_unless_restart(
+        ray_local, tiny_model, edge_cases, tmp_path):
+    path = str(tmp_path / "c.parquet")
+    pq.write_table(edge_cases, path)
+    out = str(tmp_path / "out")
+    rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
+    with pytest.raises(ResumeError, match=r"finished output of a different job \(top_k: None → 3\)"):
+        rstar_batch.rerank(candidates=[path], output=out, model=tiny_model, top_k=3)
+    pq.write_table(edge_cases.slice(0, 10), path)  # the input changes
+    with pytest.raises(ResumeError, match="input file changed .*c.parquet.*--restart"):
+        rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
+    summary = rstar_batch.rerank(candidates=[path], output=out, model=tiny_model, restart=True)
+    assert summary.pairs == 10 and pq.read_table(out).num_rows == 10
+
+
+def test_unfinished_progress_of_another_config_is_refused(ray_local, tiny_model, edge_cases,
+                                                          tmp_path):
+    path = str(tmp_path / "c.parquet")
+    pq.write_table(edge_cases, path)
+    out = str(tmp_path / "out")
+    rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
+    os.remove(os.path.join(out, "_SUCCESS"))  # as if killed before the end
+    shutil.copy(os.path.join(out, "_manifest.json"), str(tmp_path / "m.json"))
+    os.makedirs(os.path.join(out, "_work"), exist_ok=True)
+    plan = json.load(open(tmp_path / "m.json"))["plan"]
+    json.dump(plan, open(os.path.join(out, "_work", "plan.json"), "w"))
+    with pytest.raises(ResumeError, match=r"unfinished progress .*max_length: 512 → 128"):
+        rstar_batch.rerank(candidates=[path], output=out, model=tiny_model, max_length=128)

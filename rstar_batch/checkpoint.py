@@ -196,16 +196,6 @@ def write_commit(fs: pafs.FileSystem, root: str, chunk: int, start: int, end: in
                      b"")
 
 
-def committed_pieces(fs: pafs.FileSystem, root: str, bucket_dir: str) -> list[str]:
-    """The piece files of one bucket folder whose run is committed."""
-    committed = {
-        run_name(*p[:3]) for p in (
-            parse_commit(i.path.rsplit("/", 1)[-1])
-            for i in fsio.list_files(fs, commits_dir(root), recursive=False)) if p}
-    return sorted(i.path for i in fsio.list_files(fs, bucket_dir, recursive=False)
-                  if i.path.rsplit("/", 1)[-1].removesuffix(".parquet") in committed)
-
-
 def runs_dir(root: str) -> str:
     return fsio.join(work_dir(root), "runs")
 

@@ -126,20 +126,15 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, _DTYPES[dtype])
 
 
-def _source_and_revision(info: ModelInfo) -> tuple[str, Optional[str]]:
-    # Replicas load the exact commit the driver resolved, so a push to the hub
-    # in the middle of a job cannot mix two model versions in one output.
-    return info.source, info.revision
-
-
 def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    source, revision = _source_and_revision(info)
+    # Replicas load the exact commit the driver resolved, so a push to the hub in
+    # the middle of a job cannot mix two model versions in one output.
     tokenizer = AutoTokenizer.from_pretrained(
-        source, revision=revision, trust_remote_code=trust_remote_code)
+        info.source, revision=info.revision, trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
-        log.warning("model '%s' has no fast tokenizer; tokenization will be slow", source)
+        log.warning("model '%s' has no fast tokenizer; tokenization will be slow", info.source)
     return tokenizer
 
 
@@ -149,10 +144,10 @@ def load_replica(info: ModelInfo, device: str, dtype: str,
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    source, revision = _source_and_revision(info)
+    source = info.source
     device_name = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device_name)
-    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+    kwargs = dict(revision=info.revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, attn_implementation="sdpa", **kwargs)

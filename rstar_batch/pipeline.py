@@ -186,11 +186,11 @@ def run_scoring(plan: Any, progress: ProgressLog) -> int:
     return rows
 
 
-def rank_all(fs: Any, root: str, config: RerankConfig) -> list[dict]:
+def rank_all(fs: Any, root: str, config: RerankConfig,
+             progress: checkpoint.Progress) -> list[dict]:
     """Pass 2: one task per bucket; each writes its ranked file and rejected rows."""
     import ray
 
-    progress = checkpoint.read_progress(fs, root)
     committed = {checkpoint.run_name(chunk, start, end)
                  for chunk, ranges in progress.covered.items() for start, end in ranges}
     task = ray.remote(num_cpus=1)(sinks.rank_bucket)
@@ -245,10 +245,10 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     chunks = checkpoint.plan_chunks(source.file_rows, config.checkpoint_rows)
     done = checkpoint.read_progress(out_fs, root).done_chunks(chunks)
     pending = [c for c in chunks if c.id not in done]
-    progress = ProgressLog(source.num_rows, sum(c.rows for c in chunks if c.id in done))
+    progress_log = ProgressLog(source.num_rows, sum(c.rows for c in chunks if c.id in done))
     if done:
         log.info("resuming run %d: %d of %d chunks already done, %d pairs left", opened.run,
-                 len(done), len(chunks), source.num_rows - progress.done)
+                 len(done), len(chunks), source.num_rows - progress_log.done)
 
     with ray_session(config.address):
         import ray
@@ -259,11 +259,12 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
                      sum(c.rows for c in pending), model.source, replicas.device,
                      replicas.min_size, replicas.max_size)
             run_scoring(build_scoring_plan(config, source, model, replicas, plan["buckets"],
-                                           pending, out_fs, root, opened.run), progress)
-        _check_all_committed(out_fs, root, chunks)
-        parts = rank_all(out_fs, root, config)
+                                           pending, out_fs, root, opened.run), progress_log)
+        progress = checkpoint.read_progress(out_fs, root)
+        _check_all_committed(progress, chunks)
+        parts = rank_all(out_fs, root, config, progress)
 
-    runs = checkpoint.read_progress(out_fs, root).rows_by_run
+    runs = progress.rows_by_run
     summary = _summarise(config.output, source.num_rows, parts, runs.get(opened.run, 0),
                          time.time() - started)
     fsio.write_json(out_fs, fsio.join(root, checkpoint.MANIFEST), {
@@ -282,9 +283,9 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     return summary
 
 
-def _check_all_committed(fs: Any, root: str, chunks: list[checkpoint.Chunk]) -> None:
-    missing = [c for c in chunks if c.id not in
-               checkpoint.read_progress(fs, root).done_chunks(chunks)]
+def _check_all_committed(progress: checkpoint.Progress, chunks: list[checkpoint.Chunk]) -> None:
+    done = progress.done_chunks(chunks)
+    missing = [c for c in chunks if c.id not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} chunk(s) were not committed after scoring (first: "
                            f"chunk {missing[0].id}); rerun the same command to finish them")

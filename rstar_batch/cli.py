@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Candidates per query (default: 50)")
     sample.add_argument("--files", type=int, default=2, help="Parquet parts (default: 2)")
     sample.add_argument("--seed", type=int, default=0, help="Random seed (default: 0)")
+    sample.add_argument("--qrels", metavar="FILE", default=None,
+                        help="Also write synthetic judgments there as TREC qrels: per "
+                             "query, the candidates sharing most words with the query "
+                             "(default: none)")
 
     tiny = commands.add_parser(
         "make-tiny-model", help="Write a random-weight model with R*'s architecture.",
@@ -102,6 +106,38 @@ def build_parser() -> argparse.ArgumentParser:
                            "locally: no hub access, meaningless scores (default: off)")
     demo.add_argument("--workdir", default="rstar-demo",
                       help="Folder for the sample data and output (default: rstar-demo)")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="Measure a ranked output (and a baseline) against qrels.",
+        description="Compute RR@10, nDCG@10, ... averaged over every judged query (a "
+                    "judged query a run does not rank counts as 0). Runs: an rstar-batch "
+                    "output folder, a TREC run file, or Parquet with query_id, doc_id and "
+                    "a score. Qrels: TREC text or Parquet (query_id, doc_id, relevance). "
+                    "Needs pip install 'rstar-batch[eval]'.")
+    evaluate.add_argument("--run", required=True, metavar="RUN",
+                          help="The run to measure, e.g. a rerank --output (required)")
+    evaluate.add_argument("--qrels", required=True, metavar="QRELS", help="Judgments (required)")
+    evaluate.add_argument("--baseline", metavar="RUN", default=None,
+                          help="A run to compare with, e.g. the first stage (default: none)")
+    evaluate.add_argument("--baseline-score-column", metavar="NAME", default=None,
+                          help="Score column of a Parquet baseline (default: rank if "
+                               "present, else score)")
+    evaluate.add_argument("--metrics", nargs="+", metavar="METRIC", default=None,
+                          help="ir-measures names (default: RR@10 nDCG@10 R@100 AP)")
+    evaluate.add_argument("--json", metavar="FILE", default=None,
+                          help="Write the result as JSON there (default: _evaluation.json "
+                               "in a run folder, RUN.eval.json beside a run file)")
+
+    export = commands.add_parser(
+        "export", help="Write a ranked output as a TREC run file.",
+        description="Write 'qid Q0 docid rank score tag' lines, query by query in rank "
+                    "order. Tied scores are lowered by the smallest float32 steps so "
+                    "trec_eval, which re-sorts by score, keeps our order.")
+    export.add_argument("--format", choices=["trec"], default="trec",
+                        help="Output format (default: trec)")
+    export.add_argument("output", metavar="OUTPUT", help="The rerank job's --output")
+    export.add_argument("target", metavar="RUN_FILE", help="File to write")
+    export.add_argument("--tag", default="rstar-batch", help="Run tag (default: rstar-batch)")
     return parser
 
 
@@ -116,9 +152,12 @@ def _run_rerank(args: argparse.Namespace) -> int:
 def _run_sample(args: argparse.Namespace) -> int:
     from rstar_batch.testing import write_sample_data
 
-    paths = write_sample_data(args.out, args.queries, args.candidates, args.files, args.seed)
+    paths = write_sample_data(args.out, args.queries, args.candidates, args.files, args.seed,
+                              qrels_path=args.qrels)
     print(f"wrote {args.queries * args.candidates} candidate pairs in {len(paths)} file(s) "
           f"under {args.out}")
+    if args.qrels:
+        print(f"wrote synthetic qrels to {args.qrels}")
     return 0
 
 
@@ -153,21 +192,59 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from rstar_batch.evaluate import default_json_path, evaluate
+
+    result = evaluate(args.run, args.qrels, baseline=args.baseline, metrics=args.metrics,
+                      baseline_score_column=args.baseline_score_column)
+    print(result.table())
+    target = args.json or default_json_path(args.run)
+    result.save(target)
+    print(f"wrote {target}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from rstar_batch.export import export_trec
+
+    lines = export_trec(args.output, args.target, tag=args.tag)
+    print(f"wrote {lines} lines to {args.target}")
+    return 0
+
+
 COMMANDS = {"rerank": _run_rerank, "status": _run_status, "sample-data": _run_sample,
-            "make-tiny-model": _run_tiny, "demo": _run_demo}
+            "make-tiny-model": _run_tiny, "demo": _run_demo,
+            "evaluate": _run_evaluate, "export": _run_export}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user must fix: reported in one line, exit code 2, no traceback."""
     from rstar_batch.checkpoint import OutputError
     from rstar_batch.io.sources import InputError
     from rstar_batch.model import ModelUnavailableError
 
+    return (ConfigError, InputError, OutputError, ModelUnavailableError)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is logged, not when configured."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, handlers=[_StderrHandler()],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, InputError, OutputError, ModelUnavailableError) as exc:
+    except user_errors() as exc:
         print(f"rstar-batch: error: {exc}", file=sys.stderr)
         return 2

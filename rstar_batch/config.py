@@ -20,6 +20,7 @@ DEFAULT_MODEL = "jaspercatapang/R-star"
 Activation = Literal["auto", "sigmoid", "softmax", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+Quantize = Literal["none", "int8"]
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,12 @@ class RerankConfig:
     dtype: DType = _opt(
         "auto", "Model dtype: auto = bfloat16 on GPUs that support it, float16 on "
         "older GPUs, float32 on CPU. Scores are always float32.", "model")
+    quantize: Quantize = _opt(
+        "none", "int8 = dynamic int8 quantization of the Linear layers (CPU replicas "
+        "only; faster, scores drift: see BENCHMARKS.md).", "model")
+    compile: bool = _opt(
+        False, "torch.compile each replica's model (minutes of warm-up; see "
+        "BENCHMARKS.md for when it pays).", "model")
 
     # -- ranking ----------------------------------------------------------------------
     top_k: Optional[int] = _opt(

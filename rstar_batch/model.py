@@ -138,23 +138,31 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_replica(info: ModelInfo, device: str, dtype: str,
-                 trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
+def load_replica(info: ModelInfo, device: str, dtype: str, trust_remote_code: bool = False,
+                 quantize: str = "none", compile: bool = False) -> tuple[Any, Any, Any]:
     """Load the model once for a replica: (model in eval mode, torch device, dtype)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    source = info.source
     device_name = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device_name)
+    if quantize == "int8" and (device_name != "cpu" or torch_dtype != torch.float32):
+        raise ValueError("quantize int8 is for float32 CPU replicas; use --device cpu "
+                         "--dtype float32 (GPUs get their speed from --dtype instead)")
     kwargs = dict(revision=info.revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, attn_implementation="sdpa", **kwargs)
+            info.source, attn_implementation="sdpa", **kwargs)
     except (ValueError, ImportError):
-        log.info("model '%s' has no SDPA attention; using its default", source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+        log.info("model '%s' has no SDPA attention; using its default", info.source)
+        model = AutoModelForSequenceClassification.from_pretrained(info.source, **kwargs)
     torch_device = torch.device(device_name)
     model = model.to(torch_device).eval()
-    log.info("loaded %s on %s as %s", source, torch_device, torch_dtype)
+    if quantize == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
+                                                       dtype=torch.qint8)
+    if compile:
+        model = torch.compile(model, dynamic=True)
+    log.info("loaded %s on %s as %s%s%s", info.source, torch_device, torch_dtype,
+             " (int8 Linear)" if quantize == "int8" else "", " (compiled)" if compile else "")
     return model, torch_device, torch_dtype

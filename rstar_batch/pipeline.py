@@ -146,7 +146,8 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
             model=model, device=replicas.device, dtype=config.dtype,
             activation=config.score_activation, batch_tokens=config.batch_tokens,
             max_batch_pairs=config.max_batch_pairs, cpu_threads=config.cpu_threads,
-            trust_remote_code=config.trust_remote_code, retries=config.batch_retries),
+            trust_remote_code=config.trust_remote_code, retries=config.batch_retries,
+            quantize=config.quantize, compile=config.compile),
         compute=ray.data.ActorPoolStrategy(
             min_size=replicas.min_size, max_size=replicas.max_size,
             # Two batches per replica keep a GPU fed while bounding what a kill loses.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -101,14 +102,57 @@ def make_candidates(num_queries: int, candidates_per_query: int,
     })
 
 
+_WORD = re.compile(r"\w+")
+
+
+def make_qrels(candidates: pa.Table, seed: int = 0, relevant_per_query: int = 3) -> pa.Table:
+    """Synthetic judgments for a candidate table: query_id, doc_id, relevance.
+
+    Per query, the `relevant_per_query` candidates that share the most distinct
+    words with the query are relevant: the best with relevance 2, the others 1.
+    Equal overlaps are ordered by a shuffle seeded with `seed`, so the same table
+    and seed always give the same judgments. Only relevant pairs are listed.
+    """
+    rng = random.Random(seed)
+    by_query: dict = {}
+    columns = (candidates[c].to_pylist() for c in ("query_id", "query", "doc_id", "passage"))
+    for qid, query, did, passage in zip(*columns):
+        words = set(_WORD.findall(query.lower()))
+        shared = len(words & set(_WORD.findall(passage.lower())))
+        by_query.setdefault(qid, []).append((shared, rng.random(), did))
+    qids, dids, rels = [], [], []
+    for qid, scored in by_query.items():
+        for place, (_, _, did) in enumerate(sorted(scored, reverse=True)[:relevant_per_query]):
+            qids.append(qid)
+            dids.append(did)
+            rels.append(2 if place == 0 else 1)
+    return pa.table({"query_id": pa.array(qids, candidates.schema.field("query_id").type),
+                     "doc_id": pa.array(dids, candidates.schema.field("doc_id").type),
+                     "relevance": pa.array(rels, pa.int32())})
+
+
+def write_trec_qrels(qrels: pa.Table, path: str) -> None:
+    """Write judgments as TREC qrels text: `qid 0 docid relevance` per line."""
+    with open(path, "w", encoding="utf-8") as out:
+        for qid, did, rel in zip(*(qrels[c].to_pylist()
+                                   for c in ("query_id", "doc_id", "relevance"))):
+            out.write(f"{qid} 0 {did} {rel}\n")
+
+
 def write_sample_data(out_dir: str, num_queries: int, candidates_per_query: int,
-                      files: int = 2, seed: int = 0) -> list[str]:
+                      files: int = 2, seed: int = 0,
+                      qrels_path: Optional[str] = None) -> list[str]:
     """Write `make_candidates(...)` as `files` Parquet parts; return their paths.
 
     Parts are cut by row, so a query's candidates may span two files, as they
-    do in real retriever output.
+    do in real retriever output. With `qrels_path`, also write `make_qrels(...)`
+    there as TREC qrels.
     """
     table = make_candidates(num_queries, candidates_per_query, seed=seed)
+    if qrels_path:
+        parent = os.path.dirname(os.path.abspath(qrels_path))
+        os.makedirs(parent, exist_ok=True)
+        write_trec_qrels(make_qrels(table, seed=seed), qrels_path)
     os.makedirs(out_dir, exist_ok=True)
     files = max(1, min(files, table.num_rows))
     step = -(-table.num_rows // files)

@@ -154,3 +154,43 @@ def test_cuda_out_of_memory_halves_the_batch_and_keeps_it_small(tiny_model, monk
     # 32 rows × 6 tokens fail → budget 96 tokens; 16 rows fail → 48; then 8 rows fit
     assert calls == [32, 16, 8, 8, 8, 8] and scorer.batch_tokens == 48
     assert np.allclose(scores, scores[0], atol=1e-6)  # identical rows, identical scores
+
+
+@pytest.mark.parametrize("max_length", [8, 9, 33, 128, 512])
+def test_assembled_pairs_equal_pair_tokenization_on_random_lengths(tiny_model, max_length):
+    from transformers import AutoTokenizer
+
+    from rstar_batch.testing import make_candidates
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    table = make_candidates(12, 20, seed=max_length)
+    rng = np.random.default_rng(max_length)
+    words = " ".join(table["passage"].to_pylist()).split()
+    # Queries from 0 to 600 words so both sides get cut, repeated across rows.
+    queries = [" ".join(words[: int(n)]) for n in rng.integers(0, 600, 12)]
+    table = table.set_column(1, "query", pa.array([queries[i // 20] for i in range(240)]))
+    stage = Tokenize(describe_model(tiny_model), max_length=max_length)
+    assert stage.assembler is not None
+    out = stage(_normalized(table))
+    for i, row in enumerate(table.to_pylist()):
+        enc = tokenizer(row["query"], row["passage"], truncation=True, max_length=max_length)
+        assert out[C.INPUT_IDS][i].as_py() == enc["input_ids"], i
+        assert out[C.TOKEN_TYPE_IDS][i].as_py() == enc["token_type_ids"], i
+
+
+def test_a_tokenizer_with_another_pair_template_is_tokenized_pair_by_pair(tiny_model):
+    from tokenizers.processors import TemplateProcessing
+
+    stage = Tokenize(describe_model(tiny_model), max_length=64)
+    cls, sep = stage.tokenizer.cls_token_id, stage.tokenizer.sep_token_id
+    stage.tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    assert "differs" in stage.assembler.verify()
+    fallback = Tokenize(describe_model(tiny_model), max_length=64, assemble=False)
+    fallback.tokenizer = stage.tokenizer
+    table = pa.table({"query_id": [1], "query": ["violin"], "doc_id": [1],
+                      "passage": ["river"]})
+    ids = fallback(_normalized(table))[C.INPUT_IDS][0].as_py()
+    assert ids == stage.tokenizer("violin", "river", truncation=True, max_length=64)["input_ids"]
+    assert ids.count(sep) == 3

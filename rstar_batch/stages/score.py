@@ -69,12 +69,13 @@ class Scorer:
     def __init__(self, model: ModelInfo, device: str = "cpu", dtype: str = "auto",
                  activation: str = "auto", batch_tokens: int = 16384,
                  max_batch_pairs: int = 256, cpu_threads: Optional[int] = None,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, quantize: str = "none",
+                 compile: bool = False) -> None:
         import torch
 
         self.torch = torch
-        self.model, self.device, self.dtype = load_replica(model, device, dtype,
-                                                           trust_remote_code)
+        self.model, self.device, self.dtype = load_replica(
+            model, device, dtype, trust_remote_code, quantize=quantize, compile=compile)
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
         self.activation = resolve_activation(activation, model.num_labels)

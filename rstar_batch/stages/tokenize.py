@@ -1,12 +1,16 @@
 """Tokenize: (query, passage) → input ids, on CPU actors.
 
-Exactly the pair encoding of `tokenizer(query, passage, truncation=True,
-max_length=N)`, done for a whole batch at once. Texts of rejected rows are kept
-(for the rejected-rows table); texts of scored rows are dropped here, so only
-token ids travel to the GPUs.
+The result is exactly the pair encoding of `tokenizer(query, passage,
+truncation=True, max_length=N)` done one pair at a time. Each distinct query
+and passage of a batch is tokenized once and the pairs are assembled from them
+(`pairs.py`), when the tokenizer passes the assembler's check; otherwise each
+pair is tokenized. Texts of rejected rows are kept for the rejected-rows table;
+texts of scored rows are dropped here, so only token ids travel to the GPUs.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +18,9 @@ import pyarrow.compute as pc
 
 from rstar_batch.model import ModelInfo, load_tokenizer
 from rstar_batch.stages import columns as C
+from rstar_batch.stages.pairs import PairAssembler
+
+log = logging.getLogger(__name__)
 
 
 def list_array(rows: list[list[int]], value_type: pa.DataType) -> pa.ListArray:
@@ -29,10 +36,31 @@ def list_array(rows: list[list[int]], value_type: pa.DataType) -> pa.ListArray:
 class Tokenize:
     """Callable class for `map_batches`: loads the tokenizer once per actor."""
 
-    def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False):
+    def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
+                 assemble: bool = True):
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         self.max_length = max_length
         self.with_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.assembler = PairAssembler(self.tokenizer, max_length) if assemble else None
+        why_not = self.assembler.verify() if self.assembler else None
+        if why_not:
+            log.info("tokenizing each pair whole: %s", why_not)
+            self.assembler = None
+
+    def encode_pairs(self, queries: pa.Array, passages: pa.Array
+                     ) -> tuple[pa.ListArray, pa.ListArray | None]:
+        """(input_ids, token_type_ids or None) for non-null query and passage arrays."""
+        if self.assembler is not None:
+            q = pc.dictionary_encode(queries)
+            p = pc.dictionary_encode(passages)
+            return self.assembler.assemble(
+                self.assembler.tokenize(q.dictionary.to_pylist()),
+                self.assembler.tokenize(p.dictionary.to_pylist()),
+                q.indices.to_numpy(), p.indices.to_numpy(),
+                pc.equal(passages, "").to_numpy(zero_copy_only=False))
+        enc = self.encode(queries.to_pylist(), passages.to_pylist())
+        types = list_array(enc["token_type_ids"], pa.int8()) if self.with_types else None
+        return list_array(enc["input_ids"], pa.int32()), types
 
     def encode(self, queries: list[str], passages: list[str]) -> dict[str, list[list[int]]]:
         """Encode pairs exactly as `tokenizer(query, passage, ...)` does one at a time.
@@ -53,24 +81,29 @@ class Tokenize:
         return enc
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        scored = pc.is_null(batch[C.REJECT]).to_numpy(zero_copy_only=False)
-        index = np.flatnonzero(scored)
-        ids: list[list[int]] = [[] for _ in range(batch.num_rows)]
-        types: list[list[int]] = [[] for _ in range(batch.num_rows)]
-        if len(index):
-            queries = batch[C.QUERY].take(index).to_pylist()
-            passages = batch[C.PASSAGE].take(index).to_pylist()
-            enc = self.encode(queries, passages)
-            for j, i in enumerate(index):
-                ids[i] = enc["input_ids"][j]
-                if self.with_types:
-                    types[i] = enc["token_type_ids"][j]
-        keep_text = pa.array(~scored)
-        out = batch.set_column(batch.schema.get_field_index(C.QUERY), C.QUERY,
-                               pc.if_else(keep_text, batch[C.QUERY], None))
-        out = out.set_column(out.schema.get_field_index(C.PASSAGE), C.PASSAGE,
-                             pc.if_else(keep_text, out[C.PASSAGE], None))
-        out = out.append_column(C.INPUT_IDS, list_array(ids, pa.int32()))
-        if self.with_types:
-            out = out.append_column(C.TOKEN_TYPE_IDS, list_array(types, pa.int8()))
+        scored = pc.is_null(batch[C.REJECT]).combine_chunks()
+        index = pa.array(np.flatnonzero(scored.to_numpy(zero_copy_only=False)))
+        ids, types = self.encode_pairs(batch[C.QUERY].combine_chunks().take(index),
+                                       batch[C.PASSAGE].combine_chunks().take(index))
+        out = batch
+        for column in (C.QUERY, C.PASSAGE):  # texts are kept for rejected rows only
+            out = out.set_column(out.schema.get_field_index(column), column,
+                                 pc.if_else(scored, pa.scalar(None, out[column].type),
+                                            out[column]))
+        out = out.append_column(C.INPUT_IDS, _scatter(ids, index, batch.num_rows, pa.int32()))
+        if types is not None:
+            out = out.append_column(C.TOKEN_TYPE_IDS,
+                                    _scatter(types, index, batch.num_rows, pa.int8()))
         return out
+
+
+def _scatter(values: pa.ListArray, index: pa.Array, size: int,
+             value_type: pa.DataType) -> pa.ListArray:
+    """A list column of `size` rows: values at `index`, empty lists elsewhere."""
+    if len(index) == size:
+        return values
+    lengths = np.zeros(size, dtype=np.int32)
+    lengths[index.to_numpy()] = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets),
+                                    values.flatten().cast(value_type))

@@ -138,6 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output", metavar="OUTPUT", help="The rerank job's --output")
     export.add_argument("target", metavar="RUN_FILE", help="File to write")
     export.add_argument("--tag", default="rstar-batch", help="Run tag (default: rstar-batch)")
+
+    convert = commands.add_parser(
+        "convert", help="Convert a TSV / TREC text file to Parquet, streaming.",
+        description="collection: docid<TAB>text -> doc_id, passage. queries: qid<TAB>text "
+                    "-> query_id, query. top1000: qid<TAB>pid<TAB>query<TAB>passage -> "
+                    "query_id, doc_id, query, passage (rerank's input). trec-run: qid Q0 "
+                    "docid rank score tag -> query_id, doc_id, rank, score, tag. qrels: qid "
+                    "0 docid rel -> query_id, doc_id, relevance. The last text field may "
+                    "hold tabs; quotes are plain characters; invalid UTF-8 is replaced "
+                    "and counted. .gz .bz2 .xz .zst inputs are unpacked.")
+    convert.add_argument("format", metavar="FORMAT",
+                         choices=["collection", "queries", "top1000", "trec-run", "qrels"],
+                         help="collection, queries, top1000, trec-run or qrels")
+    convert.add_argument("input", metavar="INPUT", help="Text file (local path or URI)")
+    convert.add_argument("output", metavar="OUTPUT", help="Parquet file to write")
+    convert.add_argument("--int-ids", action="store_true",
+                         help="Store ids as int64; a non-integer id is a bad line "
+                              "(default: ids stay strings)")
+    convert.add_argument("--max-bad-lines", type=int, default=0, metavar="N",
+                         help="Accept up to N lines that do not parse; they go, with "
+                              "their line number and reason, to _NAME.rejected.parquet "
+                              "beside OUTPUT NAME.parquet (default: 0, the first bad line "
+                              "is an error)")
     return parser
 
 
@@ -212,9 +235,17 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_convert(args: argparse.Namespace) -> int:
+    from rstar_batch.io.convert import convert
+
+    print(convert(args.format, args.input, args.output, int_ids=args.int_ids,
+                  max_bad_lines=args.max_bad_lines).line())
+    return 0
+
+
 COMMANDS = {"rerank": _run_rerank, "status": _run_status, "sample-data": _run_sample,
             "make-tiny-model": _run_tiny, "demo": _run_demo,
-            "evaluate": _run_evaluate, "export": _run_export}
+            "evaluate": _run_evaluate, "export": _run_export, "convert": _run_convert}
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -18,7 +18,6 @@ order: score descending as float32, ties by doc id descending.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 from typing import Any, Iterator, Optional, Sequence
 
@@ -31,6 +30,7 @@ from rstar_batch import checkpoint
 from rstar_batch.config import ConfigError
 from rstar_batch.export import ranked_parts, read_part
 from rstar_batch.io import fs as fsio
+from rstar_batch.io.convert import FORMATS, read_text
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +63,11 @@ def _locate(uri: str, what: str) -> tuple[pafs.FileSystem, str, str]:
     return fs, path, "parquet" if head == b"PAR1" else "text"
 
 
-def _lines(fs: pafs.FileSystem, path: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, whitespace-split fields) of each non-blank line; .gz etc. unpacked."""
-    with fs.open_input_stream(path, compression="detect") as raw:
-        for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8"), 1):
-            fields = line.split()
-            if fields:
-                yield number, fields
-
-
-def _bad_line(uri: str, number: int, expected: str, fields: list[str]) -> ConfigError:
-    shown = " ".join(fields)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return ConfigError(f"{uri}, line {number}: expected '{expected}', got '{shown}'")
+def _read_text(fs: pafs.FileSystem, path: str, fmt: str, uri: str) -> pa.Table:
+    """A whole TREC text file, parsed as `rstar-batch convert` parses it (ids as strings);
+    the first bad line is a ConfigError naming the file and line."""
+    blocks = [rows for rows, _ in read_text(fs, path, fmt, uri=uri)]
+    return pa.concat_tables(blocks) if blocks else FORMATS[fmt].schema().empty_table()
 
 
 def _parquet_files(fs: pafs.FileSystem, path: str, kind: str, uri: str) -> list[str]:
@@ -111,17 +103,14 @@ def read_qrels(uri: str) -> Qrels:
     fs, path, kind = _locate(uri, "qrels")
     qrels: Qrels = {}
     if kind == "text":
-        for number, fields in _lines(fs, path):
-            if len(fields) != 4 or not fields[3].lstrip("-").isdigit():
-                raise _bad_line(uri, number, "qid 0 docid relevance", fields)
-            qrels.setdefault(fields[0], {})[fields[2]] = int(fields[3])
+        table = _read_text(fs, path, "qrels", uri)
     else:
         table = _read_parquet(fs, _parquet_files(fs, path, kind, uri),
                               ["query_id", "doc_id", "relevance"]).drop_null()
-        for q, d, rel in zip(_as_str(table["query_id"]).to_pylist(),
-                             _as_str(table["doc_id"]).to_pylist(),
-                             pc.cast(table["relevance"], pa.int64()).to_pylist()):
-            qrels.setdefault(q, {})[d] = rel
+    for q, d, rel in zip(_as_str(table["query_id"]).to_pylist(),
+                         _as_str(table["doc_id"]).to_pylist(),
+                         pc.cast(table["relevance"], pa.int64()).to_pylist()):
+        qrels.setdefault(q, {})[d] = rel
     if not qrels:
         raise ConfigError(f"qrels '{uri}' hold no judgments")
     return qrels
@@ -148,19 +137,9 @@ def _run_dict(qids: Any, dids: Any, order: Any, by_rank: bool, uri: str) -> Run:
 
 
 def _text_run(fs: pafs.FileSystem, path: str, uri: str) -> Run:
-    qids, dids, scores = [], [], []
-    for number, fields in _lines(fs, path):
-        try:
-            if len(fields) != 6:
-                raise ValueError
-            score = float(fields[4])
-        except ValueError:
-            raise _bad_line(uri, number, "qid Q0 docid rank score tag", fields) from None
-        qids.append(fields[0])
-        dids.append(fields[2])
-        scores.append(score)
-    return _run_dict(pa.array(qids, pa.string()), pa.array(dids, pa.string()),
-                     pa.array(scores, pa.float32()), False, uri)
+    table = _read_text(fs, path, "trec-run", uri)
+    return _run_dict(table["query_id"], table["doc_id"],
+                     pc.cast(table["score"], pa.float32(), safe=False), False, uri)
 
 
 def read_run(uri: str, score_column: Optional[str] = None) -> Iterator[Run]:

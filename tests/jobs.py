@@ -1,27 +1,69 @@
-"""Run the CLI as a separate process that a test can SIGKILL, Ray and all."""
+"""Processes a test can SIGKILL, Ray and all: the CLI as a job, and local Ray clusters."""
 
 from __future__ import annotations
 
 import glob
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 
-def session_pids(sid: int) -> list[int]:
-    """Live processes of a session (the job's driver and every Ray process it started)."""
-    pids = []
+def _live_processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every process that is not a zombie."""
+    table = {}
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
             fields = open(stat).read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(stat.split("/")[2]))
-    return pids
+        if fields[0] != "Z":
+            table[int(stat.split("/")[2])] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of a session (the job's driver and every Ray process it started)."""
+    return [pid for pid, (_, s) in _live_processes().items() if s == sid]
+
+
+def tree_pids(sids: Iterable[int]) -> list[int]:
+    """Live processes of the sessions and all their descendants.
+
+    Ray's job supervisor starts each job's driver in a session of its own, so a
+    cluster's processes are its nodes' sessions plus what those spawned.
+    """
+    table = _live_processes()
+    sids = set(sids)
+    found = {pid for pid, (_, sid) in table.items() if sid in sids}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
+
+
+def kill_until_gone(find: Callable[[], list[int]], what: str, timeout: float = 60) -> None:
+    """SIGKILL whatever `find` returns until it returns nothing."""
+    deadline = time.monotonic() + timeout
+    while pids := find():
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: processes {pids} survive")
+        time.sleep(0.1)
 
 
 class Job:
@@ -55,20 +97,7 @@ class Job:
 
     def kill(self) -> None:
         """SIGKILL the driver and every process of its session; wait until none is left."""
-        sid = self.proc.pid
-        deadline = time.monotonic() + 60
-        while True:
-            pids = session_pids(sid)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"processes {pids} of the killed job survive")
-            time.sleep(0.1)
+        kill_until_gone(lambda: session_pids(self.proc.pid), "the killed job")
         self.proc.wait()
 
 
@@ -76,3 +105,105 @@ def run(args: list[str], log: str, env: Optional[dict] = None, timeout: float = 
     job = Job(args, log, env)
     job.wait(timeout)
     return job
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def venv_bin(name: str) -> str:
+    """A console script beside the Python running the tests (its venv's `ray`), else `name`
+    as found on PATH."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.path.exists(path) else name
+
+
+class LocalCluster:
+    """Ray nodes started with `ray start`, each in its own session and temp dir.
+
+    `dashboard=True` gives the head a dashboard (the job API) on a free port of
+    127.0.0.1. `token` pins the cluster's auth token (RAY_AUTH_TOKEN) instead of
+    ~/.ray/auth_token. The test's Python comes first on PATH, so `python` in a
+    submitted job's entrypoint is the one with rstar_batch installed.
+    """
+
+    def __init__(self, base: str, dashboard: bool = False, token: Optional[str] = None) -> None:
+        self.base, self.sessions, self.port = base, {}, free_port()
+        self.dashboard_port = free_port() if dashboard else None
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token",
+                    "PATH": os.pathsep.join([os.path.dirname(sys.executable),
+                                             os.environ.get("PATH", "")])}
+        self.env.pop("RAY_ADDRESS", None)
+        if token:
+            self.env["RAY_AUTH_TOKEN"] = token
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        assert self.dashboard_port, "started without a dashboard"
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _node_args(self, name: str) -> list[str]:
+        if name != "head":
+            node = [f"--address={self.address}"]
+        elif self.dashboard_port:
+            node = ["--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_port}",
+                    f"--ray-client-server-port={free_port()}"]
+        else:
+            return ["--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+                    "--include-dashboard=false"]
+        if self.dashboard_port:  # each node's agents need ports of their own on this host
+            node += [f"--{flag}-port={free_port()}" for flag in (
+                "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
+                "metrics-export")]
+        return node
+
+    def start(self, name: str, *args: str) -> None:
+        proc = subprocess.Popen(
+            [venv_bin("ray"), "start", *self._node_args(name), f"--temp-dir={self.base}/{name}",
+             "--disable-usage-stats", *args], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=self.env)
+        output = proc.communicate(timeout=120)[0]
+        self.sessions[name] = proc.pid
+        assert proc.returncode == 0, output[-3000:]
+
+    def raylet_of(self, name: str) -> int:
+        for pid in session_pids(self.sessions[name]):
+            try:
+                if "/raylet/raylet" in open(f"/proc/{pid}/cmdline").read():
+                    return pid
+            except OSError:
+                continue
+        raise AssertionError(f"no raylet for node {name}")
+
+    def leftovers(self) -> list[int]:
+        """Live processes whose command line names this cluster's temp dir."""
+        pids = []
+        for pid in _live_processes():
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if self.base + "/" in cmdline:
+                pids.append(pid)
+        return pids
+
+    def stop(self) -> None:
+        """Kill every node and all they spawned: job drivers run in sessions of their own
+        under the job's supervisor, so the process tree is followed too, and anything
+        naming the temp dir (put a submitted job's files there) is killed as well."""
+        mine = os.getpid()
+        kill_until_gone(lambda: sorted((set(tree_pids(self.sessions.values()))
+                                        | set(self.leftovers())) - {mine}), "ray cluster")
+
+
+def new_token() -> str:
+    """A fresh Ray auth token for one test cluster."""
+    return secrets.token_hex(32)

@@ -7,10 +7,7 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +16,7 @@ import pytest
 import rstar_batch
 from rstar_batch.checkpoint import ResumeError
 from rstar_batch.testing import write_sample_data
-from tests.jobs import Job, run, session_pids
+from tests.jobs import Job, LocalCluster, run
 
 pytestmark = pytest.mark.slow
 TOTAL = 1200
@@ -178,57 +175,6 @@ def test_unfinished_progress_of_another_config_is_refused(ray_local, tiny_model,
     json.dump(plan, open(os.path.join(out, "_work", "plan.json"), "w"))
     with pytest.raises(ResumeError, match=r"unfinished progress .*max_length: 512 → 128"):
         rstar_batch.rerank(candidates=[path], output=out, model=tiny_model, max_length=128)
-
-
-class LocalCluster:
-    """Ray nodes started with `ray start`, each in its own session and temp dir."""
-
-    def __init__(self, base: str) -> None:
-        self.base, self.sessions, self.port = base, {}, _free_port()
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token"}
-        self.env.pop("RAY_ADDRESS", None)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, name: str, *args: str) -> None:
-        node = ["--head", "--node-ip-address=127.0.0.1", f"--port={self.port}",
-                "--include-dashboard=false"] if name == "head" else [f"--address={self.address}"]
-        proc = subprocess.Popen(
-            ["ray", "start", *node, f"--temp-dir={self.base}/{name}", "--disable-usage-stats",
-             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True, env=self.env)
-        output = proc.communicate(timeout=120)[0]
-        self.sessions[name] = proc.pid
-        assert proc.returncode == 0, output[-3000:]
-
-    def raylet_of(self, name: str) -> int:
-        for pid in session_pids(self.sessions[name]):
-            try:
-                if "/raylet/raylet" in open(f"/proc/{pid}/cmdline").read():
-                    return pid
-            except OSError:
-                continue
-        raise AssertionError(f"no raylet for node {name}")
-
-    def stop(self) -> None:
-        for sid in self.sessions.values():
-            deadline = time.monotonic() + 60
-            while pids := session_pids(sid):
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                assert time.monotonic() < deadline, f"ray processes {pids} survive"
-                time.sleep(0.1)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

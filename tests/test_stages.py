@@ -57,6 +57,13 @@ def test_plan_batches_gives_an_over_budget_row_its_own_batch():
     assert [len(b) for b in plan_batches(np.array([900, 10, 10]), 512, 8)] == [1, 2]
 
 
+def test_plan_batches_keeps_padding_under_a_fifth_of_each_pass():
+    lengths = np.array([512, 100, 95, 90, 85, 81, 80, 79, 60])
+    batches = plan_batches(lengths, batch_tokens=100_000, max_pairs=64)
+    assert [sorted(lengths[b].tolist(), reverse=True) for b in batches] == [
+        [512], [100, 95, 90, 85, 81, 80], [79], [60]]
+
+
 def test_pad_rows_pads_right_and_masks():
     values = pa.array([[5, 6, 7], [8], [9, 10]], pa.list_(pa.int32()))
     ids, mask = pad_rows(values, np.array([2, 0]), pad=0)

@@ -36,19 +36,28 @@ def resolve_activation(activation: str, num_labels: int) -> str:
     raise ValueError(f"the model has {num_labels} labels; set score_activation explicitly")
 
 
-def plan_batches(lengths: np.ndarray, batch_tokens: int, max_pairs: int) -> list[np.ndarray]:
+def plan_batches(lengths: np.ndarray, batch_tokens: int, max_pairs: int,
+                 min_fill: float = 0.8) -> list[np.ndarray]:
     """Group row indices into forward passes, longest rows first.
 
-    A pass holds rows while (rows × its longest row) stays within `batch_tokens`
-    and rows ≤ `max_pairs`; a single row longer than the budget gets a pass alone.
+    A pass holds rows while (rows × its longest row) stays within `batch_tokens`,
+    rows ≤ `max_pairs`, and each row is at least `min_fill` of the longest (so at
+    most 1 - min_fill of a pass is padding); a row longer than the budget gets a
+    pass alone.
     """
     order = np.argsort(-lengths, kind="stable")
+    sorted_lengths = lengths[order]
     batches, start = [], 0
     while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
+        longest = max(int(sorted_lengths[start]), 1)
         size = max(1, min(max_pairs, batch_tokens // longest))
-        batches.append(order[start:start + size])
-        start += size
+        end = min(start + size, len(order))
+        # sorted descending: the first row under min_fill × longest ends the pass
+        short = np.flatnonzero(sorted_lengths[start:end] < min_fill * longest)
+        if len(short):
+            end = start + max(1, int(short[0]))
+        batches.append(order[start:end])
+        start = end
     return batches
 
 
@@ -67,7 +76,7 @@ class Scorer:
     """One model replica scoring pre-tokenized pairs in-process (no Ray needed)."""
 
     def __init__(self, model: ModelInfo, device: str = "cpu", dtype: str = "auto",
-                 activation: str = "auto", batch_tokens: int = 16384,
+                 activation: str = "auto", batch_tokens: Optional[int] = None,
                  max_batch_pairs: int = 256, cpu_threads: Optional[int] = None,
                  trust_remote_code: bool = False, quantize: str = "none",
                  compile: bool = False) -> None:
@@ -79,7 +88,9 @@ class Scorer:
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
         self.activation = resolve_activation(activation, model.num_labels)
-        self.batch_tokens = batch_tokens
+        # Measured on a 2-core AVX2 CPU: 4096-token passes ran ~1.7x faster than
+        # 16384 (activations stay in cache); GPUs want larger passes.
+        self.batch_tokens = batch_tokens or (4096 if self.device.type == "cpu" else 16384)
         self.max_batch_pairs = max_batch_pairs
         self.pad_id = getattr(self.model.config, "pad_token_id", None) or 0
 

@@ -1,0 +1,233 @@
+"""Scoring throughput of rstar-batch against the alternatives: one machine, one run.
+
+    python benchmarks/run.py                       # CPU: 2,000 pairs in-process, 20,000 for the job
+    python benchmarks/run.py --device cuda         # the same on a GPU (dtype auto = bf16/fp16)
+    python benchmarks/run.py --smoke               # tiny sizes, for CI; prints, writes nothing
+
+Methods, all on the same pairs, model and device:
+  (a) sentence-transformers CrossEncoder.predict(batch_size=32)
+  (b) a plain transformers loop in input order, batches of 32, padded per batch
+  (c) our scorer in-process: the Tokenize stage and Scorer (length-sorted token budget)
+  (d) the whole `rstar-batch rerank` job, read to write, on an embedded local Ray
+plus our scorer's options (int8 quantization, torch.compile) with their score drift
+against float32. Results are appended to BENCHMARKS.md with the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from metrics import drift  # noqa: E402
+
+from rstar_batch import RerankConfig, rerank  # noqa: E402
+from rstar_batch.model import describe_model  # noqa: E402
+from rstar_batch.stages import columns as C  # noqa: E402
+from rstar_batch.stages.normalize import Normalize  # noqa: E402
+from rstar_batch.stages.score import Scorer  # noqa: E402
+from rstar_batch.stages.tokenize import Tokenize  # noqa: E402
+from rstar_batch.testing import make_candidates, make_tiny_model  # noqa: E402
+
+
+def _timed(fn):
+    started = time.perf_counter()
+    scores = fn()
+    return np.asarray(scores, dtype=np.float32), time.perf_counter() - started
+
+
+def crossencoder(model: str, table: pa.Table, device: str):
+    try:
+        from sentence_transformers import CrossEncoder
+    except ImportError:
+        raise SystemExit("sentence-transformers is missing: pip install 'rstar-batch[bench]'")
+    encoder = CrossEncoder(model, device=device, max_length=512)
+    pairs = list(zip(table["query"].to_pylist(), table["passage"].to_pylist()))
+    encoder.predict(pairs[:64], batch_size=32)  # warm-up
+    return _timed(lambda: encoder.predict(pairs, batch_size=32, show_progress_bar=False))
+
+
+def transformers_loop(model: str, table: pa.Table, device: str, dtype):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    net = AutoModelForSequenceClassification.from_pretrained(model, dtype=dtype).to(device)
+    queries, passages = table["query"].to_pylist(), table["passage"].to_pylist()
+
+    def run():
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(queries), 32):
+                enc = tokenizer(queries[i:i + 32], passages[i:i + 32], padding=True,
+                                truncation=True, max_length=512, return_tensors="pt").to(device)
+                out.append(torch.sigmoid(net(**enc).logits[:, 0].float()).cpu().numpy())
+        return np.concatenate(out)
+    return _timed(run)
+
+
+def ours(model: str, table: pa.Table, device: str, dtype: str, **options):
+    info = describe_model(model)
+    tokenize = Tokenize(info, max_length=512)
+    scorer = Scorer(info, device=device, dtype=dtype, **options)
+    normalize = Normalize("query_id", "query", "doc_id", "passage", [], 1)
+    warm = tokenize(normalize(table.slice(0, 64)))
+    scorer.score(warm[C.INPUT_IDS].combine_chunks(), warm[C.TOKEN_TYPE_IDS].combine_chunks())
+
+    def run():
+        tokens = tokenize(normalize(table))
+        return scorer.score(tokens[C.INPUT_IDS].combine_chunks(),
+                            tokens[C.TOKEN_TYPE_IDS].combine_chunks())
+    return _timed(run)
+
+
+def whole_job(model: str, table: pa.Table, device: str, workdir: str) -> tuple[float, int]:
+    candidates = os.path.join(workdir, "job-candidates")
+    os.makedirs(candidates, exist_ok=True)
+    step = -(-table.num_rows // 4)
+    for i in range(4):
+        pq.write_table(table.slice(i * step, step), os.path.join(candidates, f"part-{i}.parquet"))
+    summary = rerank(RerankConfig(candidates=[candidates], output=os.path.join(workdir, "job-out"),
+                                  model=model, device=device, overwrite=True, restart=True))
+    return summary.seconds, summary.pairs
+
+
+def machine(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    name = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, no GPU"
+
+
+def versions() -> str:
+    import ray
+    import torch
+    import transformers
+
+    parts = [f"torch {torch.__version__}", f"transformers {transformers.__version__}",
+             f"ray {ray.__version__}"]
+    try:
+        import sentence_transformers
+
+        parts.append(f"sentence-transformers {sentence_transformers.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=2000, help="pairs for (a)-(c) (default 2000)")
+    parser.add_argument("--job-pairs", type=int, default=20000,
+                        help="pairs for the whole job (d) (default 20000)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default=None, help="model folder (default: tiny R* model)")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for CI; writes nothing")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["crossencoder", "loop", "int8", "compile", "job"])
+    parser.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    if args.smoke:
+        args.pairs, args.job_pairs = 48, 200
+        args.skip = list(set(args.skip) | {"compile"})
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    workdir = tempfile.mkdtemp(prefix="rstar-bench-")
+    model = args.model or make_tiny_model(os.path.join(workdir, "model"))
+    per_query = 100
+    job_table = make_candidates(max(1, args.job_pairs // per_query), per_query, seed=3)
+    table = job_table.slice(0, args.pairs)
+    dtype = "float32" if args.device == "cpu" else "auto"
+    torch_dtype = torch.float32 if args.device == "cpu" else (
+        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+    rows = []  # (method, pairs, seconds, scores or None)
+    reference = None
+    if "loop" not in args.skip:
+        reference, seconds = transformers_loop(model, table, args.device, torch_dtype)
+        rows.append(("(b) transformers loop, input order, batch 32", len(reference), seconds))
+    if "crossencoder" not in args.skip:
+        ce, seconds = crossencoder(model, table, args.device)
+        rows.append(("(a) CrossEncoder.predict(batch_size=32)", len(ce), seconds))
+    base, seconds = ours(model, table, args.device, dtype)
+    rows.append(("(c) rstar-batch scorer, in-process", len(base), seconds))
+    ours_rate = len(base) / seconds
+    options = []
+    if args.device == "cpu" and "int8" not in args.skip:
+        scores, seconds = ours(model, table, "cpu", "float32", quantize="int8")
+        rows.append(("(c) + --quantize int8", len(scores), seconds))
+        options.append(("--quantize int8", scores))
+    if "compile" not in args.skip:
+        scores, seconds = ours(model, table, args.device, dtype, compile=True)
+        rows.append(("(c) + --compile (after warm-up)", len(scores), seconds))
+        options.append(("--compile", scores))
+    if "job" not in args.skip:
+        seconds, pairs = whole_job(model, job_table, args.device, workdir)
+        rows.append(("(d) rstar-batch rerank job, read to write", pairs, seconds))
+
+    report = render(args, table, rows, base, reference, options, ours_rate)
+    print(report)
+    if not args.smoke:
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.write("\n" + report)
+        print(f"appended to {args.out}")
+    return 0
+
+
+def render(args, table, rows, base, reference, options, ours_rate) -> str:
+    ce_rate = next((p / s for name, p, s in rows if name.startswith("(a)")), None)
+    tokens = np.mean([len(q.split()) + len(p.split()) for q, p in zip(
+        table["query"].to_pylist(), table["passage"].to_pylist())])
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    lines = [f"## {stamp}: {args.device}, {machine(args.device)}", "",
+             f"`{command.strip()}`; {versions()}; R* architecture"
+             f"{' (random weights)' if not args.model else ''}; "
+             f"{'dtype auto' if args.device == 'cuda' else 'float32'}; "
+             f"pairs average {tokens:.0f} words.", "",
+             "| method | pairs | seconds | pairs/s | × CrossEncoder | × our scorer |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, pairs, seconds in rows:
+        rate = pairs / seconds
+        vs_ce = f"{rate / ce_rate:.2f}" if ce_rate else "n/a"
+        lines.append(f"| {name} | {pairs} | {seconds:.1f} | {rate:.1f} | {vs_ce} | "
+                     f"{rate / ours_rate:.2f} |")
+    if reference is not None:
+        lines += ["", f"Our float32 scores vs the plain transformers loop: max |Δ| = "
+                  f"{np.abs(base - reference).max():.2e}."]
+    if options:
+        qids = table["query_id"].to_numpy()
+        lines += ["", "| option | max abs Δ vs float32 | Spearman | top-10 overlap per query |",
+                  "| --- | ---: | ---: | ---: |"]
+        for name, scores in options:
+            d = drift(base, scores, qids)
+            lines.append(f"| {name} | {d['max_abs']:.2e} | {d['spearman']:.5f} | "
+                         f"{d['top10_overlap']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The nightly rerank job: one day's candidates in, that day's ranking out.
+
+`jobs/nightly_rerank.py` is its entrypoint under `ray job submit`. The YAML's
+`candidates` and `output` hold a `{date}` placeholder that `--date YYYY-MM-DD`
+fills in (default: today, UTC), so every night writes its own folder and a
+rerun of the same night resumes it, or is a no-op once it finished. Any rerank
+option given after `--config` overrides the file. The run ends with one JSON
+record (`run` returns it) that a scheduler reads from the job's last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from rstar_batch import cli
+from rstar_batch.config import ConfigError, RerankConfig
+
+log = logging.getLogger(__name__)
+
+DATE_PLACEHOLDER = "{date}"
+_DATE_SHAPE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def run_date(text: Optional[str] = None) -> datetime.date:
+    """The day to process: `text` as YYYY-MM-DD, or today in UTC when None."""
+    if text is None:
+        return datetime.datetime.now(datetime.timezone.utc).date()
+    if not _DATE_SHAPE.fullmatch(text):
+        raise ConfigError(f"--date must look like YYYY-MM-DD, got {text!r}")
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError as exc:
+        raise ConfigError(f"--date {text!r} is not a calendar date: {exc}") from None
+
+
+def for_date(config: RerankConfig, day: datetime.date) -> RerankConfig:
+    """Fill `{date}` in the candidates and output with `day` (YYYY-MM-DD).
+
+    Both must name the placeholder: without it every night would read the same
+    input, or write into one folder that the first night already finished.
+    """
+    if DATE_PLACEHOLDER not in config.output:
+        raise ConfigError(f"output '{config.output}' has no {DATE_PLACEHOLDER} placeholder; "
+                          "a nightly job writes one folder per day, e.g. "
+                          "s3://bucket/reranked/date={date}/")
+    if not any(DATE_PLACEHOLDER in c for c in config.candidates):
+        raise ConfigError(f"candidates {config.candidates} have no {DATE_PLACEHOLDER} "
+                          "placeholder; a nightly job reads one day's candidates, e.g. "
+                          "s3://bucket/candidates/date={date}/")
+    stamp = day.isoformat()
+    return config.replace(
+        candidates=[c.replace(DATE_PLACEHOLDER, stamp) for c in config.candidates],
+        output=config.output.replace(DATE_PLACEHOLDER, stamp))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`--config`, `--date`, `--log-level`, then every `rstar-batch rerank` option."""
+    parser = argparse.ArgumentParser(
+        prog="nightly_rerank.py",
+        description="Rerank one day's candidates. The config's candidates and output "
+                    f"contain {DATE_PLACEHOLDER}, replaced by --date; rerank options given "
+                    "here override the config file.")
+    parser.add_argument("--config", required=True, metavar="FILE",
+                        help="YAML file of rerank options (required)")
+    parser.add_argument("--date", metavar="YYYY-MM-DD",
+                        help="Day to process (default: today, UTC)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="Logging detail (default: INFO)")
+    cli.add_config_options(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RerankConfig, datetime.date]:
+    """The day's config: the YAML, the command-line overrides, then the date filled in."""
+    day = run_date(args.date)
+    return for_date(cli.config_from_args(args), day), day
+
+
+def run(argv: Sequence[str]) -> tuple[int, dict[str, Any]]:
+    """Run the nightly job; return its exit code and the record for schedulers.
+
+    Exit 0 only when the output is complete (this run or an earlier one);
+    2 for a problem the user must fix (config, input, output folder, model);
+    1 for anything else. `seconds` is this invocation's wall time.
+    """
+    started = time.monotonic()
+    record: dict[str, Any] = {"status": "FAILED", "date": None, "output": None,
+                              "pairs": None, "queries": None, "already_done": False}
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        if exc.code in (0, None):  # --help
+            raise
+        return 2, {**record, "seconds": 0.0, "error": "invalid arguments (usage above)"}
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    code, error = 0, None
+    try:
+        config, day = config_from_args(args)
+        record.update(date=day.isoformat(), output=config.output)
+        from rstar_batch.pipeline import rerank
+
+        summary = rerank(config)
+        record.update(status="SUCCEEDED", pairs=summary.pairs, queries=summary.queries,
+                      already_done=summary.already_done)
+    except cli.user_errors() as exc:
+        code, error = 2, exc
+        log.error("%s", exc)
+    except Exception as exc:  # any failure: the scheduler still gets its record
+        code, error = 1, exc
+        log.exception("nightly rerank failed")
+    record["seconds"] = round(time.monotonic() - started, 3)
+    if error is not None:
+        record["error"] = _describe(error)
+    return code, record
+
+
+def _describe(error: BaseException) -> str:
+    """`Type: first line of the message` (at most 300 characters), for the record."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__

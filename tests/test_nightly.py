@@ -1,0 +1,84 @@
+"""The nightly job's date templating, overrides and exit codes (no Ray needed)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rstar_batch import nightly
+from rstar_batch.config import ConfigError, RerankConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _parse(*argv: str) -> tuple[RerankConfig, datetime.date]:
+    return nightly.config_from_args(nightly.build_parser().parse_args(list(argv)))
+
+
+@pytest.fixture
+def config_file(tmp_path) -> str:
+    path = tmp_path / "nightly.yaml"
+    path.write_text("candidates: ['s3://b/cands/date={date}/', 's3://b/extra/']\n"
+                    "output: s3://b/ranked/date={date}/\ntop_k: 10\n")
+    return str(path)
+
+
+def test_date_fills_candidates_and_output_and_flags_override_the_file(config_file):
+    config, day = _parse("--config", config_file, "--date", "2026-11-26", "--top-k", "3")
+    assert day == datetime.date(2026, 11, 26)
+    assert config.candidates == ["s3://b/cands/date=2026-11-26/", "s3://b/extra/"]
+    assert config.output == "s3://b/ranked/date=2026-11-26/"
+    assert config.top_k == 3
+
+
+def test_without_date_the_job_takes_today_in_utc(config_file):
+    before = datetime.datetime.now(datetime.timezone.utc).date()
+    config, day = _parse("--config", config_file)
+    assert day in {before, datetime.datetime.now(datetime.timezone.utc).date()}
+    assert config.output == f"s3://b/ranked/date={day.isoformat()}/"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("2026-1-5", "must look like YYYY-MM-DD"),
+    ("20261126", "must look like YYYY-MM-DD"),
+    ("2026-02-30", "is not a calendar date"),
+])
+def test_a_malformed_date_is_refused(text, message):
+    with pytest.raises(ConfigError, match=message):
+        nightly.run_date(text)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("output", "s3://b/ranked/", "output 's3://b/ranked/' has no {date}"),
+    ("candidates", ["s3://b/cands/"], "have no {date}"),
+])
+def test_a_config_without_the_date_placeholder_is_refused(field, value, message):
+    config = RerankConfig(candidates=["s3://b/c/date={date}/"], output="s3://b/o/date={date}/")
+    with pytest.raises(ConfigError, match=message):
+        nightly.for_date(config.replace(**{field: value}), datetime.date(2026, 11, 26))
+
+
+def test_a_failed_run_exits_2_and_still_reports_for_the_scheduler(config_file):
+    code, record = nightly.run(["--config", config_file, "--date", "2026-13-01"])
+    assert code == 2
+    assert record["status"] == "FAILED" and "ConfigError: --date" in record["error"]
+
+
+def test_the_entrypoint_prints_the_record_as_its_last_stdout_line(tmp_path):
+    config = tmp_path / "nightly.yaml"
+    config.write_text(f"candidates: ['{tmp_path}/none/date={{date}}/']\n"
+                      f"output: '{tmp_path}/out/date={{date}}/'\n")
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "nightly_rerank.py"),
+                           "--config", str(config), "--date", "2026-11-26",
+                           "--model", str(tmp_path / "no-model")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["status"] == "FAILED" and record["date"] == "2026-11-26"
+    assert record["output"] == f"{tmp_path}/out/date=2026-11-26/"
+    assert set(record) >= {"pairs", "queries", "seconds", "already_done", "error"}

@@ -44,7 +44,9 @@ _COMMIT = re.compile(r"^c(\d+)-(\d+)-(\d+)\.r(\d+)$")
 _SCALING_GROUPS = {"scaling", "cluster"}
 # The output is where the progress lives, and the input is compared by its
 # fingerprint (resolved paths, sizes, times), so neither is compared as typed.
-_NOT_IN_KEY = {"overwrite", "restart", "address", "output", "candidates"}
+# The rejected-rows limit only decides whether the job passes, not what it writes.
+_NOT_IN_KEY = {"overwrite", "restart", "address", "output", "candidates",
+               "max_rejected_fraction"}
 
 
 class OutputError(ValueError):

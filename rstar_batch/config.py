@@ -21,6 +21,7 @@ Activation = Literal["auto", "sigmoid", "softmax", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Quantize = Literal["none", "int8"]
+BadFile = Literal["fail", "skip"]
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,13 @@ class RerankConfig:
     restart: bool = _opt(
         False, "Discard the progress or result of an earlier run in the output folder "
         "and start again (needed when the config or input changed).", "input/output")
+    max_rejected_fraction: float = _opt(
+        0.01, "Fail the job when more than this fraction of rows is rejected (a wrong "
+        "column mapping must not pass as success); rejected rows are in _rejected/.",
+        "input/output")
+    on_bad_file: BadFile = _opt(
+        "fail", "A candidates file that is not readable Parquet: fail the job, or skip "
+        "it and record it in the manifest.", "input/output")
     checkpoint_rows: int = _opt(
         4096, "Pairs per checkpoint chunk: a killed job redoes at most the chunks that "
         "were in flight.", "input/output")
@@ -108,7 +116,7 @@ class RerankConfig:
         2, "Largest number of CPU tokenizer actors.", "scaling")
     batch_tokens: Optional[int] = _opt(
         None, "Token budget of one forward pass, rows x longest row (default: 4096 on "
-        "CPU, where small passes stay in cache; 16384 on GPU).", "scaling")
+        "CPU, measured fastest there; 16384 on GPU).", "scaling")
     max_batch_pairs: int = _opt(256, "Most pairs in one forward pass.", "scaling")
     replica_batch_rows: int = _opt(
         2048, "Rows handed to a replica per call; it length-sorts within them.", "scaling")
@@ -140,6 +148,9 @@ class RerankConfig:
             raise ConfigError(
                 f"max_replicas ({self.max_replicas}) is below min_replicas "
                 f"({self.min_replicas})")
+        if not 0.0 <= self.max_rejected_fraction <= 1.0:
+            raise ConfigError("max_rejected_fraction must be between 0 and 1, got "
+                              f"{self.max_rejected_fraction}")
         if not 0 < self.gpus_per_replica <= 8:
             raise ConfigError(f"gpus_per_replica must be in (0, 8], got {self.gpus_per_replica}")
         if self.cpus_per_replica <= 0:

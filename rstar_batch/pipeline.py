@@ -233,7 +233,8 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     started = time.time()
     model = describe_model(config.model, config.revision, config.trust_remote_code)
     activation = resolve_activation(config.score_activation, model.num_labels)
-    source = inspect_candidates(config.candidates, _roles(config), config.keep_columns)
+    source = inspect_candidates(config.candidates, _roles(config), config.keep_columns,
+                                on_bad_file=config.on_bad_file)
     out_fs, root = fsio.resolve(config.output)
     plan = job_plan(config, source, model)
     opened = checkpoint.open_job(out_fs, root, config.output, plan,
@@ -268,13 +269,15 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     runs = progress.rows_by_run
     summary = _summarise(config.output, source.num_rows, parts, runs.get(opened.run, 0),
                          time.time() - started)
+    _check_rejected(summary, config)
     fsio.write_json(out_fs, fsio.join(root, checkpoint.MANIFEST), {
         "summary": summary.to_dict(),
         "pairs_scored_per_run": {str(k): v for k, v in sorted(runs.items())},
         "plan": plan, "config": config.to_dict(), "config_hash": plan["config_hash"],
         "model": dataclasses.asdict(model), "activation": activation,
         "input": {"files": len(source.paths), "rows": source.num_rows,
-                  "bytes": source.total_bytes, "fingerprint": plan["input"]["digest"]},
+                  "bytes": source.total_bytes, "fingerprint": plan["input"]["digest"],
+                  "skipped_files": source.skipped},
         "replicas": dataclasses.asdict(replicas), "versions": _versions(),
         "finished": time.time(),
     })
@@ -282,6 +285,22 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     fsio.delete(out_fs, checkpoint.work_dir(root))
     log.info(summary.line())
     return summary
+
+
+class TooManyRejectedError(ValueError):
+    """More rows were rejected than --max-rejected-fraction allows."""
+
+
+def _check_rejected(summary: JobSummary, config: RerankConfig) -> None:
+    rejected = sum(summary.rejected.values())
+    if rejected > config.max_rejected_fraction * summary.pairs:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary.rejected.items()))
+        share = 100.0 * rejected / summary.pairs
+        raise TooManyRejectedError(
+            f"{rejected} of {summary.pairs} rows were rejected ({share:.2f}% > "
+            f"--max-rejected-fraction {config.max_rejected_fraction}): {reasons}; see "
+            f"{fsio.join(config.output, checkpoint.REJECTED)}/ (a wrong column mapping?). "
+            "Rerun with a higher --max-rejected-fraction to accept them")
 
 
 def _check_all_committed(progress: checkpoint.Progress, chunks: list[checkpoint.Chunk]) -> None:

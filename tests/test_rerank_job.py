@@ -131,7 +131,8 @@ def test_rows_with_null_fields_are_counted_and_kept_with_their_reason(
         "passage": ["first passage", None, "third", "fourth", "fifth"],
     }), path)
     out = str(tmp_path / "out")
-    summary = rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
+    summary = rstar_batch.rerank(candidates=[path], output=out, model=tiny_model,
+                                 max_rejected_fraction=1.0)
     assert (summary.pairs, summary.scored, summary.queries) == (5, 2, 1)
     assert summary.rejected == {"null_passage": 1, "null_query": 1, "null_query_id": 1}
     assert "3 rejected (null_passage=1, null_query=1, null_query_id=1)" in summary.line()

@@ -78,10 +78,33 @@ def bucket_pieces(fs: pafs.FileSystem, root: str, committed: set[str]) -> dict[i
 
 
 def read_bucket(fs: pafs.FileSystem, files: list[str]) -> pa.Table:
-    """A bucket's scored rows, each (chunk, row) once even if two runs overlapped."""
+    """A bucket's scored rows in input order, each (chunk, row) once even if two
+    runs overlapped."""
     table = pq.read_table(files, filesystem=fs)
     key = table[C.CHUNK].to_numpy().astype(np.int64) * (1 << 32) + table[C.ROW].to_numpy()
-    _, first = np.unique(key, return_index=True)
-    if len(first) != table.num_rows:
-        table = table.take(pa.array(np.sort(first)))
-    return table.drop_columns([C.CHUNK, C.ROW])
+    _, first = np.unique(key, return_index=True)  # sorted by key: input order
+    return table.take(pa.array(first))
+
+
+def mark_duplicates(table: pa.Table) -> pa.Table:
+    """Give every repeat of a (query_id, doc_id) pair the reason `duplicate_pair`.
+
+    The first occurrence in input order stays; `table` must be in input order.
+    """
+    valid = pc.is_null(table[C.REJECT])
+    position = pa.array(np.arange(table.num_rows))
+    keyed = table.select([C.QUERY_ID, C.DOC_ID]).append_column("_pos", position).filter(valid)
+    if keyed.num_rows < 2:
+        return table
+    keyed = keyed.sort_by([(C.QUERY_ID, "ascending"), (C.DOC_ID, "ascending"),
+                           ("_pos", "ascending")])
+    qids, dids = keyed[C.QUERY_ID].combine_chunks(), keyed[C.DOC_ID].combine_chunks()
+    same = np.zeros(keyed.num_rows, dtype=bool)
+    same[1:] = (pc.equal(qids[1:], qids[:-1]).to_numpy(zero_copy_only=False)
+                & pc.equal(dids[1:], dids[:-1]).to_numpy(zero_copy_only=False))
+    if not same.any():
+        return table
+    repeat = np.zeros(table.num_rows, dtype=bool)
+    repeat[keyed["_pos"].to_numpy()[same]] = True
+    reason = pc.if_else(pa.array(repeat), pa.scalar(C.DUPLICATE_PAIR), table[C.REJECT])
+    return table.set_column(table.schema.get_field_index(C.REJECT), C.REJECT, reason)

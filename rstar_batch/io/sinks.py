@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from rstar_batch.io import fs as fsio
-from rstar_batch.io.scored import read_bucket
+from rstar_batch.io.scored import mark_duplicates, read_bucket
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.rank import rank_table, rejected_table
 
@@ -41,7 +41,7 @@ def rank_bucket(fs: pafs.FileSystem, root: str, bucket: int, files: list[str],
     The file name depends only on the bucket, so running this twice writes the
     same file twice rather than a duplicate.
     """
-    table = read_bucket(fs, files)
+    table = mark_duplicates(read_bucket(fs, files)).drop_columns([C.CHUNK, C.ROW])
     rejected = pc.is_valid(table[C.REJECT])
     valid = table.filter(pc.invert(rejected))
     ranked = rank_table(valid, keep, top_k)

@@ -36,11 +36,14 @@ class CandidateFiles:
     total_bytes: int
     file_rows: list[int]        # rows of each file, in `paths` order
     row_groups: list[list[int]]  # rows of each row group of each file
+    skipped: list[dict]         # unreadable files left out (--on-bad-file skip)
 
 
-def _is_data_file(path: str) -> bool:
-    name = path.rsplit("/", 1)[-1]
-    return not name.startswith(("_", ".")) and name.endswith((".parquet", ".parq", ".pq"))
+def _is_data_file(path: str, folder: str) -> bool:
+    """A Parquet file not hidden under a `_` or `.` name (like `_work/`, `_rejected/`)."""
+    parts = path[len(folder):].strip("/").split("/")
+    return not any(p.startswith(("_", ".")) for p in parts) and parts[-1].endswith(
+        (".parquet", ".parq", ".pq"))
 
 
 def _expand_one(fs: pafs.FileSystem, uri: str, path: str) -> list[str]:
@@ -60,7 +63,7 @@ def _expand_one(fs: pafs.FileSystem, uri: str, path: str) -> list[str]:
         raise InputError(f"candidates path '{uri}' does not exist")
     if info.type == pafs.FileType.File:
         return [path]
-    files = sorted(i.path for i in fsio.list_files(fs, path) if _is_data_file(i.path))
+    files = sorted(i.path for i in fsio.list_files(fs, path) if _is_data_file(i.path, path))
     if not files:
         raise InputError(f"candidates folder '{uri}' holds no .parquet files")
     return files
@@ -119,12 +122,35 @@ def check_schema(path: str, schema: pa.Schema, roles: dict[str, str], keep: list
                              f"keep_columns (it has: {', '.join(schema.names)})")
 
 
+def _try_footer(fs: pafs.FileSystem, path: str) -> tuple | InputError:
+    try:
+        return _footer(fs, path)
+    except InputError as exc:
+        return exc
+
+
 def inspect_candidates(uris: list[str], roles: dict[str, str], keep: list[str],
-                       threads: int = 16) -> CandidateFiles:
-    """Resolve, open and check every candidate file; count its rows from the footers."""
+                       threads: int = 16, on_bad_file: str = "fail") -> CandidateFiles:
+    """Resolve, open and check every candidate file; count its rows from the footers.
+
+    A file that is not readable Parquet (corrupt, truncated) fails the job, or with
+    `on_bad_file="skip"` is left out and reported in `skipped`.
+    """
     fs, paths = expand(uris)
     with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
-        footers = list(pool.map(lambda p: _footer(fs, p), paths))
+        results = list(pool.map(lambda p: _try_footer(fs, p), paths))
+    skipped = [{"path": p, "error": str(r)} for p, r in zip(paths, results)
+               if isinstance(r, InputError)]
+    if skipped and on_bad_file != "skip":
+        raise InputError(f"{skipped[0]['error']} (pass --on-bad-file skip to leave out "
+                         f"unreadable files; {len(skipped)} found)")
+    for bad in skipped:
+        log.warning("skipping %s", bad["error"])
+    footers = [r for r in results if not isinstance(r, InputError)]
+    if not footers:
+        raise InputError(f"no readable candidates file among {len(paths)} under "
+                         f"{', '.join(uris)}")
+    paths = [f[0] for f in footers]
     needed = list(dict.fromkeys([*roles.values(), *keep]))
     first_path, first_schema = footers[0][0], footers[0][1]
     for path, schema, *_ in footers:
@@ -141,4 +167,4 @@ def inspect_candidates(uris: list[str], roles: dict[str, str], keep: list[str],
     log.info("candidates: %d file(s), %d rows", len(paths), num_rows)
     schema = pa.schema([first_schema.field(c) for c in needed])
     return CandidateFiles(fs, paths, num_rows, schema, sum(f[3] for f in footers),
-                          [f[2] for f in footers], [f[4] for f in footers])
+                          [f[2] for f in footers], [f[4] for f in footers], skipped)

@@ -1,0 +1,57 @@
+"""The GPU path, checked on CPU: placement, dtype choice and the CUDA-only branches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rstar_batch.config import RerankConfig
+from rstar_batch.model import resolve_device, resolve_dtype
+from rstar_batch.pipeline import plan_replicas
+
+
+def _config(**kw) -> RerankConfig:
+    return RerankConfig(candidates=["x"], output="o", **kw)
+
+
+def test_replicas_go_one_per_gpu_when_the_cluster_has_gpus():
+    plan = plan_replicas(_config(), {"CPU": 64.0, "GPU": 4.0})
+    assert (plan.device, plan.num_gpus, plan.min_size, plan.max_size) == ("cuda", 1.0, 1, 4)
+
+
+def test_fractional_gpus_pack_several_replicas_per_gpu():
+    plan = plan_replicas(_config(gpus_per_replica=0.5), {"GPU": 2.0})
+    assert (plan.num_gpus, plan.max_size) == (0.5, 4)
+
+
+def test_cpu_clusters_get_one_cpu_replica_unless_asked():
+    assert plan_replicas(_config(), {"CPU": 8.0}).device == "cpu"
+    assert plan_replicas(_config(), {"CPU": 8.0}).max_size == 1
+    assert plan_replicas(_config(max_replicas=3), {"CPU": 8.0}).max_size == 3
+
+
+def test_asking_for_cuda_on_an_autoscaling_cluster_without_gpus_yet():
+    plan = plan_replicas(_config(device="cuda", min_replicas=2, max_replicas=4), {"CPU": 4.0})
+    assert (plan.device, plan.num_gpus, plan.min_size, plan.max_size) == ("cuda", 1.0, 2, 4)
+
+
+@pytest.mark.parametrize("bf16,expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_is_bf16_where_supported_else_fp16_on_gpu(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_dtype("auto", "cuda") is expected
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("float16", "cuda") is torch.float16
+
+
+def test_cuda_without_a_visible_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(RuntimeError, match="sees no GPU"):
+        resolve_device("cuda")
+
+
+def test_int8_quantization_is_refused_off_cpu(tiny_model):
+    from rstar_batch.model import describe_model, load_replica
+
+    with pytest.raises(ValueError, match="CPU replicas"):
+        load_replica(describe_model(tiny_model), "cpu", "bfloat16", quantize="int8")

@@ -45,8 +45,8 @@ _SCALING_GROUPS = {"scaling", "cluster"}
 # The output is where the progress lives, and the input is compared by its
 # fingerprint (resolved paths, sizes, times), so neither is compared as typed.
 # The rejected-rows limit only decides whether the job passes, not what it writes.
-_NOT_IN_KEY = {"overwrite", "restart", "address", "output", "candidates",
-               "max_rejected_fraction"}
+_NOT_IN_KEY = {"overwrite", "restart", "address", "output", "candidates", "corpus",
+               "queries", "max_rejected_fraction"}
 
 
 class OutputError(ValueError):
@@ -119,9 +119,9 @@ def digest(value: Any) -> str:
 
 
 def fingerprint_inputs(source: CandidateFiles) -> dict[str, Any]:
-    """Paths, sizes and modification times of the input: changes when the input does."""
-    infos = source.filesystem.get_file_info(source.paths)
-    files = [[i.path, i.size, i.mtime_ns] for i in infos]
+    """Paths, sizes and versions (ETag or modification time) of the input: changes when
+    the input does."""
+    files = fsio.file_versions(source.filesystem, source.paths)
     return {"files": files, "rows": source.file_rows, "digest": digest(files)}
 
 
@@ -141,7 +141,7 @@ def describe_changes(old: dict, new: dict) -> list[str]:
             elif path not in before:
                 changes.append(f"input file added: {path}")
             elif before[path] != after[path]:
-                changes.append(f"input file changed (size or modification time): {path}")
+                changes.append(f"input file changed (size, ETag or modification time): {path}")
     return changes
 
 
@@ -158,6 +158,16 @@ class Progress:
 
     def done_chunks(self, chunks: list[Chunk]) -> set[int]:
         return {c.id for c in chunks if _covers(self.covered.get(c.id, []), c.rows)}
+
+    def committed_rows(self) -> int:
+        """Rows covered by committed runs (overlaps counted once)."""
+        total = 0
+        for ranges in self.covered.values():
+            reach = 0
+            for start, end in sorted(ranges):
+                total += max(0, end - max(start, reach))
+                reach = max(reach, end)
+        return total
 
     def done_rows(self, chunks: list[Chunk]) -> int:
         done = self.done_chunks(chunks)
@@ -257,8 +267,12 @@ def open_job(fs: pafs.FileSystem, root: str, uri: str, plan: dict, *,
             return Opened(run=run)
     if existing:
         fs.delete_dir_contents(root, missing_dir_ok=True)
-    fs.create_dir(root, recursive=True)
-    fsio.write_json(fs, fsio.join(root, MARKER), {"tool": "rstar-batch", "created": now()})
+    try:
+        fs.create_dir(root, recursive=True)
+        fsio.write_json(fs, fsio.join(root, MARKER), {"tool": "rstar-batch", "created": now()})
+    except FileNotFoundError as exc:  # object stores: a bucket that does not exist
+        raise OutputError(f"cannot write to output '{uri}': {exc}; check the bucket name "
+                          "(the job does not create buckets)") from None
     fsio.write_json(fs, fsio.join(work_dir(root), PLAN), plan)
     fsio.write_json(fs, fsio.join(runs_dir(root), "r1.json"), {"run": 1, "started": now()})
     return Opened(run=1)

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 from rstar_batch import cli
 from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.io import fs as fsio
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def run(argv: Sequence[str]) -> tuple[int, dict[str, Any]]:
     code, error = 0, None
     try:
         config, day = config_from_args(args)
-        record.update(date=day.isoformat(), output=config.output)
+        record.update(date=day.isoformat(), output=fsio.redact(config.output))
         from rstar_batch.pipeline import rerank
 
         summary = rerank(config)

@@ -1,0 +1,206 @@
+"""Object storage: input, output and checkpoints on S3, against a real S3 API on 127.0.0.1.
+
+moto's server stands in for S3. The jobs run as CLI processes that get the
+endpoint and credentials only from the standard environment variables, as a
+job on a cluster would (AWS_ENDPOINT_URL is how MinIO and other S3-compatible
+stores are reached too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+import rstar_batch
+from rstar_batch.config import ConfigError
+from rstar_batch.io.sources import InputError
+from rstar_batch.testing import make_candidates
+from tests.jobs import Job, run
+from tests.reference import reference_scores
+from tests.test_rerank_job import _assert_matches_reference
+
+s3fs = pytest.importorskip("s3fs", reason="pip install -e '.[test]' (s3fs, moto[server])")
+moto_server = pytest.importorskip("moto.server", reason="pip install -e '.[test]'")
+
+pytestmark = pytest.mark.slow
+QUERIES, CANDIDATES = 20, 30
+TOTAL = QUERIES * CANDIDATES
+MAX_LENGTH = 96
+BUCKET = "rstar-test"
+SECRET = "rstar-secret-" + secrets.token_hex(16)  # grepped for in everything the job writes
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    """An S3 API on a free port of 127.0.0.1 and the environment that reaches it."""
+    werkzeug = logging.getLogger("werkzeug")  # one log line per request otherwise
+    level = werkzeug.level
+    werkzeug.setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        nowhere = str(tmp_path_factory.mktemp("aws") / "none")  # no ~/.aws settings leak in
+        yield {"AWS_ACCESS_KEY_ID": "rstar-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+               "AWS_CONFIG_FILE": nowhere, "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+               "AWS_EC2_METADATA_DISABLED": "true"}
+    finally:
+        server.stop()
+        werkzeug.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def s3(s3_env):
+    """The test's own client; no listings cache, so it sees what the jobs write."""
+    return s3fs.S3FileSystem(
+        key=s3_env["AWS_ACCESS_KEY_ID"], secret=s3_env["AWS_SECRET_ACCESS_KEY"],
+        endpoint_url=s3_env["AWS_ENDPOINT_URL"], skip_instance_cache=True,
+        use_listings_cache=False)
+
+
+@pytest.fixture(scope="module")
+def candidates(s3) -> pa.Table:
+    """20 queries × 30 candidates in two Parquet objects under s3://rstar-test/candidates/."""
+    table = make_candidates(QUERIES, CANDIDATES, seed=5)
+    s3.mkdir(BUCKET)
+    half = table.num_rows // 2
+    for i, part in enumerate([table.slice(0, half), table.slice(half)]):
+        pq.write_table(part, f"{BUCKET}/candidates/part-{i:05d}.parquet", filesystem=s3)
+    return table
+
+
+def _args(output: str, model: str, *extra: str) -> list[str]:
+    return ["rerank", "--candidates", f"s3://{BUCKET}/candidates/*.parquet", "--output", output,
+            "--model", model, "--dtype", "float32", "--max-length", str(MAX_LENGTH),
+            "--checkpoint-rows", "60", "--replica-batch-rows", "60", "--rank-partitions", "4",
+            *extra]
+
+
+def _read_output(s3, prefix: str) -> pa.Table:
+    return pq.read_table(f"{BUCKET}/{prefix}", filesystem=s3)
+
+
+def _committed_rows(s3, prefix: str) -> int:
+    rows = 0
+    for path in s3.glob(f"{BUCKET}/{prefix}/_work/commits/c*"):
+        _, start, end = path.rsplit("/", 1)[-1].split(".")[0].split("-")
+        rows += int(end) - int(start)
+    return rows
+
+
+def _assert_each_query_in_one_file(s3, prefix: str) -> None:
+    files = {}
+    for path in s3.glob(f"{BUCKET}/{prefix}/part-*.parquet"):
+        for qid in set(pq.read_table(path, filesystem=s3)["query_id"].to_pylist()):
+            assert files.setdefault(qid, path) == path
+
+
+def _assert_same_ranking(got: pa.Table, want: pa.Table) -> None:
+    mine = {(r["query_id"], r["doc_id"]): r for r in got.to_pylist()}
+    theirs = {(r["query_id"], r["doc_id"]): r for r in want.to_pylist()}
+    assert got.num_rows == len(mine) == TOTAL and mine.keys() == theirs.keys()
+    by_rank = {(r["query_id"], r["rank"]): r for r in want.to_pylist()}
+    for key, row in mine.items():
+        assert abs(row["score"] - theirs[key]["score"]) <= 1e-5
+        if row["rank"] != theirs[key]["rank"]:  # only a near-tie may swap places
+            assert abs(by_rank[(row["query_id"], row["rank"])]["score"] - row["score"]) <= 2e-5
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(s3_env, s3, candidates, tiny_model, tmp_path_factory) -> dict:
+    """One uninterrupted job, S3 to S3; its log and output."""
+    log = str(tmp_path_factory.mktemp("s3-full") / "run.log")
+    job = run(_args(f"s3://{BUCKET}/full/", tiny_model), log, env=s3_env)
+    assert job.proc.returncode == 0, job.output()[-3000:]
+    return {"log": job.output(), "table": _read_output(s3, "full")}
+
+
+def test_job_reads_and_writes_s3_and_equals_the_one_pair_reference(
+        uninterrupted, s3, candidates, tiny_model):
+    table = uninterrupted["table"]
+    assert table.num_rows == TOTAL
+    assert f"{TOTAL} pairs, {QUERIES} queries, {TOTAL} scored, 0 rejected" in uninterrupted["log"]
+    # The reference scores one pair at a time (slow on 2 cores): a query of each input file.
+    queries = pa.array([1, QUERIES], pa.int64())
+    some = pc.is_in(table["query_id"], queries)
+    reference = reference_scores(
+        tiny_model, candidates.filter(pc.is_in(candidates["query_id"], queries)), MAX_LENGTH)
+    _assert_matches_reference(table.filter(some).to_pylist(), reference)
+    _assert_each_query_in_one_file(s3, "full")
+    manifest = json.loads(s3.cat(f"{BUCKET}/full/_manifest.json"))
+    assert manifest["summary"]["scored"] == TOTAL
+    assert [f[0] for f in manifest["plan"]["input"]["files"]] == [
+        f"{BUCKET}/candidates/part-00000.parquet", f"{BUCKET}/candidates/part-00001.parquet"]
+    assert all(isinstance(f[2], str) for f in manifest["plan"]["input"]["files"])  # ETags
+    assert s3.exists(f"{BUCKET}/full/_SUCCESS")
+    assert not s3.exists(f"{BUCKET}/full/_work")  # progress removed on success
+
+
+def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
+        uninterrupted, s3_env, s3, tiny_model, tmp_path):
+    out = f"s3://{BUCKET}/resumed/"
+    logs = []
+    job = Job(_args(out, tiny_model), str(tmp_path / "run1.log"), env=s3_env)
+    job.wait_until(lambda: _committed_rows(s3, "resumed") >= TOTAL // 2, timeout=240)
+    job.kill()
+    logs.append(job.output())
+    assert not s3.exists(f"{BUCKET}/resumed/_SUCCESS")
+    done_at_kill = _committed_rows(s3, "resumed")
+
+    status = run(["status", out], str(tmp_path / "status1.log"), env=s3_env).output()
+    # "last commit … ago" needs the commits' times, which S3 gives only in its listings.
+    assert f"/{TOTAL} pairs scored" in status and "rerun the same command" in status
+
+    rerun = run(_args(out, tiny_model), str(tmp_path / "run2.log"), env=s3_env)
+    logs.append(rerun.output())
+    assert rerun.proc.returncode == 0, rerun.output()[-3000:]
+    assert "resuming run 2" in rerun.output()
+    _assert_same_ranking(_read_output(s3, "resumed"), uninterrupted["table"])
+    _assert_each_query_in_one_file(s3, "resumed")
+    manifest = s3.cat(f"{BUCKET}/resumed/_manifest.json").decode()
+    per_run = {int(k): v for k, v in json.loads(manifest)["pairs_scored_per_run"].items()}
+    assert per_run[1] == done_at_kill  # nothing committed was lost
+    assert TOTAL <= per_run[1] + per_run[2] and per_run[2] <= TOTAL - done_at_kill + 60
+
+    done = run(["status", out], str(tmp_path / "status2.log"), env=s3_env).output()
+    assert done.splitlines()[-1].startswith(f"DONE {TOTAL} pairs, {QUERIES} queries")
+    for text in [*logs, status, done, manifest]:
+        assert SECRET not in text
+
+
+def test_credentials_stay_out_of_logs_manifests_and_errors(
+        uninterrupted, s3_env, s3, tiny_model, tmp_path, monkeypatch, caplog):
+    assert SECRET not in uninterrupted["log"]
+    assert SECRET not in s3.cat(f"{BUCKET}/full/_manifest.json").decode()
+    assert all(SECRET not in s3.cat(p).decode() for p in s3.find(f"{BUCKET}/full")
+               if p.endswith(".json"))
+
+    # A wrong output bucket: one line naming it, no traceback, no secret, even at DEBUG.
+    wrong = run(["--log-level", "DEBUG", *_args("s3://no-such-bucket-rstar/out/", tiny_model)],
+                str(tmp_path / "wrong.log"), env=s3_env)
+    assert wrong.proc.returncode == 2
+    assert ("error: cannot write to output 's3://no-such-bucket-rstar/out/': The specified "
+            "bucket does not exist; check the bucket name") in wrong.output()
+    assert SECRET not in wrong.output() and "Traceback" not in wrong.output()
+    assert "no-such-bucket-rstar" not in s3.ls("")  # not created either
+
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(InputError, match="'s3://no-such-bucket-rstar/c/' does not exist") as err:
+        rstar_batch.rerank(candidates=["s3://no-such-bucket-rstar/c/"], output=str(tmp_path / "o"),
+                           model=tiny_model)
+    assert SECRET not in str(err.value)
+    # Credentials written into a URI are refused without being repeated.
+    in_uri = f"s3://rstar-test-key:{SECRET}@{BUCKET}/candidates/"
+    with pytest.raises(ConfigError, match=r"'s3://\*\*\*@rstar-test/candidates/' has "
+                                          "credentials in it") as err:
+        rstar_batch.rerank(candidates=[in_uri], output=str(tmp_path / "o"), model=tiny_model)
+    assert SECRET not in str(err.value) and SECRET not in caplog.text

@@ -43,6 +43,15 @@ class RerankConfig:
     candidates: list[str] = _opt(
         [], "Candidate Parquet: files, folders or globs; local paths or any fsspec URI.",
         "input/output", required=True)
+    corpus: Optional[str] = _opt(
+        None, "Corpus Parquet (doc id and passage columns, named as for the candidates): "
+        "give passages to candidates that hold only ids.", "input/output")
+    queries: Optional[str] = _opt(
+        None, "Queries Parquet (query id and query columns): give query texts to "
+        "candidates that hold only ids.", "input/output")
+    nested_column: Optional[str] = _opt(
+        None, "Candidates nested as one row per query: the list<struct> column holding "
+        "them (default: found from the schema).", "input/output")
     output: str = _opt(
         "", "Output folder (local path or URI) for the ranked Parquet files.",
         "input/output", required=True)

@@ -19,15 +19,22 @@ import math
 import time
 from typing import Any, Optional
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from rstar_batch import __version__, checkpoint
 from rstar_batch.cluster import ray_session
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io import fs as fsio
 from rstar_batch.io import sinks
+from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
+from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, prepare_nested
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns, bucket_pieces
-from rstar_batch.io.sources import CandidateFiles, inspect_candidates
+from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
 from rstar_batch.model import ModelInfo, describe_model
+from rstar_batch.stages.columns import PREPARE_REASON
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.score import Score, resolve_activation
 from rstar_batch.stages.tokenize import Tokenize
@@ -200,6 +207,15 @@ def rank_all(fs: Any, root: str, config: RerankConfig,
     return ray.get(refs)
 
 
+def _peak_rss_mb() -> float:
+    """This (driver) process's peak resident memory; Linux reports KiB, macOS bytes."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
 def _versions() -> dict[str, str]:
     import pyarrow
     import ray
@@ -210,14 +226,107 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "pyarrow": pyarrow.__version__}
 
 
-def job_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo) -> dict:
-    """What the output is built from; a resume must match it exactly."""
+def job_plan(config: RerankConfig, sources: list[CandidateFiles], model: ModelInfo) -> dict:
+    """What the output is built from (the candidates first, then corpus and queries);
+    a resume must match it exactly."""
     key = checkpoint.config_key(config)
-    buckets = config.rank_partitions or min(4096, math.ceil(source.num_rows / PAIRS_PER_BUCKET))
+    rows = sources[0].num_rows
+    prints = [checkpoint.fingerprint_inputs(s) for s in sources]
+    files = [f for p in prints for f in p["files"]]
     return {"config": key, "config_hash": checkpoint.digest(key),
             "model_fingerprint": model.fingerprint,
-            "input": checkpoint.fingerprint_inputs(source), "total_rows": source.num_rows,
-            "buckets": buckets}
+            "input": {"files": files, "rows": prints[0]["rows"],
+                      "digest": checkpoint.digest(files)},
+            "total_rows": rows,
+            "buckets": config.rank_partitions or min(4096, math.ceil(rows / PAIRS_PER_BUCKET))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The checked inputs: candidates, and the corpus and queries when texts are joined."""
+
+    candidates: CandidateFiles
+    corpus: Optional[CandidateFiles] = None
+    queries: Optional[CandidateFiles] = None
+    nested: Optional[str] = None   # the list<struct> column of nested candidates
+
+    @property
+    def joined(self) -> bool:
+        return self.corpus is not None or self.queries is not None
+
+
+def check_inputs(config: RerankConfig, spec: JoinSpec) -> Inputs:
+    """Find and check every input file before anything runs."""
+    corpus = queries = None
+    if config.corpus:
+        corpus = inspect_candidates([config.corpus], {"doc_id": spec.doc_id,
+                                                      "passage": spec.passage}, [])
+    if config.queries:
+        queries = inspect_candidates([config.queries], {"query_id": spec.query_id,
+                                                        "query": spec.query}, [])
+    nested = _nested_column(config, spec)
+    if nested:
+        if corpus or queries:
+            raise ConfigError("nested candidates carry their own texts; drop --corpus and "
+                              "--queries")
+        candidates = inspect_candidates(
+            config.candidates, {"query_id": spec.query_id, "query": spec.query}, [],
+            on_bad_file=config.on_bad_file, optional=(nested, *config.keep_columns))
+        check_nested(candidates.paths[0], candidates.schema, nested, spec.doc_id,
+                     spec.passage, config.keep_columns)
+        return Inputs(candidates, nested=nested)
+    roles = run_roles(spec, corpus is not None, queries is not None)
+    candidates = inspect_candidates(config.candidates, roles, config.keep_columns,
+                                    on_bad_file=config.on_bad_file)
+    return Inputs(candidates, corpus, queries)
+
+
+def _nested_column(config: RerankConfig, spec: JoinSpec) -> Optional[str]:
+    fs, paths = expand(config.candidates)
+    with fs.open_input_file(paths[0]) as fh:
+        try:
+            schema = pq.ParquetFile(fh).schema_arrow
+        except (pa.ArrowInvalid, OSError):
+            return None  # inspect_candidates reports the unreadable file
+    return find_nested_column(schema, paths[0], spec.doc_id, config.nested_column)
+
+
+def _prepared_candidates(inputs: Inputs, spec: JoinSpec, config: RerankConfig, fs: Any,
+                         root: str) -> CandidateFiles:
+    """Flatten nested candidates or join texts on, once per job, under _work/prepared/."""
+    if inputs.nested:
+        prepare_nested(inputs.candidates, Flatten(inputs.nested, spec.query_id, spec.query,
+                                                  spec.doc_id, spec.passage, spec.keep),
+                       fs, root)
+        return inspect_candidates([fsio.join(config.output, "_work", "prepared")],
+                                  _roles(config), config.keep_columns)
+    return _joined_candidates(inputs, spec, config, fs, root)
+
+
+def _joined_candidates(inputs: Inputs, spec: JoinSpec, config: RerankConfig, fs: Any,
+                       root: str) -> CandidateFiles:
+    """Candidates with their texts joined on (under _work/prepared/, once per job)."""
+    queries = None
+    if inputs.queries is not None:
+        q = inputs.queries
+        queries = pq.read_table(q.paths, filesystem=q.filesystem,
+                                columns=[spec.query_id, spec.query])
+        queries = queries.filter(pc.is_valid(queries[spec.query]))
+    prepare_joined(inputs.candidates, inputs.corpus, queries, spec, fs, root)
+    # read back by URI (the output's scheme), not by the filesystem's own path
+    return inspect_candidates([fsio.join(config.output, "_work", "prepared")], _roles(config),
+                              config.keep_columns, optional=(PREPARE_REASON,))
+
+
+def _plan_for_prepared(plan: dict, config: RerankConfig, source: CandidateFiles, fs: Any,
+                       root: str) -> dict:
+    """Pairs and buckets follow the prepared candidates (a nested row holds many pairs)."""
+    rows = source.num_rows
+    buckets = config.rank_partitions or min(4096, math.ceil(rows / PAIRS_PER_BUCKET))
+    if (plan["total_rows"], plan["buckets"]) != (rows, buckets):
+        plan = {**plan, "total_rows": rows, "buckets": buckets}
+        fsio.write_json(fs, fsio.join(checkpoint.work_dir(root), checkpoint.PLAN), plan)
+    return plan
 
 
 def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
@@ -233,10 +342,12 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     started = time.time()
     model = describe_model(config.model, config.revision, config.trust_remote_code)
     activation = resolve_activation(config.score_activation, model.num_labels)
-    source = inspect_candidates(config.candidates, _roles(config), config.keep_columns,
-                                on_bad_file=config.on_bad_file)
+    spec = JoinSpec(config.query_id_column, config.query_column, config.doc_id_column,
+                    config.passage_column, config.keep_columns)
+    inputs = check_inputs(config, spec)
     out_fs, root = fsio.resolve(config.output)
-    plan = job_plan(config, source, model)
+    plan = job_plan(config, [s for s in (inputs.candidates, inputs.corpus, inputs.queries)
+                             if s is not None], model)
     opened = checkpoint.open_job(out_fs, root, config.output, plan,
                                  overwrite=config.overwrite, restart=config.restart)
     if opened.finished:
@@ -244,17 +355,20 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
         log.info("output '%s' already holds this finished job; nothing to do", config.output)
         return dataclasses.replace(summary, already_done=True)
 
-    chunks = checkpoint.plan_chunks(source.file_rows, config.checkpoint_rows)
-    done = checkpoint.read_progress(out_fs, root).done_chunks(chunks)
-    pending = [c for c in chunks if c.id not in done]
-    progress_log = ProgressLog(source.num_rows, sum(c.rows for c in chunks if c.id in done))
-    if done:
-        log.info("resuming run %d: %d of %d chunks already done, %d pairs left", opened.run,
-                 len(done), len(chunks), source.num_rows - progress_log.done)
-
     with ray_session(config.address):
         import ray
 
+        source = inputs.candidates
+        if inputs.joined or inputs.nested:
+            source = _prepared_candidates(inputs, spec, config, out_fs, root)
+            plan = _plan_for_prepared(plan, config, source, out_fs, root)
+        chunks = checkpoint.plan_chunks(source.file_rows, config.checkpoint_rows)
+        done = checkpoint.read_progress(out_fs, root).done_chunks(chunks)
+        pending = [c for c in chunks if c.id not in done]
+        progress_log = ProgressLog(source.num_rows, sum(c.rows for c in chunks if c.id in done))
+        if done:
+            log.info("resuming run %d: %d of %d chunks already done, %d pairs left",
+                     opened.run, len(done), len(chunks), source.num_rows - progress_log.done)
         replicas = plan_replicas(config, ray.cluster_resources())
         if pending:
             log.info("scoring %d pairs with %s on %s (%d..%d replicas)",
@@ -275,10 +389,12 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
         "pairs_scored_per_run": {str(k): v for k, v in sorted(runs.items())},
         "plan": plan, "config": config.to_dict(), "config_hash": plan["config_hash"],
         "model": dataclasses.asdict(model), "activation": activation,
-        "input": {"files": len(source.paths), "rows": source.num_rows,
-                  "bytes": source.total_bytes, "fingerprint": plan["input"]["digest"],
-                  "skipped_files": source.skipped},
+        "input": {"files": len(inputs.candidates.paths), "rows": source.num_rows,
+                  "bytes": inputs.candidates.total_bytes,
+                  "fingerprint": plan["input"]["digest"],
+                  "skipped_files": inputs.candidates.skipped},
         "replicas": dataclasses.asdict(replicas), "versions": _versions(),
+        "driver_peak_rss_mb": round(_peak_rss_mb(), 1),
         "finished": time.time(),
     })
     fsio.write_bytes(out_fs, fsio.join(root, checkpoint.SUCCESS), b"")

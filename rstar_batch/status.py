@@ -66,7 +66,6 @@ def job_status(uri: str) -> JobStatus:
     if not fsio.exists(fs, plan_path):
         return JobStatus("NOT_STARTED", uri)
     plan = fsio.read_json(fs, plan_path)
-    chunks = checkpoint.plan_chunks(plan["input"]["rows"], plan["config"]["checkpoint_rows"])
     progress = checkpoint.read_progress(fs, root)
     runs = checkpoint.list_runs(fs, root)
     run = max(runs, default=0)
@@ -78,4 +77,4 @@ def job_status(uri: str) -> JobStatus:
         span = progress.last_commit - runs[run]
         rate = progress.rows_by_run[run] / span if span > 0 else None
     return JobStatus("RUNNING_OR_STOPPED", uri, plan["total_rows"],
-                     progress.done_rows(chunks), run, rate, idle)
+                     progress.committed_rows(), run, rate, idle)

@@ -130,7 +130,8 @@ def _try_footer(fs: pafs.FileSystem, path: str) -> tuple | InputError:
 
 
 def inspect_candidates(uris: list[str], roles: dict[str, str], keep: list[str],
-                       threads: int = 16, on_bad_file: str = "fail") -> CandidateFiles:
+                       threads: int = 16, on_bad_file: str = "fail",
+                       optional: tuple[str, ...] = ()) -> CandidateFiles:
     """Resolve, open and check every candidate file; count its rows from the footers.
 
     A file that is not readable Parquet (corrupt, truncated) fails the job, or with
@@ -165,6 +166,7 @@ def inspect_candidates(uris: list[str], roles: dict[str, str], keep: list[str],
         raise InputError(f"candidates {', '.join(uris)} hold no rows "
                          f"({len(paths)} file(s), 0 rows)")
     log.info("candidates: %d file(s), %d rows", len(paths), num_rows)
+    needed += [c for c in optional if c in first_schema.names and c not in needed]
     schema = pa.schema([first_schema.field(c) for c in needed])
     return CandidateFiles(fs, paths, num_rows, schema, sum(f[3] for f in footers),
                           [f[2] for f in footers], [f[4] for f in footers], skipped)

@@ -21,4 +21,5 @@ NULL_QUERY_ID = "null_query_id"
 NULL_DOC_ID = "null_doc_id"
 NULL_QUERY = "null_query"
 NULL_PASSAGE = "null_passage"
-DUPLICATE_PAIR = "duplicate_pair"  # a repeat of a (query_id, doc_id) pair: written once
+DUPLICATE_PAIR = "duplicate_pair"
+PREPARE_REASON = "_prepare_reason"  # set when the corpus or queries lack a row's text  # a repeat of a (query_id, doc_id) pair: written once

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rstar_batch.stages import columns as C
+from rstar_batch.stages.columns import PREPARE_REASON
 
 
 def query_buckets(query_ids: pa.ChunkedArray | pa.Array, num_buckets: int) -> np.ndarray:
@@ -42,11 +43,16 @@ class Normalize:
         if missing:
             raise KeyError(f"input batch lacks column(s) {missing}")
         cols = {new: batch[old] for old, new in self.mapping.items()}
-        reason = pa.nulls(batch.num_rows, pa.string())
+        # A reason found before (a text missing from the corpus or queries) stands.
+        reason = batch[PREPARE_REASON] if PREPARE_REASON in batch.column_names else pa.nulls(
+            batch.num_rows, pa.string())
         # Later checks win, so the first missing field (ids before texts) is named.
         for column, why in [(C.PASSAGE, C.NULL_PASSAGE), (C.QUERY, C.NULL_QUERY),
                             (C.DOC_ID, C.NULL_DOC_ID), (C.QUERY_ID, C.NULL_QUERY_ID)]:
-            reason = pc.if_else(pc.is_null(cols[column]), pa.scalar(why), reason)
+            found = pc.is_null(cols[column])
+            if PREPARE_REASON in batch.column_names:
+                found = pc.and_(found, pc.is_null(batch[PREPARE_REASON]))
+            reason = pc.if_else(found, pa.scalar(why), reason)
         qids = cols[C.QUERY_ID]
         if qids.null_count:
             qids = pc.fill_null(qids, pa.scalar(0, qids.type) if pa.types.is_integer(

@@ -1,0 +1,165 @@
+"""Give id-only candidates their texts: a join with the corpus and the queries.
+
+A first-stage run holds (query_id, doc_id[, first-stage score or rank]); the
+passages live in a corpus of up to tens of millions of rows, the queries in a
+table that fits in memory. The corpus is joined as a partitioned hash join:
+Ray Data splits the run and the corpus into buckets by a stable hash of doc_id
+(streaming, written under `_work/join/`), then one Ray task per bucket joins
+its two halves with Arrow's hash join, so no node ever holds more than one
+corpus bucket. Queries are looked up directly. A candidate whose text is
+missing keeps a null text and the reason `missing_passage` / `missing_query`:
+it is never scored with an empty string.
+
+The result is ordinary candidate Parquet under `_work/prepared/`, finished by a
+`_DONE` marker; the checkpointed scoring pass reads it like any input, and a
+resumed job reuses it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from rstar_batch import checkpoint
+from rstar_batch.io import fs as fsio
+from rstar_batch.io.sources import CandidateFiles
+from rstar_batch.stages.columns import PREPARE_REASON
+from rstar_batch.stages.normalize import query_buckets
+
+CORPUS_BUCKET_BYTES = 256 << 20   # compressed corpus Parquet per join task
+MISSING_PASSAGE = "missing_passage"
+MISSING_QUERY = "missing_query"
+_BUCKET = "_jb"
+
+
+@dataclass(frozen=True)
+class JoinSpec:
+    """Column names of the run, the corpus and the queries (the job's own names)."""
+
+    query_id: str
+    query: str
+    doc_id: str
+    passage: str
+    keep: list[str]
+
+
+def prepared_dir(root: str) -> str:
+    return fsio.join(checkpoint.work_dir(root), "prepared")
+
+
+class _Bucketize:
+    """`map_batches` function: add the join bucket of each row's doc id."""
+
+    def __init__(self, doc_id: str, buckets: int) -> None:
+        self.doc_id, self.buckets = doc_id, buckets
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = pc.fill_null(batch[self.doc_id], pa.scalar(
+            0 if pa.types.is_integer(batch[self.doc_id].type) else "", batch[self.doc_id].type))
+        return batch.append_column(_BUCKET, pa.array(query_buckets(ids, self.buckets)))
+
+
+def _split(source: CandidateFiles, columns: list[str], doc_id: str, buckets: int,
+           fs: pafs.FileSystem, target: str) -> None:
+    import ray.data
+
+    ds = ray.data.read_parquet(source.paths, filesystem=source.filesystem)
+    ds.select_columns(columns).map_batches(_Bucketize(doc_id, buckets), batch_format="pyarrow") \
+        .write_parquet(target, filesystem=fs, partition_cols=[_BUCKET])
+
+
+def _bucket_files(fs: pafs.FileSystem, folder: str) -> dict[int, list[str]]:
+    files: dict[int, list[str]] = {}
+    for info in fsio.list_files(fs, folder):
+        parent = info.path.rsplit("/", 2)[-2]
+        if parent.startswith(f"{_BUCKET}=") and info.path.endswith(".parquet"):
+            files.setdefault(int(parent.split("=", 1)[1]), []).append(info.path)
+    return files
+
+
+def join_bucket(fs: pafs.FileSystem, run_files: list[str], corpus_files: list[str],
+                queries: Optional[pa.Table], spec: JoinSpec, target: str) -> int:
+    """Join one bucket of the run with its corpus bucket and the queries; write it."""
+    run = pq.read_table(run_files, filesystem=fs).drop_columns([_BUCKET])
+    reason = pa.nulls(run.num_rows, pa.string())
+    if corpus_files == []:  # no corpus row hashes to this bucket
+        run = run.append_column(spec.passage, pa.nulls(run.num_rows, pa.string()))
+        reason = pa.array([MISSING_PASSAGE] * run.num_rows, pa.string())
+    elif corpus_files is not None:
+        corpus = _first_per_id(pq.read_table(corpus_files, filesystem=fs,
+                                             columns=[spec.doc_id, spec.passage]), spec.doc_id)
+        run = run.join(corpus, keys=spec.doc_id, join_type="left outer")
+        reason = pc.if_else(pc.is_null(run[spec.passage]), pa.scalar(MISSING_PASSAGE), reason)
+    if queries is not None:
+        at = pc.index_in(run[spec.query_id], value_set=queries[spec.query_id])
+        run = run.append_column(spec.query, queries[spec.query].take(at))
+        reason = pc.if_else(pc.is_null(at), pa.scalar(MISSING_QUERY), reason)
+    run = run.append_column(PREPARE_REASON, reason)
+    # Arrow's join returns rows in no fixed order: sort so the file is a pure function
+    # of its inputs (the chunks of the scoring pass are cut from it).
+    run = run.sort_by([(spec.query_id, "ascending"), (spec.doc_id, "ascending")])
+    columns = [spec.query_id, spec.query, spec.doc_id, spec.passage,
+               *[k for k in spec.keep if k not in (spec.query, spec.passage)], PREPARE_REASON]
+    fsio.write_table(fs, target, run.select(columns))
+    return run.num_rows
+
+
+def _first_per_id(corpus: pa.Table, doc_id: str) -> pa.Table:
+    """One row per doc id (the first), so a repeated corpus id cannot repeat candidates."""
+    _, first = np.unique(corpus[doc_id].to_numpy(zero_copy_only=False), return_index=True)
+    return corpus.take(pa.array(np.sort(first))) if len(first) != corpus.num_rows else corpus
+
+
+def prepare_joined(run: CandidateFiles, corpus: Optional[CandidateFiles],
+                   queries: Optional[pa.Table], spec: JoinSpec, fs: pafs.FileSystem,
+                   root: str) -> str:
+    """Write the run with its texts under `_work/prepared/` (once per job); return it."""
+    import ray
+
+    out = prepared_dir(root)
+    done = fsio.join(out, "_DONE")
+    if fsio.exists(fs, done):
+        return out
+    work = fsio.join(checkpoint.work_dir(root), "join")
+    for folder in (work, out):
+        fsio.delete(fs, folder)
+    buckets = max(1, math.ceil(corpus.total_bytes / CORPUS_BUCKET_BYTES)) if corpus else 1
+    run_columns = [c for c in dict.fromkeys([spec.query_id, spec.doc_id, *spec.keep])
+                   if c in run.schema.names] + [
+        c for c in (spec.query, spec.passage) if c in run.schema.names]
+    _split(run, list(dict.fromkeys(run_columns)), spec.doc_id, buckets, fs,
+           fsio.join(work, "run"))
+    corpus_parts: dict[int, list[str]] = {}
+    if corpus is not None:
+        _split(corpus, [spec.doc_id, spec.passage], spec.doc_id, buckets, fs,
+               fsio.join(work, "corpus"))
+        corpus_parts = _bucket_files(fs, fsio.join(work, "corpus"))
+    queries_ref = ray.put(queries) if queries is not None else None
+    task = ray.remote(num_cpus=1)(join_bucket)
+    refs = [task.remote(fs, files, corpus_parts.get(b, []) if corpus is not None else None,
+                        queries_ref, spec, fsio.join(out, f"part-{b:05d}.parquet"))
+            for b, files in sorted(_bucket_files(fs, fsio.join(work, "run")).items())]
+    rows = sum(ray.get(refs))
+    if rows != run.num_rows:
+        raise RuntimeError(f"the join wrote {rows} rows for {run.num_rows} candidates")
+    fsio.write_json(fs, done, {"rows": rows, "buckets": buckets})
+    fsio.delete(fs, work)
+    return out
+
+
+def run_roles(spec: JoinSpec, corpus: bool, queries: bool) -> dict[str, Any]:
+    """The roles the run itself must have when texts come from the corpus/queries."""
+    roles = {"query_id": spec.query_id, "query": spec.query, "doc_id": spec.doc_id,
+             "passage": spec.passage}
+    if corpus:
+        roles.pop("passage")
+    if queries:
+        roles.pop("query")
+    return roles

@@ -208,11 +208,22 @@ def rank_all(fs: Any, root: str, config: RerankConfig,
 
 
 def _peak_rss_mb() -> float:
-    """This (driver) process's peak resident memory; Linux reports KiB, macOS bytes."""
+    """This (driver) process's peak resident memory.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: the latter carries over the parent's
+    resident size at fork, so a job launched from a large process looked large.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
     import sys
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 

@@ -154,7 +154,6 @@ class Progress:
     covered: dict[int, list[tuple[int, int]]]  # chunk → committed [start, end) ranges
     rows_by_run: dict[int, int]
     last_commit: Optional[float]
-    first_commit_of_run: dict[int, float]
 
     def done_chunks(self, chunks: list[Chunk]) -> set[int]:
         return {c.id for c in chunks if _covers(self.covered.get(c.id, []), c.rows)}
@@ -169,10 +168,6 @@ class Progress:
                 reach = max(reach, end)
         return total
 
-    def done_rows(self, chunks: list[Chunk]) -> int:
-        done = self.done_chunks(chunks)
-        return sum(c.rows for c in chunks if c.id in done)
-
 
 def _covers(ranges: list[tuple[int, int]], rows: int) -> bool:
     reach = 0
@@ -186,7 +181,6 @@ def _covers(ranges: list[tuple[int, int]], rows: int) -> bool:
 def read_progress(fs: pafs.FileSystem, root: str) -> Progress:
     covered: dict[int, list[tuple[int, int]]] = {}
     by_run: dict[int, int] = {}
-    first: dict[int, float] = {}
     last = None
     for info in fsio.list_files(fs, commits_dir(root), recursive=False):
         parsed = parse_commit(info.path.rsplit("/", 1)[-1])
@@ -198,8 +192,7 @@ def read_progress(fs: pafs.FileSystem, root: str) -> Progress:
         when = info.mtime.timestamp() if info.mtime else None
         if when is not None:
             last = max(last or when, when)
-            first[run] = min(first.get(run, when), when)
-    return Progress(covered, by_run, last, first)
+    return Progress(covered, by_run, last)
 
 
 def write_commit(fs: pafs.FileSystem, root: str, chunk: int, start: int, end: int,

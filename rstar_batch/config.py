@@ -22,6 +22,7 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 Quantize = Literal["none", "int8"]
 BadFile = Literal["fail", "skip"]
+LongPassages = Literal["truncate", "maxp", "firstp"]
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,21 @@ class RerankConfig:
         False, "torch.compile each replica's model (minutes of warm-up; see "
         "BENCHMARKS.md for when it pays).", "model")
 
+    # -- long passages ----------------------------------------------------------------
+    passage_max_tokens: Optional[int] = _opt(
+        None, "Cut every passage to its first N tokens before pairing it (evens out "
+        "lengths, which R* favours; see docs/evaluation.md).", "long passages")
+    long_passages: LongPassages = _opt(
+        "truncate", "A passage over --window tokens: truncate = one pair, cut "
+        "longest-first at max_length; maxp = score overlapping windows, keep the best "
+        "(BERT-MaxP); firstp = score its first window only.", "long passages")
+    window: int = _opt(
+        384, "Passage tokens per window for maxp and firstp (at most max_length - 3).",
+        "long passages")
+    stride: int = _opt(
+        192, "Tokens from one maxp window's start to the next (at most --window).",
+        "long passages")
+
     # -- ranking ----------------------------------------------------------------------
     top_k: Optional[int] = _opt(
         None, "Keep the best K passages per query (default: all).", "ranking")
@@ -147,12 +163,18 @@ class RerankConfig:
         _check_literals(self)
         _check_positive(self, "max_length", "max_batch_pairs",
                         "replica_batch_rows", "tokenize_workers", "min_replicas",
-                        "checkpoint_rows")
+                        "checkpoint_rows", "window", "stride")
         if isinstance(self.batch_retries, bool) or not isinstance(self.batch_retries, int) \
                 or self.batch_retries < 0:
             raise ConfigError(f"batch_retries must be 0 or more, got {self.batch_retries!r}")
         _check_positive(self, "top_k", "rank_partitions", "max_replicas", "cpu_threads",
-                        "batch_tokens", optional=True)
+                        "batch_tokens", "passage_max_tokens", optional=True)
+        if self.long_passages != "truncate" and self.window > self.max_length - 3:
+            raise ConfigError(f"window ({self.window}) must leave room for the query in "
+                              f"max_length ({self.max_length}): at most {self.max_length - 3}")
+        if self.stride > self.window:
+            raise ConfigError(f"stride ({self.stride}) above window ({self.window}) would "
+                              "skip passage tokens")
         if self.max_replicas is not None and self.max_replicas < self.min_replicas:
             raise ConfigError(
                 f"max_replicas ({self.max_replicas}) is below min_replicas "

@@ -36,6 +36,7 @@ from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
 from rstar_batch.model import ModelInfo, describe_model
 from rstar_batch.stages.columns import PREPARE_REASON
 from rstar_batch.stages.normalize import Normalize
+from rstar_batch.stages.pairs import PassagePolicy
 from rstar_batch.stages.score import Score, resolve_activation
 from rstar_batch.stages.tokenize import Tokenize
 
@@ -125,6 +126,18 @@ def _check_keep(config: RerankConfig) -> None:
                           "as query_id and doc_id")
 
 
+def passage_policy(config: RerankConfig) -> PassagePolicy:
+    return PassagePolicy(config.long_passages, config.passage_max_tokens, config.window,
+                         config.stride)
+
+
+def check_passage_policy(config: RerankConfig, model: ModelInfo) -> None:
+    """Fail before Ray starts if the tokenizer cannot cut passages as asked."""
+    if passage_policy(config).changes_passages:
+        Tokenize(model, config.max_length, config.trust_remote_code,
+                 passages=passage_policy(config))
+
+
 def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo,
                        replicas: ReplicaPlan, buckets: int, chunks: list[checkpoint.Chunk],
                        out_fs: Any, root: str, run: int) -> Any:
@@ -145,7 +158,8 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
     ds = ds.repartition(target_num_rows_per_block=config.replica_batch_rows)
     ds = ds.map_batches(
         Tokenize, fn_constructor_kwargs=dict(model=model, max_length=config.max_length,
-                                             trust_remote_code=config.trust_remote_code),
+                                             trust_remote_code=config.trust_remote_code,
+                                             passages=passage_policy(config)),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.tokenize_workers),
         batch_size=config.replica_batch_rows, batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(
@@ -353,6 +367,7 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     started = time.time()
     model = describe_model(config.model, config.revision, config.trust_remote_code)
     activation = resolve_activation(config.score_activation, model.num_labels)
+    check_passage_policy(config, model)
     spec = JoinSpec(config.query_id_column, config.query_column, config.doc_id_column,
                     config.passage_column, config.keep_columns)
     inputs = check_inputs(config, spec)

@@ -14,6 +14,7 @@ REJECT = "_reject"        # null for rows that are scored, else the reason
 BUCKET = "_bucket"        # which output file the row's query lands in
 INPUT_IDS = "_input_ids"
 TOKEN_TYPE_IDS = "_token_type_ids"
+WINDOWS = "_windows"      # maxp: token count of each window encoding in _input_ids
 SCORE = "score"
 
 # Reasons a row is not scored; each is counted in the summary.

@@ -10,6 +10,7 @@ back to tokenizing each pair.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -53,14 +54,82 @@ def _ragged_gather(flat: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> 
     return flat[run_starts + np.arange(total)]
 
 
-class TokenTable:
-    """Token ids of many texts as one flat array plus offsets."""
+@dataclass(frozen=True)
+class PassagePolicy:
+    """What happens to long passages before they are paired with a query.
 
-    def __init__(self, rows: list[list[int]]) -> None:
-        self.lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
-        self.flat = np.fromiter((t for r in rows for t in r), dtype=np.int32,
-                                count=int(self.lengths.sum()))
+    `max_tokens` cuts every passage; `firstp` keeps a passage's first window;
+    `maxp` scores every window and keeps the best (BERT-MaxP); `truncate` leaves
+    it to the pair's longest-first cut at max_length.
+    """
+
+    mode: str = "truncate"            # truncate | maxp | firstp
+    max_tokens: Optional[int] = None
+    window: int = 384
+    stride: int = 192
+
+    @property
+    def windowed(self) -> bool:
+        return self.mode == "maxp"
+
+    @property
+    def changes_passages(self) -> bool:
+        return self.mode != "truncate" or self.max_tokens is not None
+
+    def cut(self, passages: "TokenTable") -> "TokenTable":
+        """Passages after --passage-max-tokens and firstp's first window."""
+        if self.max_tokens is not None:
+            passages = passages.clip(self.max_tokens)
+        if self.mode == "firstp":
+            passages = passages.clip(self.window)
+        return passages
+
+
+class TokenTable:
+    """Token ids of many texts as one flat array plus each text's start and length.
+
+    Views (`clip`, `windows`) share `flat` and only move starts and lengths.
+    """
+
+    def __init__(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
+        self.flat = flat
+        self.starts = starts.astype(np.int64)
+        self.lengths = lengths.astype(np.int64)
+
+    @classmethod
+    def from_rows(cls, rows: list[list[int]]) -> "TokenTable":
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        flat = np.fromiter((t for r in rows for t in r), dtype=np.int32,
+                           count=int(lengths.sum()))
+        return cls(flat, np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+
+    @classmethod
+    def from_list_array(cls, values: pa.ListArray) -> "TokenTable":
+        offsets = values.offsets.to_numpy()
+        flat = values.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        return cls(flat, offsets[:-1], np.diff(offsets))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def clip(self, max_tokens: int) -> "TokenTable":
+        """Every text cut to its first `max_tokens` tokens."""
+        return TokenTable(self.flat, self.starts, np.minimum(self.lengths, max_tokens))
+
+    def windows(self, window: int, stride: int) -> tuple["TokenTable", np.ndarray]:
+        """Overlapping windows of every text, and each text's first window's index.
+
+        A text of n > window tokens gets windows starting at 0, stride, 2·stride, …
+        until one reaches its end; a shorter text is one window, itself. Text i's
+        windows are first[i] … first[i+1]-1, so `np.diff(first)` counts them.
+        """
+        over = np.maximum(self.lengths - window, 0)
+        counts = 1 + -(-over // stride)                       # ceil(over / stride)
+        first = np.concatenate([[0], np.cumsum(counts)])
+        owner = np.repeat(np.arange(len(self)), counts)
+        offset = (np.arange(int(first[-1])) - first[owner]) * stride
+        lengths = np.minimum(self.lengths[owner] - offset, window)
+        return TokenTable(self.flat, self.starts[owner] + offset, lengths), first
 
 
 class PairAssembler:
@@ -75,7 +144,7 @@ class PairAssembler:
     def tokenize(self, texts: list[str]) -> TokenTable:
         enc = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                              return_token_type_ids=False)
-        return TokenTable(enc["input_ids"])
+        return TokenTable.from_rows(enc["input_ids"])
 
     def assemble(self, queries: TokenTable, passages: TokenTable, query_index: np.ndarray,
                  passage_index: np.ndarray, empty_passage: np.ndarray
@@ -109,6 +178,22 @@ class PairAssembler:
         types[second] = 1
         return (pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
                 pa.ListArray.from_arrays(pa.array(offsets), pa.array(types)))
+
+    def assemble_windows(self, queries: TokenTable, passages: TokenTable,
+                         query_index: np.ndarray, passage_index: np.ndarray,
+                         empty_passage: np.ndarray, window: int, stride: int
+                         ) -> tuple[pa.ListArray, pa.ListArray, np.ndarray]:
+        """`assemble` with every passage split into windows, each paired with the query.
+
+        Returns one encoding per window, pair i's windows consecutive, and the
+        number of windows of each pair.
+        """
+        windows, first = passages.windows(window, stride)
+        counts = np.diff(first)[passage_index]
+        index = _ragged_gather(np.arange(len(windows)), first[passage_index], counts)
+        ids, types = self.assemble(queries, windows, np.repeat(query_index, counts), index,
+                                   np.repeat(empty_passage, counts))
+        return ids, types, counts
 
     def verify(self) -> Optional[str]:
         """None if assembly reproduces the tokenizer's own pair encoding, else why not."""

@@ -144,6 +144,20 @@ class Scorer:
                     "for the rest of the run", rows, longest, self.batch_tokens)
 
 
+def best_window_scores(scorer: Scorer, input_ids: pa.ListArray,
+                       token_types: Optional[pa.ListArray], windows: pa.ListArray) -> np.ndarray:
+    """maxp: every window of every row scored as a pair of its own (so windows of
+    all rows share length-sorted passes); a row scores as its best window."""
+    lengths = windows.flatten().to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    ids = pa.ListArray.from_arrays(offsets, input_ids.flatten())
+    types = None if token_types is None else pa.ListArray.from_arrays(
+        offsets, token_types.flatten())
+    scores = scorer.score(ids, types)
+    counts = pc.list_value_length(windows).to_numpy(zero_copy_only=False)
+    return np.maximum.reduceat(scores, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+
+
 class BatchFailedError(RuntimeError):
     """A batch failed every retry; names the pairs it held."""
 
@@ -165,10 +179,13 @@ class Score:
         take = pa.array(rows)
         ids = batch[C.INPUT_IDS].combine_chunks().take(take)
         types = None if types is None else types.combine_chunks().take(take)
+        windows = (batch[C.WINDOWS].combine_chunks().take(take)
+                   if C.WINDOWS in batch.column_names else None)
         for attempt in range(self.retries + 1):
             try:
                 self.fault.before_batch()
-                scores = self.scorer.score(ids, types)
+                scores = (self.scorer.score(ids, types) if windows is None
+                          else best_window_scores(self.scorer, ids, types, windows))
                 _check_finite(batch, rows, scores)
                 return scores
             except Exception as exc:  # noqa: BLE001 - any failure of a batch is retried
@@ -189,7 +206,7 @@ class Score:
         scores = np.full(batch.num_rows, np.nan, dtype=np.float32)
         if len(scored):
             scores[scored] = self._score_with_retries(batch, scored)
-        out = batch.drop_columns([c for c in (C.INPUT_IDS, C.TOKEN_TYPE_IDS)
+        out = batch.drop_columns([c for c in (C.INPUT_IDS, C.TOKEN_TYPE_IDS, C.WINDOWS)
                                   if c in batch.column_names])
         valid = np.zeros(batch.num_rows, dtype=bool)
         valid[scored] = True

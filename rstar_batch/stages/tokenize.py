@@ -4,7 +4,10 @@ The result is exactly the pair encoding of `tokenizer(query, passage,
 truncation=True, max_length=N)` done one pair at a time. Each distinct query
 and passage of a batch is tokenized once and the pairs are assembled from them
 (`pairs.py`), when the tokenizer passes the assembler's check; otherwise each
-pair is tokenized. Texts of rejected rows are kept for the rejected-rows table;
+pair is tokenized. Long passages follow the job's `PassagePolicy`: with maxp a
+row's `_input_ids` holds all its windows' encodings back to back and
+`_windows` their lengths, so the score stage can score each and keep the best.
+Texts of rejected rows are kept for the rejected-rows table;
 texts of scored rows are dropped here, so only token ids travel to the GPUs.
 """
 
@@ -16,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rstar_batch.config import ConfigError
 from rstar_batch.model import ModelInfo, load_tokenizer
 from rstar_batch.stages import columns as C
-from rstar_batch.stages.pairs import PairAssembler
+from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +41,39 @@ class Tokenize:
     """Callable class for `map_batches`: loads the tokenizer once per actor."""
 
     def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
-                 assemble: bool = True):
+                 assemble: bool = True, passages: PassagePolicy = PassagePolicy()):
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         self.max_length = max_length
         self.with_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.passages = passages
         self.assembler = PairAssembler(self.tokenizer, max_length) if assemble else None
-        why_not = self.assembler.verify() if self.assembler else None
+        why_not = self.assembler.verify() if self.assembler else "not asked to assemble"
         if why_not:
+            if passages.changes_passages:
+                raise ConfigError(f"--long-passages {passages.mode} and --passage-max-tokens "
+                                  f"need a BERT-style pair tokenizer, but {why_not}")
             log.info("tokenizing each pair whole: %s", why_not)
             self.assembler = None
 
     def encode_pairs(self, queries: pa.Array, passages: pa.Array
-                     ) -> tuple[pa.ListArray, pa.ListArray | None]:
-        """(input_ids, token_type_ids or None) for non-null query and passage arrays."""
-        if self.assembler is not None:
-            q = pc.dictionary_encode(queries)
-            p = pc.dictionary_encode(passages)
-            return self.assembler.assemble(
-                self.assembler.tokenize(q.dictionary.to_pylist()),
-                self.assembler.tokenize(p.dictionary.to_pylist()),
-                q.indices.to_numpy(), p.indices.to_numpy(),
-                pc.equal(passages, "").to_numpy(zero_copy_only=False))
-        enc = self.encode(queries.to_pylist(), passages.to_pylist())
-        types = list_array(enc["token_type_ids"], pa.int8()) if self.with_types else None
-        return list_array(enc["input_ids"], pa.int32()), types
+                     ) -> tuple[pa.ListArray, pa.ListArray | None, pa.ListArray | None]:
+        """(input_ids, token_type_ids or None, window lengths or None) for non-null
+        query and passage arrays."""
+        if self.assembler is None:
+            enc = self.encode(queries.to_pylist(), passages.to_pylist())
+            types = list_array(enc["token_type_ids"], pa.int8()) if self.with_types else None
+            return list_array(enc["input_ids"], pa.int32()), types, None
+        q = pc.dictionary_encode(queries)
+        p = pc.dictionary_encode(passages)
+        texts = (self.assembler.tokenize(q.dictionary.to_pylist()),
+                 self.passages.cut(self.assembler.tokenize(p.dictionary.to_pylist())))
+        pairs = (q.indices.to_numpy(), p.indices.to_numpy(),
+                 pc.equal(passages, "").to_numpy(zero_copy_only=False))
+        if not self.passages.windowed:
+            return (*self.assembler.assemble(*texts, *pairs), None)
+        ids, types, counts = self.assembler.assemble_windows(
+            *texts, *pairs, self.passages.window, self.passages.stride)
+        return group_windows(ids, types, counts)
 
     def encode(self, queries: list[str], passages: list[str]) -> dict[str, list[list[int]]]:
         """Encode pairs exactly as `tokenizer(query, passage, ...)` does one at a time.
@@ -83,8 +96,8 @@ class Tokenize:
     def __call__(self, batch: pa.Table) -> pa.Table:
         scored = pc.is_null(batch[C.REJECT]).combine_chunks()
         index = pa.array(np.flatnonzero(scored.to_numpy(zero_copy_only=False)))
-        ids, types = self.encode_pairs(batch[C.QUERY].combine_chunks().take(index),
-                                       batch[C.PASSAGE].combine_chunks().take(index))
+        ids, types, windows = self.encode_pairs(batch[C.QUERY].combine_chunks().take(index),
+                                                batch[C.PASSAGE].combine_chunks().take(index))
         out = batch
         for column in (C.QUERY, C.PASSAGE):  # texts are kept for rejected rows only
             out = out.set_column(out.schema.get_field_index(column), column,
@@ -94,7 +107,22 @@ class Tokenize:
         if types is not None:
             out = out.append_column(C.TOKEN_TYPE_IDS,
                                     _scatter(types, index, batch.num_rows, pa.int8()))
+        if windows is not None:
+            out = out.append_column(C.WINDOWS,
+                                    _scatter(windows, index, batch.num_rows, pa.int32()))
         return out
+
+
+def group_windows(ids: pa.ListArray, types: pa.ListArray, counts: np.ndarray
+                  ) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray]:
+    """Per-window encodings (consecutive per pair) → one row per pair: its windows'
+    ids and types back to back, and the windows' lengths."""
+    offsets = ids.offsets.to_numpy()
+    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    rows = pa.array(offsets[bounds])
+    return (pa.ListArray.from_arrays(rows, ids.values),
+            pa.ListArray.from_arrays(rows, types.values),
+            pa.ListArray.from_arrays(pa.array(bounds), pa.array(np.diff(offsets), pa.int32())))
 
 
 def _scatter(values: pa.ListArray, index: pa.Array, size: int,

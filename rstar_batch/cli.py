@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     rerank.add_argument("--config", metavar="FILE", help="YAML file of options (default: none)")
     add_config_options(rerank)
 
+    corpus = commands.add_parser(
+        "score-corpus", help="Score every query against a whole corpus; keep the top K.",
+        description="Score each query of --queries against every passage of --corpus "
+                    "and write each query's best --top-k passages as ranked Parquet (the "
+                    "rerank output's schema). The query × passage pairs are never "
+                    "stored: each corpus block keeps its own top K, merged exactly. "
+                    "Takes rerank's options, less --candidates; resumes like rerank.")
+    corpus.add_argument("--config", metavar="FILE", help="YAML file of options (default: none)")
+    add_config_options(corpus)
+
     sample = commands.add_parser("sample-data", help="Write a synthetic candidate set.")
     sample.add_argument("out", metavar="OUT", help="Folder to write Parquet parts into")
     sample.add_argument("--queries", type=int, default=20, help="Queries (default: 20)")
@@ -128,6 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Write the result as JSON there (default: _evaluation.json "
                                "in a run folder, RUN.eval.json beside a run file)")
 
+    bias = commands.add_parser(
+        "length-bias", help="How much a finished job's scores follow passage length.",
+        description="Join a ranked output with its passages' lengths and report "
+                    "Spearman's rho of score and length (over all pairs, and the mean "
+                    "over queries) and the mean score per length decile. R*'s model card "
+                    "warns it favours longer passages; see docs/evaluation.md.")
+    bias.add_argument("output", metavar="OUTPUT", help="A finished rerank or score-corpus "
+                                                       "--output")
+    bias.add_argument("--candidates", nargs="+", required=True, metavar="PARQUET",
+                      help="Where the passages are: the job's candidates or its corpus "
+                           "(required)")
+    bias.add_argument("--doc-id-column", default="doc_id",
+                      help="Passage id column of --candidates (default: doc_id)")
+    bias.add_argument("--passage-column", default="passage",
+                      help="Passage text column of --candidates (default: passage)")
+    bias.add_argument("--unit", choices=["words", "chars"], default="words",
+                      help="Length in whitespace-separated words or characters "
+                           "(default: words)")
+    bias.add_argument("--plot", metavar="FILE.png", default=None,
+                      help="Also draw mean score by length decile there; needs pip install "
+                           "'rstar-batch[plot]' (default: no plot)")
+    bias.add_argument("--json", metavar="FILE", default=None,
+                      help="Also write the report as JSON there (default: none)")
+
     export = commands.add_parser(
         "export", help="Write a ranked output as a TREC run file.",
         description="Write 'qid Q0 docid rank score tag' lines, query by query in rank "
@@ -168,6 +202,14 @@ def _run_rerank(args: argparse.Namespace) -> int:
     from rstar_batch.pipeline import rerank
 
     summary = rerank(config_from_args(args))
+    print(summary.line())
+    return 0
+
+
+def _run_score_corpus(args: argparse.Namespace) -> int:
+    from rstar_batch.score_corpus import score_corpus
+
+    summary = score_corpus(config_from_args(args))
     print(summary.line())
     return 0
 
@@ -227,6 +269,29 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_length_bias(args: argparse.Namespace) -> int:
+    import json
+
+    from rstar_batch.io import fs as fsio
+    from rstar_batch.length_bias import length_bias, plot_length_bias
+
+    report = length_bias(args.output, args.candidates, doc_id_column=args.doc_id_column,
+                         passage_column=args.passage_column, unit=args.unit)
+    print(report.text())
+    if args.json:
+        fs, path = fsio.resolve(args.json)
+        fsio.write_bytes(fs, path, json.dumps(report.to_dict(), indent=2).encode())
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            plot_length_bias(report, args.plot)
+        except ImportError as exc:
+            print(f"rstar-batch: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from rstar_batch.export import export_trec
 
@@ -243,9 +308,10 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"rerank": _run_rerank, "status": _run_status, "sample-data": _run_sample,
-            "make-tiny-model": _run_tiny, "demo": _run_demo,
-            "evaluate": _run_evaluate, "export": _run_export, "convert": _run_convert}
+COMMANDS = {"rerank": _run_rerank, "score-corpus": _run_score_corpus, "status": _run_status,
+            "sample-data": _run_sample, "make-tiny-model": _run_tiny, "demo": _run_demo,
+            "evaluate": _run_evaluate, "export": _run_export, "length-bias": _run_length_bias,
+            "convert": _run_convert}
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -201,6 +201,18 @@ class RerankConfig:
         if not self.output:
             raise ConfigError("no output given: set --output (or `output:` in YAML)")
 
+    def validate_for_corpus(self) -> None:
+        """Raise unless the fields score-corpus needs are set (and candidates are not)."""
+        if self.candidates:
+            raise ConfigError("score-corpus scores every query against the whole corpus: "
+                              "drop --candidates (rerank scores candidate sets)")
+        for name in ("queries", "corpus", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"no {name} given: set --{name} (or `{name}:` in YAML)")
+        if self.top_k is None:
+            raise ConfigError("score-corpus needs --top-k: it keeps the best K passages "
+                              "of the corpus per query")
+
     # -- construction ---------------------------------------------------------------
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RerankConfig":

@@ -1,9 +1,11 @@
-"""The nightly rerank job: one day's candidates in, that day's ranking out.
+"""Scheduled jobs: one day's input in, that day's output out.
 
-`jobs/nightly_rerank.py` is its entrypoint under `ray job submit`. The YAML's
-`candidates` and `output` hold a `{date}` placeholder that `--date YYYY-MM-DD`
-fills in (default: today, UTC), so every night writes its own folder and a
-rerun of the same night resumes it, or is a no-op once it finished. Any rerank
+`jobs/nightly_rerank.py` (rerank) and `jobs/score_corpus.py` (score-corpus) are
+the entrypoints under `ray job submit`. The YAML's `output` holds a `{date}`
+placeholder that `--date YYYY-MM-DD` fills in (default: today, UTC), so every
+run writes its own folder and a rerun of the same date resumes it, or is a
+no-op once it finished. rerank's candidates must name `{date}` too; for
+score-corpus the queries and corpus may (a fixed collection need not). Any
 option given after `--config` overrides the file. The run ends with one JSON
 record (`run` returns it) that a scheduler reads from the job's last line.
 """
@@ -41,35 +43,43 @@ def run_date(text: Optional[str] = None) -> datetime.date:
         raise ConfigError(f"--date {text!r} is not a calendar date: {exc}") from None
 
 
-def for_date(config: RerankConfig, day: datetime.date) -> RerankConfig:
-    """Fill `{date}` in the candidates and output with `day` (YYYY-MM-DD).
+JOBS = {"rerank": "nightly_rerank.py", "score-corpus": "score_corpus.py"}
 
-    Both must name the placeholder: without it every night would read the same
-    input, or write into one folder that the first night already finished.
+
+def for_date(config: RerankConfig, day: datetime.date, job: str = "rerank") -> RerankConfig:
+    """Fill `{date}` in the output and inputs with `day` (YYYY-MM-DD).
+
+    The output must name the placeholder, and so must rerank's candidates:
+    without it every night would read the same input, or write into one folder
+    that the first night already finished.
     """
     if DATE_PLACEHOLDER not in config.output:
         raise ConfigError(f"output '{config.output}' has no {DATE_PLACEHOLDER} placeholder; "
-                          "a nightly job writes one folder per day, e.g. "
+                          "a scheduled job writes one folder per day, e.g. "
                           "s3://bucket/reranked/date={date}/")
-    if not any(DATE_PLACEHOLDER in c for c in config.candidates):
+    if job == "rerank" and not any(DATE_PLACEHOLDER in c for c in config.candidates):
         raise ConfigError(f"candidates {config.candidates} have no {DATE_PLACEHOLDER} "
                           "placeholder; a nightly job reads one day's candidates, e.g. "
                           "s3://bucket/candidates/date={date}/")
     stamp = day.isoformat()
-    return config.replace(
-        candidates=[c.replace(DATE_PLACEHOLDER, stamp) for c in config.candidates],
-        output=config.output.replace(DATE_PLACEHOLDER, stamp))
+
+    def fill(uri: Optional[str]) -> Optional[str]:
+        return uri.replace(DATE_PLACEHOLDER, stamp) if uri else uri
+
+    return config.replace(candidates=[fill(c) for c in config.candidates],
+                          output=fill(config.output), queries=fill(config.queries),
+                          corpus=fill(config.corpus))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`--config`, `--date`, `--log-level`, then every `rstar-batch rerank` option."""
+def build_parser(job: str = "rerank") -> argparse.ArgumentParser:
+    """`--config`, `--date`, `--log-level`, then every `rstar-batch` job option."""
     parser = argparse.ArgumentParser(
-        prog="nightly_rerank.py",
-        description="Rerank one day's candidates. The config's candidates and output "
-                    f"contain {DATE_PLACEHOLDER}, replaced by --date; rerank options given "
-                    "here override the config file.")
+        prog=JOBS[job],
+        description=f"Run `rstar-batch {job}` for one day. {DATE_PLACEHOLDER} in the "
+                    "config's output and inputs is replaced by --date; options given here "
+                    "override the config file.")
     parser.add_argument("--config", required=True, metavar="FILE",
-                        help="YAML file of rerank options (required)")
+                        help=f"YAML file of {job} options (required)")
     parser.add_argument("--date", metavar="YYYY-MM-DD",
                         help="Day to process (default: today, UTC)")
     parser.add_argument("--log-level", default="INFO",
@@ -79,14 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[RerankConfig, datetime.date]:
+def config_from_args(args: argparse.Namespace, job: str = "rerank"
+                     ) -> tuple[RerankConfig, datetime.date]:
     """The day's config: the YAML, the command-line overrides, then the date filled in."""
     day = run_date(args.date)
-    return for_date(cli.config_from_args(args), day), day
+    return for_date(cli.config_from_args(args), day, job), day
 
 
-def run(argv: Sequence[str]) -> tuple[int, dict[str, Any]]:
-    """Run the nightly job; return its exit code and the record for schedulers.
+def run(argv: Sequence[str], job: str = "rerank") -> tuple[int, dict[str, Any]]:
+    """Run the scheduled `job` (rerank or score-corpus); return its exit code and the
+    record for schedulers.
 
     Exit 0 only when the output is complete (this run or an earlier one);
     2 for a problem the user must fix (config, input, output folder, model);
@@ -96,7 +108,7 @@ def run(argv: Sequence[str]) -> tuple[int, dict[str, Any]]:
     record: dict[str, Any] = {"status": "FAILED", "date": None, "output": None,
                               "pairs": None, "queries": None, "already_done": False}
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(job).parse_args(argv)
     except SystemExit as exc:
         if exc.code in (0, None):  # --help
             raise
@@ -106,11 +118,12 @@ def run(argv: Sequence[str]) -> tuple[int, dict[str, Any]]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     code, error = 0, None
     try:
-        config, day = config_from_args(args)
+        config, day = config_from_args(args, job)
         record.update(date=day.isoformat(), output=fsio.redact(config.output))
         from rstar_batch.pipeline import rerank
+        from rstar_batch.score_corpus import score_corpus
 
-        summary = rerank(config)
+        summary = (rerank if job == "rerank" else score_corpus)(config)
         record.update(status="SUCCEEDED", pairs=summary.pairs, queries=summary.queries,
                       already_done=summary.already_done)
     except cli.user_errors() as exc:
@@ -118,7 +131,7 @@ def run(argv: Sequence[str]) -> tuple[int, dict[str, Any]]:
         log.error("%s", exc)
     except Exception as exc:  # any failure: the scheduler still gets its record
         code, error = 1, exc
-        log.exception("nightly rerank failed")
+        log.exception("scheduled %s failed", job)
     record["seconds"] = round(time.monotonic() - started, 3)
     if error is not None:
         record["error"] = _describe(error)

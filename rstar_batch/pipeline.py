@@ -138,6 +138,31 @@ def check_passage_policy(config: RerankConfig, model: ModelInfo) -> None:
                  passages=passage_policy(config))
 
 
+def scorer_kwargs(config: RerankConfig, model: ModelInfo, replicas: ReplicaPlan
+                  ) -> dict[str, Any]:
+    """Constructor arguments of a model replica (and its retries)."""
+    return dict(model=model, device=replicas.device, dtype=config.dtype,
+                activation=config.score_activation, batch_tokens=config.batch_tokens,
+                max_batch_pairs=config.max_batch_pairs, cpu_threads=config.cpu_threads,
+                trust_remote_code=config.trust_remote_code, retries=config.batch_retries,
+                quantize=config.quantize, compile=config.compile)
+
+
+def on_replicas(ds: Any, stage: type, kwargs: dict[str, Any], replicas: ReplicaPlan,
+                batch_rows: int) -> Any:
+    """`stage` as a pool of model replicas, as many as the plan allows."""
+    import ray.data
+
+    return ds.map_batches(
+        stage, fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=replicas.min_size, max_size=replicas.max_size,
+            # Two batches per replica keep a GPU fed while bounding what a kill loses.
+            max_tasks_in_flight_per_actor=2),
+        batch_size=batch_rows, batch_format="pyarrow",
+        num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None)
+
+
 def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo,
                        replicas: ReplicaPlan, buckets: int, chunks: list[checkpoint.Chunk],
                        out_fs: Any, root: str, run: int) -> Any:
@@ -162,19 +187,8 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
                                              passages=passage_policy(config)),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.tokenize_workers),
         batch_size=config.replica_batch_rows, batch_format="pyarrow", num_cpus=1)
-    ds = ds.map_batches(
-        Score, fn_constructor_kwargs=dict(
-            model=model, device=replicas.device, dtype=config.dtype,
-            activation=config.score_activation, batch_tokens=config.batch_tokens,
-            max_batch_pairs=config.max_batch_pairs, cpu_threads=config.cpu_threads,
-            trust_remote_code=config.trust_remote_code, retries=config.batch_retries,
-            quantize=config.quantize, compile=config.compile),
-        compute=ray.data.ActorPoolStrategy(
-            min_size=replicas.min_size, max_size=replicas.max_size,
-            # Two batches per replica keep a GPU fed while bounding what a kill loses.
-            max_tasks_in_flight_per_actor=2),
-        batch_size=config.replica_batch_rows, batch_format="pyarrow",
-        num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None)
+    ds = on_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
+                     config.replica_batch_rows)
     return ds.map_batches(WriteRuns(out_fs, root, run), batch_size=None,
                           batch_format="pyarrow")
 
@@ -197,14 +211,14 @@ class ProgressLog:
                      self.total, 100.0 * self.done / self.total, rate, eta)
 
 
-def run_scoring(plan: Any, progress: ProgressLog) -> int:
+def run_scoring(plan: Any, progress: ProgressLog, pairs_per_row: int = 1) -> int:
     """Execute pass 1, consuming the commits as they land; return rows committed."""
     rows = 0
     for batch in plan.iter_batches(batch_size=None, batch_format="pyarrow"):
         committed = int(sum(e - s for s, e in zip(batch["start"].to_pylist(),
                                                    batch["end"].to_pylist())))
         rows += committed
-        progress.add(committed)
+        progress.add(committed * pairs_per_row)
     return rows
 
 
@@ -410,36 +424,44 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     summary = _summarise(config.output, source.num_rows, parts, runs.get(opened.run, 0),
                          time.time() - started)
     _check_rejected(summary, config)
-    fsio.write_json(out_fs, fsio.join(root, checkpoint.MANIFEST), {
-        "summary": summary.to_dict(),
+    finish_job(out_fs, root, config, summary, plan, {
         "pairs_scored_per_run": {str(k): v for k, v in sorted(runs.items())},
-        "plan": plan, "config": config.to_dict(), "config_hash": plan["config_hash"],
         "model": dataclasses.asdict(model), "activation": activation,
         "input": {"files": len(inputs.candidates.paths), "rows": source.num_rows,
                   "bytes": inputs.candidates.total_bytes,
                   "fingerprint": plan["input"]["digest"],
                   "skipped_files": inputs.candidates.skipped},
-        "replicas": dataclasses.asdict(replicas), "versions": _versions(),
-        "driver_peak_rss_mb": round(_peak_rss_mb(), 1),
-        "finished": time.time(),
-    })
-    fsio.write_bytes(out_fs, fsio.join(root, checkpoint.SUCCESS), b"")
-    fsio.delete(out_fs, checkpoint.work_dir(root))
-    log.info(summary.line())
+        "replicas": dataclasses.asdict(replicas)})
     return summary
+
+
+def finish_job(fs: Any, root: str, config: RerankConfig, summary: JobSummary, plan: dict,
+               details: dict[str, Any]) -> None:
+    """Write the manifest, then _SUCCESS; drop the work folder."""
+    fsio.write_json(fs, fsio.join(root, checkpoint.MANIFEST), {
+        "summary": summary.to_dict(), "plan": plan, "config": config.to_dict(),
+        "config_hash": plan["config_hash"], **details, "versions": _versions(),
+        "driver_peak_rss_mb": round(_peak_rss_mb(), 1), "finished": time.time(),
+    })
+    fsio.write_bytes(fs, fsio.join(root, checkpoint.SUCCESS), b"")
+    fsio.delete(fs, checkpoint.work_dir(root))
+    log.info(summary.line())
 
 
 class TooManyRejectedError(ValueError):
     """More rows were rejected than --max-rejected-fraction allows."""
 
 
-def _check_rejected(summary: JobSummary, config: RerankConfig) -> None:
+def _check_rejected(summary: JobSummary, config: RerankConfig,
+                    rows: Optional[int] = None) -> None:
+    """Fail if more than --max-rejected-fraction of the input's `rows` were rejected."""
+    rows = summary.pairs if rows is None else rows
     rejected = sum(summary.rejected.values())
-    if rejected > config.max_rejected_fraction * summary.pairs:
+    if rejected > config.max_rejected_fraction * rows:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary.rejected.items()))
-        share = 100.0 * rejected / summary.pairs
+        share = 100.0 * rejected / rows
         raise TooManyRejectedError(
-            f"{rejected} of {summary.pairs} rows were rejected ({share:.2f}% > "
+            f"{rejected} of {rows} rows were rejected ({share:.2f}% > "
             f"--max-rejected-fraction {config.max_rejected_fraction}): {reasons}; see "
             f"{fsio.join(config.output, checkpoint.REJECTED)}/ (a wrong column mapping?). "
             "Rerun with a higher --max-rejected-fraction to accept them")

@@ -76,5 +76,7 @@ def job_status(uri: str) -> JobStatus:
     if run in progress.rows_by_run and progress.last_commit is not None:
         span = progress.last_commit - runs[run]
         rate = progress.rows_by_run[run] / span if span > 0 else None
-    return JobStatus("RUNNING_OR_STOPPED", uri, plan["total_rows"],
-                     progress.committed_rows(), run, rate, idle)
+    per_row = plan.get("pairs_per_row", 1)  # score-corpus: a corpus row is a pair per query
+    return JobStatus("RUNNING_OR_STOPPED", uri, plan["total_rows"] * per_row,
+                     progress.committed_rows() * per_row, run,
+                     rate * per_row if rate else None, idle)

@@ -51,6 +51,8 @@ def app_dir() -> str:
 
 # jobs/ entrypoints and the parser each runs its arguments through.
 SCRIPTS = {"jobs/nightly_rerank.py": lambda argv: nightly.build_parser().parse_args(argv),
+           "jobs/score_corpus.py":
+               lambda argv: nightly.build_parser("score-corpus").parse_args(argv),
            "jobs/rerank.py": lambda argv: cli.build_parser().parse_args(["rerank", *argv])}
 COMMAND = re.compile(r"^(\w+=\S*\s+)*(python|ray|rstar-batch)\s")
 

@@ -207,3 +207,12 @@ class LocalCluster:
 def new_token() -> str:
     """A fresh Ray auth token for one test cluster."""
     return secrets.token_hex(32)
+
+
+def committed_rows(out: str) -> int:
+    """Input rows the job's commit markers cover (their names say which)."""
+    rows = 0
+    for path in glob.glob(os.path.join(out, "_work", "commits", "c*")):
+        _, start, end = os.path.basename(path).split(".")[0].split("-")
+        rows += int(end) - int(start)
+    return rows

@@ -26,6 +26,9 @@ def test_every_job_command_parses_and_names_files_that_exist(source, command):
         assert Path(args.config).is_file(), f"{source}: {args.config}"
         if script == "jobs/nightly_rerank.py":
             nightly.config_from_args(args)  # the YAML loads and names {date} where it must
+        elif script == "jobs/score_corpus.py":
+            config, _ = nightly.config_from_args(args, "score-corpus")
+            config.validate_for_corpus()
         else:
             cli.config_from_args(args)
 
@@ -33,6 +36,8 @@ def test_every_job_command_parses_and_names_files_that_exist(source, command):
 def test_the_commands_found_include_the_documented_ones():
     sources = {source for source, _ in commands()}
     assert {"rayjob entrypoint", "README.md", "docs/operations.md"} <= sources
+    scripts = {split(command)[0] for _, command in commands()}
+    assert set(SCRIPTS) <= scripts  # every entrypoint is shown somewhere
 
 
 # -- the nightly CronJob --------------------------------------------------------------------

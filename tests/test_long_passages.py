@@ -146,3 +146,24 @@ def test_maxp_needs_a_pair_tokenizer_it_can_assemble(tiny_model):
     with pytest.raises(ConfigError, match="maxp"):
         Tokenize(describe_model(tiny_model), max_length=64, assemble=False,
                  passages=PassagePolicy("maxp", None, WINDOW, STRIDE))
+
+
+@pytest.mark.slow
+def test_a_rerank_job_with_maxp_scores_each_row_by_its_best_window(
+        ray_local, tiny_model, long_table, tmp_path):
+    import pyarrow.parquet as pq
+
+    from rstar_batch import rerank
+
+    pq.write_table(long_table, tmp_path / "candidates.parquet")
+    summary = rerank(candidates=[str(tmp_path / "candidates.parquet")],
+                     output=str(tmp_path / "out"), model=tiny_model, max_length=MAX_LENGTH,
+                     long_passages="maxp", window=WINDOW, stride=STRIDE)
+    assert summary.scored == long_table.num_rows
+    expanded, keys = _expand(long_table, lambda w: word_windows(w, WINDOW, STRIDE))
+    reference = reference_scores(tiny_model, expanded, max_length=MAX_LENGTH)
+    got = {(r["query_id"], r["doc_id"]): r["score"]
+           for r in pq.read_table(tmp_path / "out").to_pylist()}
+    for row, mine in zip(long_table.to_pylist(), keys):
+        assert abs(got[(row["query_id"], row["doc_id"])] - max(reference[k] for k in mine)) \
+            <= 1e-5

@@ -82,3 +82,43 @@ def test_the_entrypoint_prints_the_record_as_its_last_stdout_line(tmp_path):
     assert record["status"] == "FAILED" and record["date"] == "2026-11-26"
     assert record["output"] == f"{tmp_path}/out/date=2026-11-26/"
     assert set(record) >= {"pairs", "queries", "seconds", "already_done", "error"}
+
+
+def test_score_corpus_fills_the_date_in_its_output_and_inputs_that_name_it():
+    config = RerankConfig(queries="s3://b/topics/date={date}/", corpus="s3://b/collection/",
+                          output="s3://b/scores/date={date}/", top_k=10)
+    day = datetime.date(2026, 11, 26)
+    filled = nightly.for_date(config, day, "score-corpus")
+    assert (filled.queries, filled.corpus, filled.output) == (
+        "s3://b/topics/date=2026-11-26/", "s3://b/collection/", "s3://b/scores/date=2026-11-26/")
+    with pytest.raises(ConfigError, match="has no {date}"):
+        nightly.for_date(config.replace(output="s3://b/scores/"), day, "score-corpus")
+
+
+@pytest.mark.slow
+def test_the_score_corpus_entrypoint_succeeds_then_is_a_no_op(tiny_model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(12)],
+                             "passage": [f"passage number {i} about comets" for i in range(12)]}),
+                   tmp_path / "corpus.parquet")
+    pq.write_table(pa.table({"query_id": [1, 2], "query": ["comets", "number 7"]}),
+                   tmp_path / "topics-2026-11-26.parquet")
+    config = tmp_path / "score_corpus.yaml"
+    config.write_text(f"queries: '{tmp_path}/topics-{{date}}.parquet'\n"
+                      f"corpus: '{tmp_path}/corpus.parquet'\n"
+                      f"output: '{tmp_path}/out/date={{date}}/'\ntop_k: 3\n"
+                      f"model: '{tiny_model}'\nmax_length: 64\n")
+    command = [sys.executable, str(REPO / "jobs" / "score_corpus.py"), "--config", str(config),
+               "--date", "2026-11-26"]
+    records = []
+    for _ in range(2):
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert [r["status"] for r in records] == ["SUCCEEDED", "SUCCEEDED"]
+    assert [r["already_done"] for r in records] == [False, True]
+    assert records[0]["pairs"] == 24 and records[0]["queries"] == 2
+    ranked = pq.read_table(tmp_path / "out" / "date=2026-11-26")
+    assert ranked.num_rows == 6 and sorted(set(ranked["rank"].to_pylist())) == [1, 2, 3]

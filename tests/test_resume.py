@@ -16,7 +16,7 @@ import pytest
 import rstar_batch
 from rstar_batch.checkpoint import ResumeError
 from rstar_batch.testing import write_sample_data
-from tests.jobs import Job, LocalCluster, run
+from tests.jobs import Job, LocalCluster, committed_rows, run
 
 pytestmark = pytest.mark.slow
 TOTAL = 1200
@@ -67,18 +67,10 @@ def _commits(out: str) -> int:
     return len(glob.glob(os.path.join(out, "_work", "commits", "c*")))
 
 
-def _committed_rows(out: str) -> int:
-    rows = 0
-    for path in glob.glob(os.path.join(out, "_work", "commits", "c*")):
-        _, start, end = os.path.basename(path).split(".")[0].split("-")
-        rows += int(end) - int(start)
-    return rows
-
-
 KILL_POINTS = {
     "before_any_write": lambda out: os.path.exists(os.path.join(out, "_work", "plan.json")),
-    "half_way": lambda out: _committed_rows(out) >= TOTAL // 2,
-    "during_final_pass": lambda out: _committed_rows(out) >= TOTAL,
+    "half_way": lambda out: committed_rows(out) >= TOTAL // 2,
+    "during_final_pass": lambda out: committed_rows(out) >= TOTAL,
 }
 
 
@@ -90,7 +82,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(
     job.wait_until(lambda: KILL_POINTS[point](out))
     job.kill()
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
-    done_at_kill = _committed_rows(out)
+    done_at_kill = committed_rows(out)
 
     status = run(["status", out], str(tmp_path / "status.log")).output()
     assert f"/{TOTAL} pairs scored" in status and "rerun the same command" in status \
@@ -197,7 +189,7 @@ def test_job_survives_losing_a_worker_node(two_node_cluster, job_input, tiny_mod
     args = _args(job_input, out, tiny_model, "--address", two_node_cluster.address)
     env = {"RAY_AUTH_MODE": "token"}
     job = Job(args, str(tmp_path / "run1.log"), env)
-    job.wait_until(lambda: _committed_rows(out) >= TOTAL // 3)
+    job.wait_until(lambda: committed_rows(out) >= TOTAL // 3)
     os.kill(two_node_cluster.raylet_of("worker1"), signal.SIGKILL)
     two_node_cluster.start("worker2", "--num-cpus=6")  # the replacement node
     code = job.wait(timeout=300)

@@ -1,7 +1,8 @@
 """Scored rows between the two passes: the pass-1 sink and the pass-2 source.
 
 `WriteRuns` ends pass 1: it splits a batch into runs (contiguous rows of one
-chunk), writes each run's rows as one piece per bucket, then commits the run.
+chunk, or, for score-corpus's top-K rows, the run each row names), writes each
+run's rows as one piece per bucket, then commits the run.
 Piece and commit names depend only on the rows they hold, so a retried batch
 overwrites its own files. `bucket_pieces` and `read_bucket` give pass 2 the
 committed rows of one bucket, each physical input row once.
@@ -37,6 +38,16 @@ def split_runs(chunks: np.ndarray, rows: np.ndarray) -> list[tuple[int, int, int
     return runs
 
 
+def named_runs(chunks: np.ndarray, starts: np.ndarray, ends: np.ndarray
+               ) -> list[tuple[int, int, int, np.ndarray]]:
+    """(chunk, start, end, indices) for rows that name their run themselves."""
+    keys = np.stack([chunks, starts, ends], axis=1)
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return [(int(c), int(s), int(e), np.flatnonzero(inverse == i))
+            for i, (c, s, e) in enumerate(unique)]
+
+
 class WriteRuns:
     """`map_batches` function ending pass 1; returns one row per committed run."""
 
@@ -49,10 +60,14 @@ class WriteRuns:
         chunks = batch[C.CHUNK].to_numpy()
         rows = batch[C.ROW].to_numpy()
         buckets = batch[C.BUCKET].to_numpy()
-        data = batch.drop_columns([C.BUCKET])
+        named = C.RUN_END in batch.column_names
+        runs = (named_runs(chunks, batch[C.RUN_START].to_numpy(), batch[C.RUN_END].to_numpy())
+                if named else split_runs(chunks, rows))
+        data = batch.drop_columns([c for c in (C.BUCKET, C.RUN_START, C.RUN_END)
+                                   if c in batch.column_names])
         unscored = pc.is_valid(batch[C.REJECT]).to_numpy(zero_copy_only=False)
         done = {"chunk": [], "start": [], "end": [], "scored": []}
-        for chunk, start, end, index in split_runs(chunks, rows):
+        for chunk, start, end, index in runs:
             name = checkpoint.run_name(chunk, start, end)
             for bucket in np.unique(buckets[index]):
                 part = index[buckets[index] == bucket]
@@ -78,12 +93,20 @@ def bucket_pieces(fs: pafs.FileSystem, root: str, committed: set[str]) -> dict[i
 
 
 def read_bucket(fs: pafs.FileSystem, files: list[str]) -> pa.Table:
-    """A bucket's scored rows in input order, each (chunk, row) once even if two
-    runs overlapped."""
+    """A bucket's scored rows in input order, each (chunk, row, query) once even if
+    two runs overlapped (score-corpus has a row per query for each corpus row)."""
     table = pq.read_table(files, filesystem=fs)
-    key = table[C.CHUNK].to_numpy().astype(np.int64) * (1 << 32) + table[C.ROW].to_numpy()
-    _, first = np.unique(key, return_index=True)  # sorted by key: input order
-    return table.take(pa.array(first))
+    qids = table[C.QUERY_ID]
+    if qids.null_count:
+        qids = pc.fill_null(qids, pa.scalar(0 if pa.types.is_integer(qids.type) else "",
+                                            qids.type))
+    query = pc.dictionary_encode(qids.combine_chunks()).indices.to_numpy()
+    chunk, row = table[C.CHUNK].to_numpy(), table[C.ROW].to_numpy()
+    order = np.lexsort((query, row, chunk))  # input order
+    same = np.zeros(len(order), dtype=bool)
+    same[1:] = ((chunk[order][1:] == chunk[order][:-1]) & (row[order][1:] == row[order][:-1])
+                & (query[order][1:] == query[order][:-1]))
+    return table.take(pa.array(order[~same]))
 
 
 def mark_duplicates(table: pa.Table) -> pa.Table:

@@ -14,6 +14,10 @@ REJECT = "_reject"        # null for rows that are scored, else the reason
 BUCKET = "_bucket"        # which output file the row's query lands in
 INPUT_IDS = "_input_ids"
 TOKEN_TYPE_IDS = "_token_type_ids"
+PASSAGE_IDS = "_passage_ids"      # score-corpus: a passage's own token ids
+EMPTY_PASSAGE = "_empty_passage"  # score-corpus: the passage is the empty string
+RUN_START = "_run_start"  # score-corpus: the rows [start, end) of the chunk a top-K row
+RUN_END = "_run_end"      # was chosen from (a commit covers exactly that run)
 WINDOWS = "_windows"      # maxp: token count of each window encoding in _input_ids
 SCORE = "score"
 
@@ -23,4 +27,5 @@ NULL_DOC_ID = "null_doc_id"
 NULL_QUERY = "null_query"
 NULL_PASSAGE = "null_passage"
 DUPLICATE_PAIR = "duplicate_pair"
+DUPLICATE_QUERY_ID = "duplicate_query_id"
 PREPARE_REASON = "_prepare_reason"  # set when the corpus or queries lack a row's text  # a repeat of a (query_id, doc_id) pair: written once

@@ -16,16 +16,18 @@ from rstar_batch.stages import columns as C
 from rstar_batch.stages.columns import PREPARE_REASON
 
 
+def stable_hash(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A 64-bit hash per id, the same in every process and run."""
+    values = ids.to_numpy(zero_copy_only=False)
+    values = values.astype(np.int64) if values.dtype.kind in "iu" else values.astype(object)
+    return pd.util.hash_array(values, categorize=False)
+
+
 def query_buckets(query_ids: pa.ChunkedArray | pa.Array, num_buckets: int) -> np.ndarray:
     """A stable bucket per query id, the same in every process and run."""
     if num_buckets == 1:
         return np.zeros(len(query_ids), dtype=np.int32)
-    ids = query_ids.to_numpy(zero_copy_only=False)
-    if ids.dtype.kind in "iu":
-        ids = ids.astype(np.int64)
-    else:
-        ids = ids.astype(object)
-    return (pd.util.hash_array(ids, categorize=False) % np.uint64(num_buckets)).astype(np.int32)
+    return (stable_hash(query_ids) % np.uint64(num_buckets)).astype(np.int32)
 
 
 class Normalize:
@@ -62,3 +64,23 @@ class Normalize:
         out = {**tags, **cols, **{k: batch[k] for k in self.keep},
                C.REJECT: reason, C.BUCKET: pa.array(buckets, pa.int32())}
         return pa.table(out)
+
+
+class NormalizePassages:
+    """score-corpus: rename a corpus's id and passage columns, flag unscorable rows."""
+
+    def __init__(self, doc_id: str, passage: str, keep: list[str]) -> None:
+        self.mapping = {doc_id: C.DOC_ID, passage: C.PASSAGE}
+        self.keep = list(keep)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        reason = pa.nulls(batch.num_rows, pa.string())
+        for old, why in [(self._old(C.PASSAGE), C.NULL_PASSAGE),
+                         (self._old(C.DOC_ID), C.NULL_DOC_ID)]:
+            reason = pc.if_else(pc.is_null(batch[old]), pa.scalar(why), reason)
+        return pa.table({C.CHUNK: batch[C.CHUNK], C.ROW: batch[C.ROW],
+                         **{new: batch[old] for old, new in self.mapping.items()},
+                         **{k: batch[k] for k in self.keep}, C.REJECT: reason})
+
+    def _old(self, new: str) -> str:
+        return next(old for old, n in self.mapping.items() if n == new)

@@ -112,6 +112,12 @@ class TokenTable:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def to_list_array(self) -> pa.ListArray:
+        """The texts' ids as a compact list<int32> array."""
+        offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int32)
+        return pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(_ragged_gather(self.flat, self.starts, self.lengths)))
+
     def clip(self, max_tokens: int) -> "TokenTable":
         """Every text cut to its first `max_tokens` tokens."""
         return TokenTable(self.flat, self.starts, np.minimum(self.lengths, max_tokens))

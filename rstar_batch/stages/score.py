@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -181,25 +181,16 @@ class Score:
         types = None if types is None else types.combine_chunks().take(take)
         windows = (batch[C.WINDOWS].combine_chunks().take(take)
                    if C.WINDOWS in batch.column_names else None)
-        for attempt in range(self.retries + 1):
-            try:
-                self.fault.before_batch()
-                scores = (self.scorer.score(ids, types) if windows is None
-                          else best_window_scores(self.scorer, ids, types, windows))
-                _check_finite(batch, rows, scores)
-                return scores
-            except Exception as exc:  # noqa: BLE001 - any failure of a batch is retried
-                if attempt == self.retries:
-                    pairs = ", ".join(
-                        f"({batch[C.QUERY_ID][int(i)]}, {batch[C.DOC_ID][int(i)]})"
-                        for i in rows[:5])
-                    raise BatchFailedError(
-                        f"scoring failed {attempt + 1} time(s) for a batch of {len(rows)} "
-                        f"pairs (query_id, doc_id): {pairs}{', …' if len(rows) > 5 else ''}"
-                        f": {type(exc).__name__}: {exc}") from exc
-                log.warning("scoring a batch of %d pairs failed (%s); retry %d of %d",
-                            len(rows), exc, attempt + 1, self.retries)
-        raise AssertionError("unreachable")
+
+        def score() -> np.ndarray:
+            scores = (self.scorer.score(ids, types) if windows is None
+                      else best_window_scores(self.scorer, ids, types, windows))
+            _check_finite(scores, lambda i: (batch[C.QUERY_ID][int(rows[i])],
+                                             batch[C.DOC_ID][int(rows[i])]))
+            return scores
+
+        return with_retries(score, self.retries, self.fault, len(rows), lambda: [
+            (batch[C.QUERY_ID][int(i)], batch[C.DOC_ID][int(i)]) for i in rows[:5]])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scored = np.flatnonzero(pc.is_null(batch[C.REJECT]).to_numpy(zero_copy_only=False))
@@ -215,10 +206,29 @@ class Score:
         return out
 
 
-def _check_finite(batch: pa.Table, rows: np.ndarray, scores: np.ndarray) -> None:
-    bad = rows[~np.isfinite(scores)]
+def with_retries(score: Callable[[], np.ndarray], retries: int, fault: FaultHook,
+                 pairs: int, first_pairs: Callable[[], list[tuple[Any, Any]]]) -> np.ndarray:
+    """Run `score` up to retries + 1 times; the final failure names the batch's pairs."""
+    for attempt in range(retries + 1):
+        try:
+            fault.before_batch()
+            return score()
+        except Exception as exc:  # noqa: BLE001 - any failure of a batch is retried
+            if attempt == retries:
+                named = ", ".join(f"({q}, {d})" for q, d in first_pairs())
+                raise BatchFailedError(
+                    f"scoring failed {attempt + 1} time(s) for a batch of {pairs} pairs "
+                    f"(query_id, doc_id): {named}{', …' if pairs > 5 else ''}"
+                    f": {type(exc).__name__}: {exc}") from exc
+            log.warning("scoring a batch of %d pairs failed (%s); retry %d of %d",
+                        pairs, exc, attempt + 1, retries)
+    raise AssertionError("unreachable")
+
+
+def _check_finite(scores: np.ndarray, pair: Callable[[int], tuple[Any, Any]]) -> None:
+    bad = np.flatnonzero(~np.isfinite(scores))
     if len(bad):
+        query_id, doc_id = pair(int(bad[0]))
         raise FloatingPointError(
             f"the model produced non-finite scores for {len(bad)} pair(s), e.g. "
-            f"query_id={batch[C.QUERY_ID][int(bad[0])]} doc_id={batch[C.DOC_ID][int(bad[0])]}"
-            "; try --dtype float32")
+            f"query_id={query_id} doc_id={doc_id}; try --dtype float32")

@@ -113,6 +113,39 @@ class Tokenize:
         return out
 
 
+class TokenizePassages:
+    """score-corpus: each corpus passage tokenized alone, once per job.
+
+    The score stage pairs these ids with every query. Without maxp no pair can
+    keep more than max_length - 3 passage tokens, so only those travel on.
+    """
+
+    def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
+                 passages: PassagePolicy = PassagePolicy()):
+        self.assembler = PairAssembler(load_tokenizer(model, trust_remote_code), max_length)
+        why_not = self.assembler.verify()
+        if why_not:
+            raise ConfigError(f"score-corpus pairs separately tokenized texts, but {why_not}; "
+                              "use rerank with candidate pairs for this model")
+        self.passages = passages
+        self.limit = None if passages.windowed else max_length - 3
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scored = pc.is_null(batch[C.REJECT]).combine_chunks()
+        index = pa.array(np.flatnonzero(scored.to_numpy(zero_copy_only=False)))
+        texts = batch[C.PASSAGE].combine_chunks().take(index)
+        tokens = self.passages.cut(self.assembler.tokenize(texts.to_pylist()))
+        if self.limit is not None:
+            tokens = tokens.clip(self.limit)
+        out = batch.set_column(batch.schema.get_field_index(C.PASSAGE), C.PASSAGE,
+                               pc.if_else(scored, pa.scalar(None, batch[C.PASSAGE].type),
+                                          batch[C.PASSAGE]))
+        return (out.append_column(C.PASSAGE_IDS, _scatter(tokens.to_list_array(), index,
+                                                          batch.num_rows, pa.int32()))
+                .append_column(C.EMPTY_PASSAGE, pc.fill_null(pc.equal(batch[C.PASSAGE], ""),
+                                                             False)))
+
+
 def group_windows(ids: pa.ListArray, types: pa.ListArray, counts: np.ndarray
                   ) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray]:
     """Per-window encodings (consecutive per pair) → one row per pair: its windows'

@@ -1,0 +1,134 @@
+"""Score every query against a block of corpus passages; keep each query's top K.
+
+The score-corpus stage. Queries arrive tokenized once (in the driver), passages
+tokenized once (`TokenizePassages`); pairs are assembled here from the two, so
+|queries| × |corpus| pairs exist only a block at a time, inside a replica. Each
+run of a block (consecutive rows of one checkpoint chunk) keeps its own top K
+per query, ordered as the final ranking is (score desc, doc_id asc): whatever is
+in the global top K is then in its run's top K, so merging runs is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rstar_batch.faults import FaultHook
+from rstar_batch.io.scored import split_runs
+from rstar_batch.model import load_tokenizer
+from rstar_batch.stages import columns as C
+from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
+from rstar_batch.stages.score import Scorer, _check_finite, with_retries
+
+
+@dataclasses.dataclass(frozen=True)
+class QuerySet:
+    """The job's valid queries: ids, texts' token ids, and each one's output bucket."""
+
+    ids: pa.Array
+    tokens: TokenTable
+    buckets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def block_top_k(group: np.ndarray, query: np.ndarray, scores: np.ndarray,
+                doc_rank: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the rows to keep: per (group, query), the k best by score desc,
+    then doc rank asc (the final ranking's tie-break)."""
+    order = np.lexsort((doc_rank, -scores, query, group))
+    g, q = group[order], query[order]
+    starts = np.ones(len(order), dtype=bool)
+    starts[1:] = (g[1:] != g[:-1]) | (q[1:] != q[:-1])
+    position = np.arange(len(order))
+    first = np.maximum.accumulate(np.where(starts, position, 0))
+    return order[position - first < k]
+
+
+class ScoreAllPairs:
+    """Callable class for `map_batches`: one model replica per actor."""
+
+    def __init__(self, queries: QuerySet, top_k: int, passages: PassagePolicy,
+                 max_length: int, retries: int = 2, **scorer_kwargs: Any) -> None:
+        self.scorer = Scorer(**scorer_kwargs)
+        tokenizer = load_tokenizer(scorer_kwargs["model"],
+                                   scorer_kwargs.get("trust_remote_code", False))
+        self.assembler = PairAssembler(tokenizer, max_length)
+        self.queries, self.top_k, self.passages = queries, top_k, passages
+        self.retries = retries
+        self.fault = FaultHook.from_env()
+
+    def _score(self, passages: TokenTable, empty: np.ndarray, doc_ids: pa.Array
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query index, passage index, score) of every query × passage pair."""
+        nq, npas = len(self.queries), len(passages)
+        query = np.tile(np.arange(nq), npas)
+        passage = np.repeat(np.arange(npas), nq)
+
+        def score() -> np.ndarray:
+            if not self.passages.windowed:
+                ids, types = self.assembler.assemble(self.queries.tokens, passages, query,
+                                                     passage, empty[passage])
+                scores = self.scorer.score(ids, types)
+            else:
+                ids, types, counts = self.assembler.assemble_windows(
+                    self.queries.tokens, passages, query, passage, empty[passage],
+                    self.passages.window, self.passages.stride)
+                scores = np.maximum.reduceat(self.scorer.score(ids, types),
+                                             np.concatenate([[0], np.cumsum(counts)[:-1]]))
+            _check_finite(scores, lambda i: (self.queries.ids[int(query[i])],
+                                             doc_ids[int(passage[i])]))
+            return scores
+
+        scores = with_retries(score, self.retries, self.fault, len(query), lambda: [
+            (self.queries.ids[int(q)], doc_ids[int(p)]) for q, p in zip(query[:5], passage[:5])])
+        return query, passage, scores
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        chunks, rows = batch[C.CHUNK].to_numpy(), batch[C.ROW].to_numpy()
+        run_of = np.empty(batch.num_rows, dtype=np.int64)
+        runs = split_runs(chunks, rows)
+        for r, (_, _, _, index) in enumerate(runs):
+            run_of[index] = r
+        valid = np.flatnonzero(pc.is_null(batch[C.REJECT]).to_numpy(zero_copy_only=False))
+        take = pa.array(valid)
+        doc_ids = batch[C.DOC_ID].combine_chunks().take(take)
+        passages = TokenTable.from_list_array(batch[C.PASSAGE_IDS].combine_chunks().take(take))
+        empty = batch[C.EMPTY_PASSAGE].combine_chunks().take(take).to_numpy(
+            zero_copy_only=False)
+        query, passage, scores = self._score(passages, empty, doc_ids)
+        doc_rank = pc.rank(doc_ids, sort_keys="ascending", tiebreaker="first").to_numpy()
+        keep = block_top_k(run_of[valid][passage], query, scores, doc_rank[passage],
+                           self.top_k)
+        best = self._rows(batch, valid[passage[keep]], query[keep], scores[keep])
+        rejected = np.setdiff1d(np.arange(batch.num_rows), valid)
+        out = pa.concat_tables([best, self._rows(batch, rejected, None, None)])
+        source = np.concatenate([valid[passage[keep]], rejected])
+        starts = np.array([start for _, start, _, _ in runs])[run_of[source]]
+        ends = np.array([end for _, _, end, _ in runs])[run_of[source]]
+        return (out.append_column(C.RUN_START, pa.array(starts, pa.int64()))
+                .append_column(C.RUN_END, pa.array(ends, pa.int64())))
+
+    def _rows(self, batch: pa.Table, rows: np.ndarray, query: Any, scores: Any) -> pa.Table:
+        """Output rows for corpus rows `rows`: scored against `query` or, without
+        queries, the rejected corpus rows themselves."""
+        picked = batch.take(pa.array(rows, pa.int64())).drop_columns(
+            [C.PASSAGE_IDS, C.EMPTY_PASSAGE])
+        n = len(rows)
+        if query is None:
+            qids = pa.nulls(n, self.queries.ids.type)
+            score = pa.nulls(n, pa.float32())
+            bucket = np.zeros(n, dtype=np.int32)
+        else:
+            qids = self.queries.ids.take(pa.array(query))
+            score = pa.array(scores, pa.float32())
+            bucket = self.queries.buckets[query]
+        return (picked.append_column(C.QUERY_ID, qids)
+                .append_column(C.QUERY, pa.nulls(n, pa.string()))
+                .append_column(C.SCORE, score)
+                .append_column(C.BUCKET, pa.array(bucket, pa.int32())))

@@ -130,6 +130,28 @@ def test_scores_equal_the_one_pair_reference_whatever_the_batching(
     assert np.std(expected) > 1e-3  # the tiny model separates pairs: a real comparison
 
 
+def test_the_cls_only_last_layer_gives_the_models_own_logits(tiny_model, edge_cases):
+    tokens = _tokenized(tiny_model, edge_cases)
+    ids, types = (tokens[C.INPUT_IDS].combine_chunks(),
+                  tokens[C.TOKEN_TYPE_IDS].combine_chunks())
+    fast, full = (Scorer(describe_model(tiny_model), device="cpu", dtype="float32",
+                         activation="none", full_forward=own)
+                  for own in (False, True))
+    assert fast.cls_only and not full.cls_only
+    np.testing.assert_allclose(fast.score(ids, types), full.score(ids, types), rtol=0,
+                               atol=1e-5)
+
+
+def test_models_other_than_plain_bert_keep_their_own_forward():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from rstar_batch.stages.bert_cls import cls_only_forward
+
+    small = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=1))
+    assert cls_only_forward(small) is None
+
+
 def test_score_stage_keeps_rejected_rows_unscored(tiny_model):
     table = pa.table({"query_id": [1, 1], "query": ["q", None], "doc_id": [1, 2],
                       "passage": ["p", "p"]})

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from rstar_batch.faults import FaultHook
 from rstar_batch.model import ModelInfo, load_replica
+from rstar_batch.stages.bert_cls import cls_only_forward
 from rstar_batch.stages import columns as C
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Scorer:
                  activation: str = "auto", batch_tokens: Optional[int] = None,
                  max_batch_pairs: int = 256, cpu_threads: Optional[int] = None,
                  trust_remote_code: bool = False, quantize: str = "none",
-                 compile: bool = False) -> None:
+                 compile: bool = False, full_forward: bool = False) -> None:
         import torch
 
         self.torch = torch
@@ -93,6 +94,20 @@ class Scorer:
         self.batch_tokens = batch_tokens or (4096 if self.device.type == "cpu" else 16384)
         self.max_batch_pairs = max_batch_pairs
         self.pad_id = getattr(self.model.config, "pad_token_id", None) or 0
+        self.logits = self._logits_function(compile, full_forward)
+
+    def _logits_function(self, compile: bool, full_forward: bool) -> Any:
+        """BERT's [CLS]-only last layer (bert_cls.py) where it applies, else (or when
+        asked: benchmarks compare the two) the model's own forward."""
+        plain = getattr(self.model, "_orig_mod", self.model)  # under torch.compile
+        fast = None if full_forward else cls_only_forward(plain)
+        self.cls_only = fast is not None
+        if fast is None:
+            return lambda inputs: self.model(**inputs).logits
+        log.info("scoring with the [CLS]-only last layer")
+        if compile:
+            fast = self.torch.compile(fast, dynamic=True)
+        return lambda inputs: fast(**inputs)
 
     def _to_device(self, array: np.ndarray) -> Any:
         tensor = self.torch.from_numpy(array)
@@ -106,7 +121,7 @@ class Scorer:
         inputs = {"input_ids": self._to_device(ids), "attention_mask": self._to_device(mask)}
         if token_types is not None:
             inputs["token_type_ids"] = self._to_device(pad_rows(token_types, rows)[0])
-        logits = self.model(**inputs).logits.float()
+        logits = self.logits(inputs).float()
         if self.activation == "sigmoid":
             out = self.torch.sigmoid(logits[:, -1])
         elif self.activation == "softmax":

@@ -82,7 +82,7 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
         log.info("output '%s' already holds this finished job; nothing to do", config.output)
         return dataclasses.replace(JobSummary.from_dict(opened.finished["summary"]),
                                    already_done=True)
-    queries = QuerySet(valid["query_id"], tokenize.assembler.tokenize(
+    queries = QuerySet(valid["query_id"].combine_chunks(), tokenize.assembler.tokenize(
         valid["query"].to_pylist()), query_buckets(valid["query_id"], plan["buckets"]))
     nq = len(queries)
 

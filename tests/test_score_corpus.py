@@ -158,6 +158,26 @@ def test_block_top_k_merges_to_the_exact_top_k_with_ties():
         assert mine["doc_id"].to_pylist() == [doc_ids[i] for i in full]
 
 
+def test_a_block_of_rejected_passages_only_is_kept_with_its_reasons(tiny_model):
+    from rstar_batch.model import describe_model
+    from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
+    from rstar_batch.stages.normalize import NormalizePassages
+    from rstar_batch.stages.pairs import PassagePolicy
+    from rstar_batch.stages.tokenize import TokenizePassages
+
+    info = describe_model(tiny_model)
+    block = pa.table({"doc_id": ["a", None], "passage": pa.array([None, "p"], pa.string()),
+                      C.CHUNK: pa.array([4, 4], pa.int64()), C.ROW: pa.array([0, 1], pa.int32())})
+    tokenize = TokenizePassages(info, 64)
+    tokens = tokenize(NormalizePassages("doc_id", "passage", [])(block))
+    queries = QuerySet(pa.array([1, 2]), tokenize.assembler.tokenize(["q one", "q two"]),
+                       np.zeros(2, dtype=np.int32))
+    out = ScoreAllPairs(queries, 3, PassagePolicy(), 64, model=info, device="cpu",
+                        dtype="float32")(tokens)
+    assert out[C.REJECT].to_pylist() == [C.NULL_PASSAGE, C.NULL_DOC_ID]
+    assert (out[C.RUN_START].to_pylist(), out[C.RUN_END].to_pylist()) == ([0, 0], [2, 2])
+
+
 def test_repeated_corpus_ids_are_refused_naming_them(tiny_model, tmp_path):
     pq.write_table(pa.table({"doc_id": ["a", "b", "a"], "passage": ["x", "y", "z"]}),
                    tmp_path / "corpus.parquet")

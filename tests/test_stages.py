@@ -162,6 +162,15 @@ def test_score_stage_keeps_rejected_rows_unscored(tiny_model):
     assert C.INPUT_IDS not in out.column_names
 
 
+def test_a_batch_of_rejected_rows_only_passes_through_unscored(tiny_model):
+    table = pa.table({"query_id": [1, 1], "query": ["q", "q"], "doc_id": [1, 2],
+                      "passage": pa.array([None, None], pa.string())})
+    out = Score(model=describe_model(tiny_model), device="cpu", dtype="float32")(
+        _tokenized(tiny_model, table))
+    assert out[C.SCORE].null_count == 2
+    assert out[C.REJECT].to_pylist() == [C.NULL_PASSAGE] * 2
+
+
 def test_cuda_out_of_memory_halves_the_batch_and_keeps_it_small(tiny_model, monkeypatch):
     import torch
 

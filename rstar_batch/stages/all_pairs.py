@@ -101,7 +101,11 @@ class ScoreAllPairs:
         passages = TokenTable.from_list_array(batch[C.PASSAGE_IDS].combine_chunks().take(take))
         empty = batch[C.EMPTY_PASSAGE].combine_chunks().take(take).to_numpy(
             zero_copy_only=False)
-        query, passage, scores = self._score(passages, empty, doc_ids)
+        if len(valid) == 0:  # a block of rejected rows only
+            query = passage = np.zeros(0, dtype=np.int64)
+            scores = np.zeros(0, dtype=np.float32)
+        else:
+            query, passage, scores = self._score(passages, empty, doc_ids)
         doc_rank = pc.rank(doc_ids, sort_keys="ascending", tiebreaker="first").to_numpy()
         keep = block_top_k(run_of[valid][passage], query, scores, doc_rank[passage],
                            self.top_k)

@@ -148,6 +148,8 @@ class PairAssembler:
         self.sep = tokenizer.sep_token_id
 
     def tokenize(self, texts: list[str]) -> TokenTable:
+        if not texts:  # the tokenizer fails on an empty batch
+            return TokenTable.from_rows([])
         enc = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                              return_token_type_ids=False)
         return TokenTable.from_rows(enc["input_ids"])

@@ -24,10 +24,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per RerankConfig field, grouped as the fields are."""
+def add_config_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
+    """One option per RerankConfig field (less `leave_out`), grouped as the fields are."""
     groups: dict[str, Any] = {}
     for f in dataclasses.fields(RerankConfig):
+        if f.name in leave_out:
+            continue
         meta = f.metadata
         group = groups.get(meta["group"]) or parser.add_argument_group(meta["group"])
         groups[meta["group"]] = group
@@ -45,6 +47,10 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs.update(type=base, metavar=f.name.upper())
         group.add_argument(_flag(f.name), **kwargs)
+
+
+# Options that only make sense with candidate pairs: score-corpus has none.
+CANDIDATE_ONLY = ("candidates", "nested_column", "on_bad_file")
 
 
 def config_from_args(args: argparse.Namespace) -> RerankConfig:
@@ -81,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "stored: each corpus block keeps its own top K, merged exactly. "
                     "Takes rerank's options, less --candidates; resumes like rerank.")
     corpus.add_argument("--config", metavar="FILE", help="YAML file of options (default: none)")
-    add_config_options(corpus)
+    add_config_options(corpus, leave_out=CANDIDATE_ONLY)
 
     sample = commands.add_parser("sample-data", help="Write a synthetic candidate set.")
     sample.add_argument("out", metavar="OUT", help="Folder to write Parquet parts into")

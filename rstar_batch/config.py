@@ -45,11 +45,11 @@ class RerankConfig:
         [], "Candidate Parquet: files, folders or globs; local paths or any fsspec URI.",
         "input/output", required=True)
     corpus: Optional[str] = _opt(
-        None, "Corpus Parquet (doc id and passage columns, named as for the candidates): "
-        "give passages to candidates that hold only ids.", "input/output")
+        None, "Corpus Parquet (doc id and passage columns): rerank joins its passages "
+        "onto candidates that hold only ids; score-corpus scores all of it.", "input/output")
     queries: Optional[str] = _opt(
-        None, "Queries Parquet (query id and query columns): give query texts to "
-        "candidates that hold only ids.", "input/output")
+        None, "Queries Parquet (query id and query columns): rerank joins their texts "
+        "onto candidates that hold only ids; score-corpus scores each.", "input/output")
     nested_column: Optional[str] = _opt(
         None, "Candidates nested as one row per query: the list<struct> column holding "
         "them (default: found from the schema).", "input/output")

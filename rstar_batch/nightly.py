@@ -85,7 +85,7 @@ def build_parser(job: str = "rerank") -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="Logging detail (default: INFO)")
-    cli.add_config_options(parser)
+    cli.add_config_options(parser, leave_out=cli.CANDIDATE_ONLY if job == "score-corpus" else ())
     return parser
 
 

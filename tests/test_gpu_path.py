@@ -55,3 +55,22 @@ def test_int8_quantization_is_refused_off_cpu(tiny_model):
 
     with pytest.raises(ValueError, match="CPU replicas"):
         load_replica(describe_model(tiny_model), "cpu", "bfloat16", quantize="int8")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_cls_only_last_layer_matches_the_models_forward_in_gpu_dtypes(tiny_model, dtype):
+    """GPUs run bf16/fp16; the same dtypes on CPU (emulated, slow, so a few rows)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from rstar_batch.model import describe_model
+    from rstar_batch.stages.score import Scorer
+
+    ids = pa.array([[2, 40, 41, 3, 50, 51, 52, 3], [2, 40, 3, 60, 3], [2, 3, 70, 71, 72, 3]],
+                   pa.list_(pa.int32()))
+    types = pa.array([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]],
+                     pa.list_(pa.int8()))
+    fast, full = (Scorer(describe_model(tiny_model), device="cpu", dtype=dtype,
+                         activation="none", full_forward=own) for own in (False, True))
+    assert fast.cls_only and fast.model.dtype == getattr(torch, dtype)
+    np.testing.assert_allclose(fast.score(ids, types), full.score(ids, types), atol=0.02)

@@ -325,7 +325,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from rstar_batch.checkpoint import OutputError
     from rstar_batch.io.sources import InputError
     from rstar_batch.model import ModelUnavailableError
-    from rstar_batch.pipeline import TooManyRejectedError
+    from rstar_batch.job import TooManyRejectedError
 
     return (ConfigError, InputError, OutputError, ModelUnavailableError, TooManyRejectedError)
 

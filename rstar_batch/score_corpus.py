@@ -35,10 +35,10 @@ from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
 from rstar_batch.model import describe_model
-from rstar_batch.pipeline import (PAIRS_PER_BUCKET, JobSummary, ProgressLog, _check_all_committed,
-                                  _check_rejected, finish_job, job_plan, on_replicas,
-                                  passage_policy, plan_replicas, rank_all, run_scoring,
-                                  scorer_kwargs)
+from rstar_batch.job import (PAIRS_PER_BUCKET, JobSummary, ProgressLog, check_all_committed,
+                             check_rejected, finish_job, job_plan, on_replicas,
+                             passage_policy, plan_replicas, rank_all, run_scoring,
+                             scorer_kwargs)
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
 from rstar_batch.stages.normalize import NormalizePassages, query_buckets, stable_hash
@@ -101,7 +101,7 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
             run_scoring(build_corpus_plan(config, corpus, model, queries, replicas, pending,
                                           out_fs, root, opened.run), progress_log, nq)
         progress = checkpoint.read_progress(out_fs, root)
-        _check_all_committed(progress, chunks)
+        check_all_committed(progress, chunks)
         if rejected.num_rows:
             fsio.write_table(out_fs, fsio.join(root, sinks.REJECTED, QUERIES_REJECTED),
                              rejected)
@@ -110,7 +110,7 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
     runs = progress.rows_by_run
     summary = summarise(config, corpus.num_rows, nq, parts, rejected,
                         runs.get(opened.run, 0) * nq, time.time() - started)
-    _check_rejected(summary, config, rows=corpus.num_rows + query_files.num_rows)
+    check_rejected(summary, config, rows=corpus.num_rows + query_files.num_rows)
     finish_job(out_fs, root, config, summary, plan, {
         "command": "score-corpus",
         "passages_scored_per_run": {str(k): v for k, v in sorted(runs.items())},

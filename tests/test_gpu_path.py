@@ -7,7 +7,7 @@ import torch
 
 from rstar_batch.config import RerankConfig
 from rstar_batch.model import resolve_device, resolve_dtype
-from rstar_batch.pipeline import plan_replicas
+from rstar_batch.job import plan_replicas
 
 
 def _config(**kw) -> RerankConfig:

@@ -9,6 +9,7 @@ Methods, all on the same pairs, model and device:
   (b) a plain transformers loop in input order, batches of 32, padded per batch
   (c) our scorer in-process: the Tokenize stage and Scorer (length-sorted token budget)
   (d) the whole `rstar-batch rerank` job, read to write, on an embedded local Ray
+  (e) the whole `rstar-batch score-corpus` job over as many pairs (20 queries × a corpus)
 plus our scorer with the model's own forward instead of the [CLS]-only last layer
 (stages/bert_cls.py), and its options (int8 quantization, torch.compile), each with
 its score drift against (c). Results are appended to BENCHMARKS.md with the machine and versions.
@@ -34,7 +35,7 @@ sys.path.insert(0, str(HERE))
 
 from metrics import drift  # noqa: E402
 
-from rstar_batch import RerankConfig, rerank  # noqa: E402
+from rstar_batch import RerankConfig, rerank, score_corpus  # noqa: E402
 from rstar_batch.model import describe_model  # noqa: E402
 from rstar_batch.stages import columns as C  # noqa: E402
 from rstar_batch.stages.normalize import Normalize  # noqa: E402
@@ -105,6 +106,24 @@ def whole_job(model: str, table: pa.Table, device: str, workdir: str) -> tuple[f
     return summary.seconds, summary.pairs
 
 
+def corpus_job(model: str, table: pa.Table, device: str, workdir: str,
+               pairs: int) -> tuple[float, int, int, int]:
+    """score-corpus over about `pairs` pairs: 20 of the queries × that many / 20
+    distinct passages of the same data."""
+    queries = table.group_by(["query_id", "query"]).aggregate([]).slice(0, 20)
+    passages = table.group_by(["doc_id", "passage"]).aggregate([])
+    corpus = passages.slice(0, max(1, pairs // queries.num_rows))
+    folder = os.path.join(workdir, "corpus-job")
+    os.makedirs(folder, exist_ok=True)
+    pq.write_table(queries, os.path.join(folder, "queries.parquet"))
+    pq.write_table(corpus, os.path.join(folder, "corpus.parquet"))
+    summary = score_corpus(RerankConfig(
+        queries=os.path.join(folder, "queries.parquet"),
+        corpus=os.path.join(folder, "corpus.parquet"), output=os.path.join(folder, "out"),
+        model=model, device=device, top_k=100, overwrite=True, restart=True))
+    return summary.seconds, summary.pairs, queries.num_rows, corpus.num_rows
+
+
 def machine(device: str) -> str:
     import torch
 
@@ -149,7 +168,8 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="model folder (default: tiny R* model)")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI; writes nothing")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["crossencoder", "loop", "int8", "compile", "job", "half"])
+                        choices=["crossencoder", "loop", "int8", "compile", "job", "half",
+                                 "corpus"])
     parser.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = parser.parse_args()
     if args.smoke:
@@ -202,6 +222,11 @@ def main() -> int:
     if "job" not in args.skip:
         seconds, pairs = whole_job(model, job_table, args.device, workdir)
         rows.append(("(d) rstar-batch rerank job, read to write", pairs, seconds))
+    if "corpus" not in args.skip:
+        seconds, pairs, nq, nc = corpus_job(model, job_table, args.device, workdir,
+                                            args.job_pairs)
+        rows.append((f"(e) rstar-batch score-corpus, {nq} queries × {nc} passages, top 100",
+                     pairs, seconds))
 
     options.insert(0, ("model's own forward", full))
     report = render(args, table, rows, base, reference, options, ours_rate)

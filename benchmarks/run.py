@@ -1,7 +1,9 @@
 """Scoring throughput of rstar-batch against the alternatives: one machine, one run.
 
     python benchmarks/run.py                       # CPU: 2,000 pairs in-process, 20,000 for the job
-    python benchmarks/run.py --device cuda         # the same on a GPU (dtype auto = bf16/fp16)
+    python benchmarks/run.py --device cuda --pairs 20000 --job-pairs 2000000
+                                                   # a GPU (dtype auto = bf16/fp16): more pairs,
+                                                   # plus GPU busy and two replicas per GPU
     python benchmarks/run.py --smoke               # tiny sizes, for CI; prints, writes nothing
 
 Methods, all on the same pairs, model and device:
@@ -33,6 +35,7 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from gpu_busy import GpuBusy  # noqa: E402
 from metrics import drift  # noqa: E402
 
 from rstar_batch import RerankConfig, rerank, score_corpus  # noqa: E402
@@ -95,14 +98,16 @@ def ours(model: str, table: pa.Table, device: str, dtype: str, **options):
     return _timed(run)
 
 
-def whole_job(model: str, table: pa.Table, device: str, workdir: str) -> tuple[float, int]:
+def whole_job(model: str, table: pa.Table, device: str, workdir: str,
+              gpus_per_replica: float = 1.0) -> tuple[float, int]:
     candidates = os.path.join(workdir, "job-candidates")
     os.makedirs(candidates, exist_ok=True)
     step = -(-table.num_rows // 4)
     for i in range(4):
         pq.write_table(table.slice(i * step, step), os.path.join(candidates, f"part-{i}.parquet"))
     summary = rerank(RerankConfig(candidates=[candidates], output=os.path.join(workdir, "job-out"),
-                                  model=model, device=device, overwrite=True, restart=True))
+                                  model=model, device=device, overwrite=True, restart=True,
+                                  gpus_per_replica=gpus_per_replica))
     return summary.seconds, summary.pairs
 
 
@@ -219,9 +224,16 @@ def main() -> int:
         scores, seconds = ours(model, table, args.device, dtype, compile=True)
         rows.append(("(c) + --compile (after warm-up)", len(scores), seconds))
         options.append(("--compile", scores))
+    busy = None
     if "job" not in args.skip:
-        seconds, pairs = whole_job(model, job_table, args.device, workdir)
+        with GpuBusy() as sampler:
+            seconds, pairs = whole_job(model, job_table, args.device, workdir)
+        busy = sampler.summary()
         rows.append(("(d) rstar-batch rerank job, read to write", pairs, seconds))
+        if args.device == "cuda":  # two replicas per GPU: kept if measured faster
+            seconds, pairs = whole_job(model, job_table, args.device, workdir, 0.5)
+            rows.append(("(d) with --gpus-per-replica 0.5 (two replicas per GPU)", pairs,
+                         seconds))
     if "corpus" not in args.skip:
         seconds, pairs, nq, nc = corpus_job(model, job_table, args.device, workdir,
                                             args.job_pairs)
@@ -229,7 +241,7 @@ def main() -> int:
                      pairs, seconds))
 
     options.insert(0, ("model's own forward", full))
-    report = render(args, table, rows, base, reference, options, ours_rate)
+    report = render(args, table, rows, base, reference, options, ours_rate, busy)
     print(report)
     if not args.smoke:
         with open(args.out, "a", encoding="utf-8") as fh:
@@ -238,7 +250,7 @@ def main() -> int:
     return 0
 
 
-def render(args, table, rows, base, reference, options, ours_rate) -> str:
+def render(args, table, rows, base, reference, options, ours_rate, busy=None) -> str:
     ce_rate = next((p / s for name, p, s in rows if name.startswith("(a)")), None)
     tokens = np.mean([len(q.split()) + len(p.split()) for q, p in zip(
         table["query"].to_pylist(), table["passage"].to_pylist())])
@@ -256,6 +268,9 @@ def render(args, table, rows, base, reference, options, ours_rate) -> str:
         vs_ce = f"{rate / ce_rate:.2f}" if ce_rate else "n/a"
         lines.append(f"| {name} | {pairs} | {seconds:.1f} | {rate:.1f} | {vs_ce} | "
                      f"{rate / ours_rate:.2f} |")
+    if busy is not None:
+        lines += ["", f"GPU busy during (d): median {busy['median']:.0f}%, mean "
+                  f"{busy['mean']:.0f}% of {busy['samples']} nvidia-smi samples."]
     if reference is not None:
         lines += ["", f"Our float32 scores vs the plain transformers loop: max |Δ| = "
                   f"{np.abs(base - reference).max():.2e}."]

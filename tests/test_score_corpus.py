@@ -31,7 +31,7 @@ LONG = " ".join(["glacier river engine"] * 300)
 def corpus_inputs(tmp_path_factory) -> tuple[str, str, pa.Table, pa.Table]:
     """90 passages in two files (ids "d000"…; repeated texts under other ids, so the
     reference has exact ties; an empty passage, one past 512 tokens, one null) and
-    six queries, one without text and one repeating an id."""
+    seven queries: one without text, one repeating an id, one longer than max_length."""
     folder = tmp_path_factory.mktemp("corpus")
     texts = list(dict.fromkeys(make_candidates(4, 30, seed=5)["passage"].to_pylist()))[:80]
     texts += texts[:6] + ["", LONG, None, "violin"]
@@ -40,9 +40,11 @@ def corpus_inputs(tmp_path_factory) -> tuple[str, str, pa.Table, pa.Table]:
     os.makedirs(folder / "corpus")
     pq.write_table(corpus.slice(0, 50), folder / "corpus" / "a.parquet")
     pq.write_table(corpus.slice(50), folder / "corpus" / "b.parquet")
-    queries = pa.table({"qid": [3, 1, 4, 5, 9, 1],
+    long_query = " ".join(texts[0].split() * 20)[:3000]   # cut in every pair, with LONG too
+    queries = pa.table({"qid": [3, 1, 4, 5, 9, 1, 7],
                         "text": ["comet telescope orbit", "violin festival Paris",
-                                 "glacier river", None, "café 東京 😀", "repeated id"]})
+                                 "glacier river", None, "café 東京 😀", "repeated id",
+                                 long_query]})
     pq.write_table(queries, folder / "queries.parquet")
     return str(folder / "corpus"), str(folder / "queries.parquet"), corpus, queries
 
@@ -54,7 +56,7 @@ def brute_force(tiny_model, corpus_inputs) -> dict[int, list[tuple[str, float]]]
     valid_docs = corpus.filter(pa.compute.is_valid(corpus["passage"])).to_pylist()
     pairs = [{"query_id": q["qid"], "query": q["text"], "doc_id": d["doc_id"],
               "passage": d["passage"]}
-             for q in queries.slice(0, 5).to_pylist() if q["text"] is not None
+             for q in queries.to_pylist() if q["text"] is not None and q["text"] != "repeated id"
              for d in valid_docs]
     scores = reference_scores(tiny_model, pa.Table.from_pylist(pairs), max_length=128)
     ranked: dict[int, list] = {}
@@ -64,7 +66,7 @@ def brute_force(tiny_model, corpus_inputs) -> dict[int, list[tuple[str, float]]]
 
 
 def _args(corpus: str, queries: str, out: str, model: str, *extra: str) -> list[str]:
-    # 4 valid queries: chunks of 15 passages, replica calls of 8, so calls straddle
+    # 5 valid queries: chunks of 12 passages, replica calls of 6, so calls straddle
     # chunks and every chunk is a run of its own.
     return ["score-corpus", "--corpus", corpus, "--queries", queries, "--output", out,
             "--model", model, "--top-k", str(TOP_K), "--max-length", "128",
@@ -76,7 +78,7 @@ def _args(corpus: str, queries: str, out: str, model: str, *extra: str) -> list[
 def _assert_equals_brute_force(out: str, brute_force: dict) -> None:
     got = pq.read_table(out)
     assert got.column_names == ["query_id", "doc_id", "score", "rank", "source"]
-    assert sorted(set(got["query_id"].to_pylist())) == [1, 3, 4, 9]
+    assert sorted(set(got["query_id"].to_pylist())) == [1, 3, 4, 7, 9]
     for qid, expected in brute_force.items():
         mine = got.filter(pa.compute.equal(got["query_id"], qid)).sort_by("rank").to_pylist()
         assert [r["rank"] for r in mine] == list(range(1, TOP_K + 1))
@@ -98,7 +100,7 @@ def test_score_corpus_equals_brute_force_and_keeps_rejected_rows(
                           query_column="text", keep_columns=["source"], checkpoint_rows=60,
                           replica_batch_rows=32, max_rejected_fraction=0.05)
     summary = score_corpus(config)
-    assert (summary.queries, summary.written, summary.pairs) == (4, 4 * TOP_K, 4 * 89)
+    assert (summary.queries, summary.written, summary.pairs) == (5, 5 * TOP_K, 5 * 89)
     assert summary.rejected == {C.NULL_PASSAGE: 1, C.NULL_QUERY: 1, C.DUPLICATE_QUERY_ID: 1}
     _assert_equals_brute_force(out, brute_force)
     rejected = pq.read_table(os.path.join(out, "_rejected")).to_pylist()
@@ -127,7 +129,7 @@ def test_maxp_over_the_corpus_windows_only_long_passages(ray_local, tiny_model,
                            query_column="text", checkpoint_rows=400, replica_batch_rows=400,
                            max_rejected_fraction=0.05, long_passages="maxp", window=64,
                            stride=32)
-    assert summary.written == 4 * 89
+    assert summary.written == 5 * 89
     maxp = {(r["query_id"], r["doc_id"]): r["score"]
             for r in pq.read_table(tmp_path / "maxp").to_pylist()}
     plain = {(q, d): s for q, rows in brute_force.items() for d, s in rows}
@@ -201,7 +203,7 @@ def test_killed_score_corpus_resumes_to_the_brute_force_result(
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
     done_at_kill = committed_rows(out)
     status = run(["status", out], str(tmp_path / "status.log")).output()
-    assert f"/{90 * 4} pairs scored" in status, status
+    assert f"/{90 * 5} pairs scored" in status, status
     rerun = run(args, str(tmp_path / "run2.log"))
     assert rerun.proc.returncode == 0, rerun.output()[-3000:]
     _assert_equals_brute_force(out, brute_force)
@@ -209,4 +211,4 @@ def test_killed_score_corpus_resumes_to_the_brute_force_result(
     per_run = {int(k): v for k, v in manifest["passages_scored_per_run"].items()}
     assert per_run[1] == done_at_kill and sum(per_run.values()) >= 90  # nothing lost
     done = run(["status", out], str(tmp_path / "status2.log")).output()
-    assert done.startswith(f"DONE {4 * 89} pairs, 4 queries"), done
+    assert done.startswith(f"DONE {5 * 89} pairs, 5 queries"), done

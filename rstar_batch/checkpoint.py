@@ -101,6 +101,11 @@ def scored_dir(root: str) -> str:
     return fsio.join(work_dir(root), "scored")
 
 
+def prepared_dir(root: str) -> str:
+    """Joined or flattened candidates, written once per job before scoring."""
+    return fsio.join(work_dir(root), "prepared")
+
+
 # -- what the job is ------------------------------------------------------------------
 
 def config_key(config: RerankConfig) -> dict[str, Any]:

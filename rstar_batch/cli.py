@@ -276,8 +276,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_length_bias(args: argparse.Namespace) -> int:
-    import json
-
     from rstar_batch.io import fs as fsio
     from rstar_batch.length_bias import length_bias, plot_length_bias
 
@@ -286,7 +284,7 @@ def _run_length_bias(args: argparse.Namespace) -> int:
     print(report.text())
     if args.json:
         fs, path = fsio.resolve(args.json)
-        fsio.write_bytes(fs, path, json.dumps(report.to_dict(), indent=2).encode())
+        fsio.write_json(fs, path, report.to_dict())
         print(f"wrote {args.json}")
     if args.plot:
         try:
@@ -342,14 +340,19 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, handlers=[_StderrHandler()],
+def setup_process(log_level: str) -> None:
+    """Logging to stderr and quiet tokenizer threads, for every entrypoint."""
+    logging.basicConfig(level=log_level, handlers=[_StderrHandler()],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.log_level != "DEBUG":  # one line per S3 client about where credentials came from
+    if log_level != "DEBUG":  # one line per S3 client about where credentials came from
         for name in ("botocore", "aiobotocore", "s3fs"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_process(args.log_level)
     try:
         return COMMANDS[args.command](args)
     except user_errors() as exc:

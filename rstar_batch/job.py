@@ -199,6 +199,11 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "pyarrow": pyarrow.__version__}
 
 
+def bucket_count(config: RerankConfig, rows: int, most: int = 4096) -> int:
+    """Output files: --rank-partitions, else one per ~2M rows the rank pass reads."""
+    return config.rank_partitions or max(1, min(most, math.ceil(rows / PAIRS_PER_BUCKET)))
+
+
 def job_plan(config: RerankConfig, sources: list[CandidateFiles], model: ModelInfo) -> dict:
     """What the output is built from (the candidates first, then corpus and queries);
     a resume must match it exactly."""
@@ -211,7 +216,7 @@ def job_plan(config: RerankConfig, sources: list[CandidateFiles], model: ModelIn
             "input": {"files": files, "rows": prints[0]["rows"],
                       "digest": checkpoint.digest(files)},
             "total_rows": rows,
-            "buckets": config.rank_partitions or min(4096, math.ceil(rows / PAIRS_PER_BUCKET))}
+            "buckets": bucket_count(config, rows)}
 
 
 def finish_job(fs: Any, root: str, config: RerankConfig, summary: JobSummary, plan: dict,

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
-import os
 import re
-import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -113,9 +111,7 @@ def run(argv: Sequence[str], job: str = "rerank") -> tuple[int, dict[str, Any]]:
         if exc.code in (0, None):  # --help
             raise
         return 2, {**record, "seconds": 0.0, "error": "invalid arguments (usage above)"}
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli.setup_process(args.log_level)
     code, error = 0, None
     try:
         config, day = config_from_args(args, job)

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import Any, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rstar_batch import checkpoint
@@ -32,7 +30,7 @@ from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, pre
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
-from rstar_batch.job import (PAIRS_PER_BUCKET, JobSummary, ProgressLog, ReplicaPlan,
+from rstar_batch.job import (JobSummary, ProgressLog, ReplicaPlan, bucket_count,
                              check_all_committed, check_rejected, finish_job, job_plan,
                              on_replicas, passage_policy, plan_replicas, rank_all,
                              run_scoring, scorer_kwargs)
@@ -60,9 +58,9 @@ def _check_keep(config: RerankConfig) -> None:
 
 def check_passage_policy(config: RerankConfig, model: ModelInfo) -> None:
     """Fail before Ray starts if the tokenizer cannot cut passages as asked."""
-    if passage_policy(config).changes_passages:
-        Tokenize(model, config.max_length, config.trust_remote_code,
-                 passages=passage_policy(config))
+    policy = passage_policy(config)
+    if policy.changes_passages:
+        Tokenize(model, config.max_length, config.trust_remote_code, passages=policy)
 
 
 def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo,
@@ -152,23 +150,17 @@ def _prepared_candidates(inputs: Inputs, spec: JoinSpec, config: RerankConfig, f
         prepare_nested(inputs.candidates, Flatten(inputs.nested, spec.query_id, spec.query,
                                                   spec.doc_id, spec.passage, spec.keep),
                        fs, root)
-        return inspect_candidates([fsio.join(config.output, "_work", "prepared")],
-                                  _roles(config), config.keep_columns)
+        return inspect_candidates([checkpoint.prepared_dir(config.output)], _roles(config),
+                                  config.keep_columns)
     return _joined_candidates(inputs, spec, config, fs, root)
 
 
 def _joined_candidates(inputs: Inputs, spec: JoinSpec, config: RerankConfig, fs: Any,
                        root: str) -> CandidateFiles:
     """Candidates with their texts joined on (under _work/prepared/, once per job)."""
-    queries = None
-    if inputs.queries is not None:
-        q = inputs.queries
-        queries = pq.read_table(q.paths, filesystem=q.filesystem,
-                                columns=[spec.query_id, spec.query])
-        queries = queries.filter(pc.is_valid(queries[spec.query]))
-    prepare_joined(inputs.candidates, inputs.corpus, queries, spec, fs, root)
+    prepare_joined(inputs.candidates, inputs.corpus, inputs.queries, spec, fs, root)
     # read back by URI (the output's scheme), not by the filesystem's own path
-    return inspect_candidates([fsio.join(config.output, "_work", "prepared")], _roles(config),
+    return inspect_candidates([checkpoint.prepared_dir(config.output)], _roles(config),
                               config.keep_columns, optional=(PREPARE_REASON,))
 
 
@@ -176,7 +168,7 @@ def _plan_for_prepared(plan: dict, config: RerankConfig, source: CandidateFiles,
                        root: str) -> dict:
     """Pairs and buckets follow the prepared candidates (a nested row holds many pairs)."""
     rows = source.num_rows
-    buckets = config.rank_partitions or min(4096, math.ceil(rows / PAIRS_PER_BUCKET))
+    buckets = bucket_count(config, rows)
     if (plan["total_rows"], plan["buckets"]) != (rows, buckets):
         plan = {**plan, "total_rows": rows, "buckets": buckets}
         fsio.write_json(fs, fsio.join(checkpoint.work_dir(root), checkpoint.PLAN), plan)

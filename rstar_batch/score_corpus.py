@@ -34,11 +34,11 @@ from rstar_batch.io import sinks
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
-from rstar_batch.model import describe_model
-from rstar_batch.job import (PAIRS_PER_BUCKET, JobSummary, ProgressLog, check_all_committed,
+from rstar_batch.job import (JobSummary, ProgressLog, bucket_count, check_all_committed,
                              check_rejected, finish_job, job_plan, on_replicas,
                              passage_policy, plan_replicas, rank_all, run_scoring,
                              scorer_kwargs)
+from rstar_batch.model import describe_model
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
 from rstar_batch.stages.normalize import NormalizePassages, query_buckets, stable_hash
@@ -160,8 +160,7 @@ def corpus_plan(config: RerankConfig, corpus: CandidateFiles, query_files: Candi
     """
     plan = job_plan(config, [corpus, query_files], model)
     merged = queries * min(config.top_k, rows_per_chunk) * chunks
-    buckets = config.rank_partitions or max(1, min(queries, 4096,
-                                                   math.ceil(merged / PAIRS_PER_BUCKET)))
+    buckets = bucket_count(config, merged, most=min(queries, 4096))
     return {**plan, "command": "score-corpus", "pairs_per_row": queries,
             "total_rows": corpus.num_rows, "buckets": buckets}
 

@@ -50,10 +50,6 @@ class JoinSpec:
     keep: list[str]
 
 
-def prepared_dir(root: str) -> str:
-    return fsio.join(checkpoint.work_dir(root), "prepared")
-
-
 class _Bucketize:
     """`map_batches` function: add the join bucket of each row's doc id."""
 
@@ -118,15 +114,16 @@ def _first_per_id(corpus: pa.Table, doc_id: str) -> pa.Table:
 
 
 def prepare_joined(run: CandidateFiles, corpus: Optional[CandidateFiles],
-                   queries: Optional[pa.Table], spec: JoinSpec, fs: pafs.FileSystem,
+                   queries: Optional[CandidateFiles], spec: JoinSpec, fs: pafs.FileSystem,
                    root: str) -> str:
     """Write the run with its texts under `_work/prepared/` (once per job); return it."""
     import ray
 
-    out = prepared_dir(root)
+    out = checkpoint.prepared_dir(root)
     done = fsio.join(out, "_DONE")
     if fsio.exists(fs, done):
         return out
+    query_texts = _query_texts(queries, spec) if queries is not None else None
     work = fsio.join(checkpoint.work_dir(root), "join")
     for folder in (work, out):
         fsio.delete(fs, folder)
@@ -141,7 +138,7 @@ def prepare_joined(run: CandidateFiles, corpus: Optional[CandidateFiles],
         _split(corpus, [spec.doc_id, spec.passage], spec.doc_id, buckets, fs,
                fsio.join(work, "corpus"))
         corpus_parts = _bucket_files(fs, fsio.join(work, "corpus"))
-    queries_ref = ray.put(queries) if queries is not None else None
+    queries_ref = ray.put(query_texts) if query_texts is not None else None
     task = ray.remote(num_cpus=1)(join_bucket)
     refs = [task.remote(fs, files, corpus_parts.get(b, []) if corpus is not None else None,
                         queries_ref, spec, fsio.join(out, f"part-{b:05d}.parquet"))
@@ -152,6 +149,13 @@ def prepare_joined(run: CandidateFiles, corpus: Optional[CandidateFiles],
     fsio.write_json(fs, done, {"rows": rows, "buckets": buckets})
     fsio.delete(fs, work)
     return out
+
+
+def _query_texts(queries: CandidateFiles, spec: JoinSpec) -> pa.Table:
+    """Every query with a text: small enough for the object store, put there once."""
+    table = pq.read_table(queries.paths, filesystem=queries.filesystem,
+                          columns=[spec.query_id, spec.query])
+    return table.filter(pc.is_valid(table[spec.query]))
 
 
 def run_roles(spec: JoinSpec, corpus: bool, queries: bool) -> dict[str, Any]:

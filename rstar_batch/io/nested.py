@@ -91,26 +91,16 @@ class Flatten:
 
 
 def prepare_nested(source: CandidateFiles, flatten: Flatten, fs: pafs.FileSystem,
-                   root: str) -> int:
-    """Write the flattened candidates under `_work/prepared/` once per job; their rows."""
+                   root: str) -> None:
+    """Write the flattened candidates under `_work/prepared/` once per job."""
     import ray.data
 
-    out = fsio.join(checkpoint.work_dir(root), "prepared")
+    out = checkpoint.prepared_dir(root)
     done = fsio.join(out, "_DONE")
     if fsio.exists(fs, done):
-        return fsio.read_json(fs, done)["rows"]
+        return
     fsio.delete(fs, out)
     ds = ray.data.read_parquet(source.paths, filesystem=source.filesystem)
     ds.select_columns(source.schema.names).map_batches(flatten, batch_format="pyarrow") \
         .write_parquet(out, filesystem=fs)
-    rows = sum(pq_rows(fs, i.path) for i in fsio.list_files(fs, out)
-               if i.path.endswith(".parquet"))
-    fsio.write_json(fs, done, {"rows": rows})
-    return rows
-
-
-def pq_rows(fs: pafs.FileSystem, path: str) -> int:
-    import pyarrow.parquet as pq
-
-    with fs.open_input_file(path) as fh:
-        return pq.ParquetFile(fh).metadata.num_rows
+    fsio.write_bytes(fs, done, b"")

@@ -43,9 +43,9 @@ def named_runs(chunks: np.ndarray, starts: np.ndarray, ends: np.ndarray
     """(chunk, start, end, indices) for rows that name their run themselves."""
     keys = np.stack([chunks, starts, ends], axis=1)
     unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    return [(int(c), int(s), int(e), np.flatnonzero(inverse == i))
-            for i, (c, s, e) in enumerate(unique)]
+    order = np.argsort(inverse.reshape(-1), kind="stable")
+    groups = np.split(order, np.cumsum(np.bincount(inverse.reshape(-1)))[:-1])
+    return [(int(c), int(s), int(e), rows) for (c, s, e), rows in zip(unique, groups)]
 
 
 class WriteRuns:

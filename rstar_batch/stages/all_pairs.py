@@ -22,7 +22,7 @@ from rstar_batch.io.scored import split_runs
 from rstar_batch.model import load_tokenizer
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
-from rstar_batch.stages.score import Scorer, _check_finite, with_retries
+from rstar_batch.stages.score import Scorer, _check_finite, best_per_row, with_retries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +79,7 @@ class ScoreAllPairs:
                 ids, types, counts = self.assembler.assemble_windows(
                     self.queries.tokens, passages, query, passage, empty[passage],
                     self.passages.window, self.passages.stride)
-                scores = np.maximum.reduceat(self.scorer.score(ids, types),
-                                             np.concatenate([[0], np.cumsum(counts)[:-1]]))
+                scores = best_per_row(self.scorer.score(ids, types), counts)
             _check_finite(scores, lambda i: (self.queries.ids[int(query[i])],
                                              doc_ids[int(passage[i])]))
             return scores

@@ -168,9 +168,13 @@ def best_window_scores(scorer: Scorer, input_ids: pa.ListArray,
     ids = pa.ListArray.from_arrays(offsets, input_ids.flatten())
     types = None if token_types is None else pa.ListArray.from_arrays(
         offsets, token_types.flatten())
-    scores = scorer.score(ids, types)
-    counts = pc.list_value_length(windows).to_numpy(zero_copy_only=False)
-    return np.maximum.reduceat(scores, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+    return best_per_row(scorer.score(ids, types),
+                        pc.list_value_length(windows).to_numpy(zero_copy_only=False))
+
+
+def best_per_row(window_scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each row's best window score; row i owns the next counts[i] (≥ 1) windows."""
+    return np.maximum.reduceat(window_scores, np.concatenate([[0], np.cumsum(counts)[:-1]]))
 
 
 class BatchFailedError(RuntimeError):

@@ -98,11 +98,7 @@ class Tokenize:
         index = pa.array(np.flatnonzero(scored.to_numpy(zero_copy_only=False)))
         ids, types, windows = self.encode_pairs(batch[C.QUERY].combine_chunks().take(index),
                                                 batch[C.PASSAGE].combine_chunks().take(index))
-        out = batch
-        for column in (C.QUERY, C.PASSAGE):  # texts are kept for rejected rows only
-            out = out.set_column(out.schema.get_field_index(column), column,
-                                 pc.if_else(scored, pa.scalar(None, out[column].type),
-                                            out[column]))
+        out = texts_of_rejected_only(batch, scored, (C.QUERY, C.PASSAGE))
         out = out.append_column(C.INPUT_IDS, _scatter(ids, index, batch.num_rows, pa.int32()))
         if types is not None:
             out = out.append_column(C.TOKEN_TYPE_IDS,
@@ -137,13 +133,21 @@ class TokenizePassages:
         tokens = self.passages.cut(self.assembler.tokenize(texts.to_pylist()))
         if self.limit is not None:
             tokens = tokens.clip(self.limit)
-        out = batch.set_column(batch.schema.get_field_index(C.PASSAGE), C.PASSAGE,
-                               pc.if_else(scored, pa.scalar(None, batch[C.PASSAGE].type),
-                                          batch[C.PASSAGE]))
+        out = texts_of_rejected_only(batch, scored, (C.PASSAGE,))
         return (out.append_column(C.PASSAGE_IDS, _scatter(tokens.to_list_array(), index,
                                                           batch.num_rows, pa.int32()))
                 .append_column(C.EMPTY_PASSAGE, pc.fill_null(pc.equal(batch[C.PASSAGE], ""),
                                                              False)))
+
+
+def texts_of_rejected_only(batch: pa.Table, scored: pa.Array, columns: tuple[str, ...]
+                           ) -> pa.Table:
+    """Texts are kept for the rejected-rows table only: scored rows travel on as ids."""
+    for column in columns:
+        batch = batch.set_column(batch.schema.get_field_index(column), column,
+                                 pc.if_else(scored, pa.scalar(None, batch[column].type),
+                                            batch[column]))
+    return batch
 
 
 def group_windows(ids: pa.ListArray, types: pa.ListArray, counts: np.ndarray

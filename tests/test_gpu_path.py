@@ -50,11 +50,14 @@ def test_cuda_without_a_visible_gpu_is_a_clear_error(monkeypatch):
         resolve_device("cuda")
 
 
-def test_int8_quantization_is_refused_off_cpu(tiny_model):
+def test_int8_quantization_is_refused_off_cpu(tiny_model, monkeypatch):
     from rstar_batch.model import describe_model, load_replica
 
     with pytest.raises(ValueError, match="CPU replicas"):
         load_replica(describe_model(tiny_model), "cpu", "bfloat16", quantize="int8")
+    monkeypatch.setattr("rstar_batch.model.resolve_device", lambda device: "cuda")
+    with pytest.raises(ValueError, match="CPU replicas"):
+        load_replica(describe_model(tiny_model), "cuda", "float32", quantize="int8")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

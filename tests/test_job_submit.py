@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from rstar_batch.testing import write_sample_data
+from tests.infra_files import REPO
 from tests.jobs import LocalCluster, kill_until_gone, new_token, session_pids, venv_bin
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 DATE = "2026-11-26"
 QUERIES, CANDIDATES = 10, 20
 

@@ -6,14 +6,13 @@ import datetime
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from rstar_batch import nightly
 from rstar_batch.config import ConfigError, RerankConfig
+from tests.infra_files import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _parse(*argv: str) -> tuple[RerankConfig, datetime.date]:

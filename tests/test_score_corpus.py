@@ -189,8 +189,6 @@ def test_repeated_corpus_ids_are_refused_naming_them(tiny_model, tmp_path):
                      output=str(tmp_path / "out"), model=tiny_model, top_k=2)
 
 
-
-
 @pytest.mark.slow
 def test_killed_score_corpus_resumes_to_the_brute_force_result(
         tiny_model, corpus_inputs, brute_force, tmp_path):

@@ -14,7 +14,8 @@ Methods, all on the same pairs, model and device:
   (e) the whole `rstar-batch score-corpus` job over as many pairs (20 queries × a corpus)
 plus our scorer with the model's own forward instead of the [CLS]-only last layer
 (stages/bert_cls.py), and its options (int8 quantization, torch.compile), each with
-its score drift against (c). Results are appended to BENCHMARKS.md with the machine and versions.
+its score drift against (c). The in-process methods take turns in --rounds rounds and
+each reports its median round. Results are appended to BENCHMARKS.md with the machine and versions.
 """
 
 from __future__ import annotations
@@ -47,10 +48,18 @@ from rstar_batch.stages.tokenize import Tokenize  # noqa: E402
 from rstar_batch.testing import make_candidates, make_tiny_model  # noqa: E402
 
 
-def _timed(fn):
-    started = time.perf_counter()
-    scores = fn()
-    return np.asarray(scores, dtype=np.float32), time.perf_counter() - started
+def timed_rounds(runners: dict, rounds: int) -> dict:
+    """name → (scores, median seconds, every round's seconds). The methods take turns
+    in each round, so a slow spell of the machine falls on all of them alike."""
+    seconds = {name: [] for name in runners}
+    scores = {}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            started = time.perf_counter()
+            scores[name] = np.asarray(run(), dtype=np.float32)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: (scores[name], float(np.median(seconds[name])), seconds[name])
+            for name in runners}
 
 
 def crossencoder(model: str, table: pa.Table, device: str, dtype):
@@ -62,7 +71,7 @@ def crossencoder(model: str, table: pa.Table, device: str, dtype):
     encoder = CrossEncoder(model, device=device, max_length=512, model_kwargs={"dtype": dtype})
     pairs = list(zip(table["query"].to_pylist(), table["passage"].to_pylist()))
     encoder.predict(pairs[:64], batch_size=32)  # warm-up
-    return _timed(lambda: encoder.predict(pairs, batch_size=32, show_progress_bar=False))
+    return lambda: encoder.predict(pairs, batch_size=32, show_progress_bar=False)
 
 
 def transformers_loop(model: str, table: pa.Table, device: str, dtype):
@@ -80,7 +89,7 @@ def transformers_loop(model: str, table: pa.Table, device: str, dtype):
                 out.append(torch.sigmoid(net(**enc).logits[:, 0].float()).cpu().numpy())
         return np.concatenate(out)
     run(table["query"].to_pylist()[:32], table["passage"].to_pylist()[:32])  # warm-up
-    return _timed(run)
+    return run
 
 
 def ours(model: str, table: pa.Table, device: str, dtype: str, **options):
@@ -95,7 +104,7 @@ def ours(model: str, table: pa.Table, device: str, dtype: str, **options):
         tokens = tokenize(normalize(table))
         return scorer.score(tokens[C.INPUT_IDS].combine_chunks(),
                             tokens[C.TOKEN_TYPE_IDS].combine_chunks())
-    return _timed(run)
+    return run
 
 
 def whole_job(model: str, table: pa.Table, device: str, workdir: str,
@@ -162,6 +171,12 @@ def versions() -> str:
 
 
 HALF_DRIFT_PAIRS = 300
+LOOP = "(b) transformers loop, input order, batch 32"
+CROSSENCODER = "(a) CrossEncoder.predict(batch_size=32)"
+OURS = "(c) rstar-batch scorer, in-process"
+OWN_FORWARD = "(c) with the model's own forward, not the [CLS]-only last layer"
+INT8 = "(c) + --quantize int8"
+COMPILE = "(c) + --compile (after warm-up)"
 
 
 def main() -> int:
@@ -171,6 +186,8 @@ def main() -> int:
                         help="pairs for the whole job (d) (default 20000)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default=None, help="model folder (default: tiny R* model)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved timing rounds of (a)-(c); the median counts (default 3)")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI; writes nothing")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["crossencoder", "loop", "int8", "compile", "job", "half",
@@ -178,7 +195,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = parser.parse_args()
     if args.smoke:
-        args.pairs, args.job_pairs = 48, 200
+        args.pairs, args.job_pairs, args.rounds = 48, 200, 1
         args.skip = list(set(args.skip) | {"compile"})
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -193,37 +210,35 @@ def main() -> int:
     torch_dtype = torch.float32 if args.device == "cpu" else (
         torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
-    rows = []  # (method, pairs, seconds)
-    reference = None
+    runners = {}  # label → prepared callable; timed below in interleaved rounds
     if "loop" not in args.skip:
-        reference, seconds = transformers_loop(model, table, args.device, torch_dtype)
-        rows.append(("(b) transformers loop, input order, batch 32", len(reference), seconds))
+        runners[LOOP] = transformers_loop(model, table, args.device, torch_dtype)
     if "crossencoder" not in args.skip:
-        ce, seconds = crossencoder(model, table, args.device, torch_dtype)
-        rows.append(("(a) CrossEncoder.predict(batch_size=32)", len(ce), seconds))
-    base, seconds = ours(model, table, args.device, dtype)
-    rows.append(("(c) rstar-batch scorer, in-process", len(base), seconds))
-    ours_rate = len(base) / seconds
-    full, seconds = ours(model, table, args.device, dtype, full_forward=True)
-    rows.append(("(c) with the model's own forward, not the [CLS]-only last layer",
-                 len(full), seconds))
-    options = []
+        runners[CROSSENCODER] = crossencoder(model, table, args.device, torch_dtype)
+    runners[OURS] = ours(model, table, args.device, dtype)
+    runners[OWN_FORWARD] = ours(model, table, args.device, dtype, full_forward=True)
     if args.device == "cpu" and "int8" not in args.skip:
-        scores, seconds = ours(model, table, "cpu", "float32", quantize="int8")
-        rows.append(("(c) + --quantize int8", len(scores), seconds))
-        options.append(("--quantize int8", scores))
+        runners[INT8] = ours(model, table, "cpu", "float32", quantize="int8")
+    if "compile" not in args.skip:
+        runners[COMPILE] = ours(model, table, args.device, dtype, compile=True)
+    timed = timed_rounds(runners, args.rounds)
+    rows = [(name, len(scores), seconds) for name, (scores, seconds, _) in timed.items()]
+    spread = {name: (len(scores) / max(every), len(scores) / min(every))
+              for name, (scores, _, every) in timed.items()}
+    base = timed[OURS][0]
+    ours_rate = len(base) / timed[OURS][1]
+    reference = timed[LOOP][0] if LOOP in timed else None
+    options = [(label, timed[name][0]) for name, label in (
+        (OWN_FORWARD, "model's own forward"), (INT8, "--quantize int8"),
+        (COMPILE, "--compile")) if name in timed]
     if args.device == "cpu" and "half" not in args.skip:
         # GPUs score in bf16 (fp16 on older ones); their drift is arithmetic, not the
         # device's, so it is measured here on CPU (emulated, slow: a slice, not timed).
         head = table.slice(0, min(len(table), HALF_DRIFT_PAIRS))
         for half in ("bfloat16", "float16"):
-            scores, _ = ours(model, head, "cpu", half)
+            scores = np.asarray(ours(model, head, "cpu", half)(), dtype=np.float32)
             options.append((f"--dtype {half} (GPU dtypes; CPU-emulated, first "
                             f"{len(head)} pairs, not timed)", scores))
-    if "compile" not in args.skip:
-        scores, seconds = ours(model, table, args.device, dtype, compile=True)
-        rows.append(("(c) + --compile (after warm-up)", len(scores), seconds))
-        options.append(("--compile", scores))
     busy = None
     if "job" not in args.skip:
         with GpuBusy() as sampler:
@@ -240,8 +255,7 @@ def main() -> int:
         rows.append((f"(e) rstar-batch score-corpus, {nq} queries × {nc} passages, top 100",
                      pairs, seconds))
 
-    options.insert(0, ("model's own forward", full))
-    report = render(args, table, rows, base, reference, options, ours_rate, busy)
+    report = render(args, table, rows, base, reference, options, ours_rate, busy, spread)
     print(report)
     if not args.smoke:
         with open(args.out, "a", encoding="utf-8") as fh:
@@ -250,7 +264,8 @@ def main() -> int:
     return 0
 
 
-def render(args, table, rows, base, reference, options, ours_rate, busy=None) -> str:
+def render(args, table, rows, base, reference, options, ours_rate, busy=None,
+           spread=None) -> str:
     ce_rate = next((p / s for name, p, s in rows if name.startswith("(a)")), None)
     tokens = np.mean([len(q.split()) + len(p.split()) for q, p in zip(
         table["query"].to_pylist(), table["passage"].to_pylist())])
@@ -261,12 +276,17 @@ def render(args, table, rows, base, reference, options, ours_rate, busy=None) ->
              f"{' (random weights)' if not args.model else ''}; "
              f"{'dtype auto' if args.device == 'cuda' else 'float32'}; "
              f"pairs average {tokens:.0f} words.", "",
-             "| method | pairs | seconds | pairs/s | × CrossEncoder | × our scorer |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             f"In-process methods: the median of {args.rounds} interleaved round(s), "
+             "each method once per round; the range is the slowest and fastest round.", "",
+             "| method | pairs | seconds | pairs/s | range | × CrossEncoder | × our scorer |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    spread = spread or {}
     for name, pairs, seconds in rows:
         rate = pairs / seconds
         vs_ce = f"{rate / ce_rate:.2f}" if ce_rate else "n/a"
-        lines.append(f"| {name} | {pairs} | {seconds:.1f} | {rate:.1f} | {vs_ce} | "
+        low, high = spread.get(name, (None, None))
+        span = f"{low:.0f}–{high:.0f}" if low is not None else "one run"
+        lines.append(f"| {name} | {pairs} | {seconds:.1f} | {rate:.1f} | {span} | {vs_ce} | "
                      f"{rate / ours_rate:.2f} |")
     if any(name.startswith(("(d)", "(e)")) for name, _, _ in rows):
         lines += ["", "(d) and (e) run on their own, larger pair sets, and their seconds "

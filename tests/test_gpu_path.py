@@ -61,19 +61,29 @@ def test_int8_quantization_is_refused_off_cpu(tiny_model, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_the_cls_only_last_layer_matches_the_models_forward_in_gpu_dtypes(tiny_model, dtype):
-    """GPUs run bf16/fp16; the same dtypes on CPU (emulated, slow, so a few rows)."""
+def test_the_cls_only_last_layer_is_as_close_to_float32_as_the_models_forward(tiny_model, dtype):
+    """GPUs run bf16/fp16; the same dtypes on CPU (emulated, slow, so 60 rows). Both
+    forwards round differently, so each is held to float32, not to the other."""
     import numpy as np
-    import pyarrow as pa
 
     from rstar_batch.model import describe_model
+    from rstar_batch.stages import columns as C
+    from rstar_batch.stages.normalize import Normalize
     from rstar_batch.stages.score import Scorer
+    from rstar_batch.stages.tokenize import Tokenize
+    from rstar_batch.testing import make_candidates
 
-    ids = pa.array([[2, 40, 41, 3, 50, 51, 52, 3], [2, 40, 3, 60, 3], [2, 3, 70, 71, 72, 3]],
-                   pa.list_(pa.int32()))
-    types = pa.array([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]],
-                     pa.list_(pa.int8()))
-    fast, full = (Scorer(describe_model(tiny_model), device="cpu", dtype=dtype,
-                         activation="none", full_forward=own) for own in (False, True))
+    info = describe_model(tiny_model)
+    tokens = Tokenize(info, max_length=512)(Normalize("query_id", "query", "doc_id", "passage",
+                                                      [], 1)(make_candidates(3, 20, seed=5)))
+    ids, types = (tokens[C.INPUT_IDS].combine_chunks(), tokens[C.TOKEN_TYPE_IDS].combine_chunks())
+    reference = Scorer(info, dtype="float32", activation="none",
+                       full_forward=True).score(ids, types)
+    fast, full = (Scorer(info, device="cpu", dtype=dtype, activation="none", full_forward=own)
+                  for own in (False, True))
     assert fast.cls_only and fast.model.dtype == getattr(torch, dtype)
-    np.testing.assert_allclose(fast.score(ids, types), full.score(ids, types), atol=0.02)
+    fast_error = np.abs(fast.score(ids, types) - reference)
+    full_error = np.abs(full.score(ids, types) - reference)
+    assert full_error.max() > 0  # the dtype really rounds
+    assert fast_error.max() <= 1.5 * full_error.max()
+    assert fast_error.mean() <= 1.5 * full_error.mean()

@@ -1,15 +1,21 @@
 """A BERT cross-encoder forward that computes only what the score needs.
 
 The classifier reads the last layer's [CLS] vector alone, yet a plain forward
-computes every token's output in that layer. Here the last layer computes keys
-and values for all tokens (the [CLS] query attends to them) but its query,
-attention output and feed-forward for [CLS] only: for R*'s 4 layers about a
-fifth of the model's work, with the same arithmetic for the row that is kept.
-Weights are the loaded model's own modules, so dtype, device, int8 quantization
-and torch.compile apply unchanged (int8's dynamic activation scales then come from
-the [CLS] rows alone in the last layer: a different approximation of float32, whose
-drift BENCHMARKS.md measures like the default's). Only `BertForSequenceClassification` with
-absolute positions is taken; any other model keeps its own forward.
+computes every token's output in that layer. Here the last layer runs for [CLS]
+only: its query, attention output and feed-forward for one row, and no keys or
+values at all. Softmax ignores the bias of the keys, and the values' projection
+commutes with the attention-weighted sum, so [CLS] attends to the layer's input
+through the folded query Wkᵀq and projects the weighted sum of inputs once
+(`ClsOnlyBert._cls_layer`). For R*'s 4 layers that skips about a quarter of the
+model's work, with the same sums in another order (float rounding apart).
+Weights are the loaded model's own modules, so dtype, device and torch.compile
+apply unchanged. Int8-quantized keys and values hold packed weights, which cannot
+be folded; with them the last layer projects every token's keys and values
+(`_cls_layer_projected`) and the rest is the same, with int8's dynamic activation
+scales then taken from the [CLS] rows alone (a different approximation of float32,
+whose drift BENCHMARKS.md measures like the default's). Only
+`BertForSequenceClassification` with absolute positions is taken; any other model
+keeps its own forward.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ class ClsOnlyBert:
     """Callable: (input_ids, attention_mask, token_type_ids) → logits."""
 
     def __init__(self, model: Any) -> None:
+        import torch
         import torch.nn.functional as F
 
+        self.torch = torch
         self.model = model
         self.heads = model.config.num_attention_heads
         self.attention = F.scaled_dot_product_attention
@@ -40,25 +48,85 @@ class ClsOnlyBert:
         bert = self.model.bert
         x = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         keep = attention_mask[:, None, None, :].bool()        # (batch, 1, 1, tokens)
-        layers = bert.encoder.layer
-        for i, layer in enumerate(layers):
-            x = self._layer(layer, x, keep, cls_only=i == len(layers) - 1)
-        pooled = bert.pooler.activation(bert.pooler.dense(x[:, 0]))
+        *layers, last = bert.encoder.layer
+        for layer in layers:
+            x = self._layer(layer, x, keep)
+        x = self._cls_layer(last, x, keep)
+        pooled = bert.pooler.activation(bert.pooler.dense(x))
         return self.model.classifier(self.model.dropout(pooled))
 
-    def _layer(self, layer: Any, x: Any, keep: Any, cls_only: bool) -> Any:
+    def _layer(self, layer: Any, x: Any, keep: Any) -> Any:
         batch, tokens, hidden = x.shape
         size = hidden // self.heads
         attn = layer.attention.self
-        queries = x[:, :1] if cls_only else x
+
+        def heads(t: Any) -> Any:
+            return t.view(batch, tokens, self.heads, size).transpose(1, 2)
+
+        context = self.attention(heads(attn.query(x)), heads(attn.key(x)),
+                                 heads(attn.value(x)), attn_mask=keep)
+        context = context.transpose(1, 2).reshape(batch, tokens, hidden)
+        return self._rest(layer, context, x)
+
+    def _cls_layer(self, layer: Any, x: Any, keep: Any) -> Any:
+        """The last layer for [CLS] alone: (batch, tokens, hidden) → (batch, hidden)."""
+        attn = layer.attention.self
+        key, value = attn.key, attn.value
+        if not (isinstance(getattr(key, "weight", None), self.torch.Tensor)
+                and isinstance(getattr(value, "weight", None), self.torch.Tensor)):
+            return self._cls_layer_projected(layer, x, keep)  # int8: packed weights
+        batch, tokens, hidden = x.shape
+        size = hidden // self.heads
+        cls = x[:, 0]
+        query = attn.query(cls).view(batch, self.heads, size)
+        # Per head h, with the [CLS] query q and token j's input x_j:
+        #   q·(Wk x_j + bk) = (Wkᵀq)·x_j + q·bk, and q·bk is the same for every j, so
+        #   softmax drops it: the logits are x_j·(Wkᵀq), no keys needed;
+        #   Σ_j p_j (Wv x_j + bv) = Wv (Σ_j p_j x_j) + bv, as the p_j sum to 1.
+        # This replaces the keys and values of every token by a few small products
+        # per row; the same sums in another order (float rounding apart).
+        einsum = self.torch.einsum
+        folded = einsum("bhd,hdi->bhi", query * size ** -0.5,
+                        key.weight.view(self.heads, size, hidden))
+        logits = self.torch.bmm(folded, x.transpose(1, 2))  # (batch, heads, tokens)
+        logits = logits.float().masked_fill(~keep[:, 0], float("-inf"))
+        mixed = self.torch.bmm(logits.softmax(-1).to(x.dtype), x)  # (batch, heads, hidden)
+        context = einsum("bhi,hdi->bhd", mixed, value.weight.view(self.heads, size, hidden))
+        context = context.reshape(batch, hidden)
+        if value.bias is not None:
+            context = context + value.bias
+        return self._rest(layer, context, cls)
+
+    def _cls_layer_projected(self, layer: Any, x: Any, keep: Any) -> Any:
+        """The last layer for [CLS] alone, with keys and values from the layer's own
+        projections of every token (for modules without a plain weight tensor)."""
+        batch, tokens, hidden = x.shape
+        size = hidden // self.heads
+        attn = layer.attention.self
+        cls = x[:, :1]
 
         def heads(t: Any) -> Any:
             return t.view(batch, -1, self.heads, size).transpose(1, 2)
 
-        context = self.attention(heads(attn.query(queries)), heads(attn.key(x)),
+        context = self.attention(heads(attn.query(cls)), heads(attn.key(x)),
                                  heads(attn.value(x)), attn_mask=keep)
-        context = context.transpose(1, 2).reshape(batch, -1, hidden)
+        return self._rest(layer, context.reshape(batch, hidden), x[:, 0])
+
+    def _rest(self, layer: Any, context: Any, residual: Any) -> Any:
+        """Attention output, feed-forward and their residual LayerNorms."""
         out = layer.attention.output
-        a = out.LayerNorm(out.dense(context) + queries)
+        a = out.LayerNorm(self._dense_plus(out.dense, context, residual))
         inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(a))
-        return layer.output.LayerNorm(layer.output.dense(inner) + a)
+        return layer.output.LayerNorm(self._dense_plus(layer.output.dense, inner, a))
+
+    def _dense_plus(self, linear: Any, x: Any, residual: Any) -> Any:
+        """linear(x) + residual, summed into `residual` (which the caller is done
+        with) by the matrix product itself: one pass over memory fewer."""
+        weight = getattr(linear, "weight", None)
+        if not isinstance(weight, self.torch.Tensor) or not residual.is_contiguous():
+            return linear(x) + residual
+        flat = residual.view(-1, residual.shape[-1])
+        flat.addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+        if linear.bias is not None:
+            flat.add_(linear.bias)
+        return residual

@@ -74,10 +74,7 @@ def _parquet_files(fs: pafs.FileSystem, path: str, kind: str, uri: str) -> list[
     """The data files of a Parquet file or folder (names starting '_' or '.' skipped)."""
     if kind != "folder":
         return [path]
-    files = sorted(i.path for i in fsio.list_files(fs, path)
-                   if i.base_name.endswith((".parquet", ".parq", ".pq"))
-                   and not any(p.startswith(("_", "."))
-                               for p in i.path[len(path):].split("/") if p))
+    files = fsio.parquet_files(fs, path)
     if not files:
         raise ConfigError(f"folder '{uri}' holds no .parquet files")
     return files

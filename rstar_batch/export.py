@@ -17,7 +17,6 @@ Scores are printed with the fewest digits that read back as the same float32.
 from __future__ import annotations
 
 import logging
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -144,7 +143,7 @@ def export_trec(output: str, target: str, tag: str = "rstar-batch") -> int:
     src_fs, parts = ranked_parts(output)
     fs, path = fsio.resolve(target)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}" if fsio.is_local(fs) else path
+    tmp = fsio.temp_path(fs, path)
     written = 0
     try:
         with fs.open_output_stream(tmp) as out:

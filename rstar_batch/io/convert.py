@@ -19,7 +19,6 @@ import logging
 import lzma
 import re
 import time
-import uuid
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
@@ -249,15 +248,6 @@ def rejected_path(output: str) -> str:
     return f"{folder}{slash}_{stem}.rejected.parquet"
 
 
-def _temp(fs: pafs.FileSystem, path: str) -> str:
-    """A hidden name beside `path` on local disks (renamed at the end); on object
-    stores `path` itself, since an upload only appears when it is completed."""
-    if not fsio.is_local(fs):
-        return path
-    folder, _, name = path.rpartition("/")
-    return f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
-
-
 def _check_paths(fmt: str, source: str, target: str, max_bad_lines: int
                  ) -> tuple[pafs.FileSystem, str, pafs.FileSystem, str]:
     if fmt not in FORMATS:
@@ -293,7 +283,7 @@ def convert(fmt: str, source: str, target: str, *, int_ids: bool = False,
     in_fs, in_path, fs, path = _check_paths(fmt, source, target, max_bad_lines)
     stats = ConvertStats(output=target, rejected=rejected_path(target))
     finals = {"rows": path, "rejected": rejected_path(path)}
-    temps = {key: _temp(fs, final) for key, final in finals.items()}
+    temps = {key: fsio.temp_path(fs, final) for key, final in finals.items()}
     schemas = {"rows": FORMATS[fmt].schema(int_ids), "rejected": REJECTED_SCHEMA}
     writers: dict[str, pq.ParquetWriter] = {}
 

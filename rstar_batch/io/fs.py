@@ -127,6 +127,19 @@ def list_files(fs: pafs.FileSystem, path: str, recursive: bool = True) -> list[p
     return [i for i in info if i.type == pafs.FileType.File and not i.path.endswith("/")]
 
 
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+
+
+def parquet_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """The Parquet files under `folder`, sorted, leaving out any under a name that
+    starts with `_` or `.` (our `_work/`, `_rejected/`, Spark's `_temporary/`)."""
+    def is_data(path: str) -> bool:
+        parts = path[len(folder):].strip("/").split("/")
+        return not any(p.startswith(("_", ".")) for p in parts) and \
+            parts[-1].endswith(PARQUET_SUFFIXES)
+    return sorted(i.path for i in list_files(fs, folder) if is_data(i.path))
+
+
 def file_versions(fs: pafs.FileSystem, paths: list[str]) -> list[list]:
     """[path, size, version] of each file, where version changes when the file does:
     the ETag on object stores that give one, else the modification time in ns."""
@@ -148,17 +161,24 @@ def _make_parent(fs: pafs.FileSystem, path: str) -> None:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
 
 
+def temp_path(fs: pafs.FileSystem, path: str) -> str:
+    """Where to write `path` so that readers never see half of it: a hidden name
+    beside it on local disks, to be moved over `path` when complete; `path` itself
+    on object stores, where an upload appears only once it is completed."""
+    if not is_local(fs):
+        return path
+    folder, _, name = path.rpartition("/")
+    return f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
+
+
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write a whole file so readers never see half of it."""
     _make_parent(fs, path)
-    if is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, path)
-    else:  # one object-store PUT is already all or nothing
-        with fs.open_output_stream(path) as out:
-            out.write(data)
+    target = temp_path(fs, path)
+    with fs.open_output_stream(target) as out:
+        out.write(data)
+    if target != path:
+        fs.move(target, path)
 
 
 def write_json(fs: pafs.FileSystem, path: str, value: Any) -> None:
@@ -174,7 +194,7 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
 def write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     """Write one Parquet file so readers never see half of it."""
     _make_parent(fs, path)
-    target = f"{path}.tmp-{uuid.uuid4().hex}" if is_local(fs) else path
+    target = temp_path(fs, path)
     pq.write_table(table, target, filesystem=fs, compression="zstd")
     if target != path:
         fs.move(target, path)

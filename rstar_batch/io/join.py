@@ -57,9 +57,8 @@ class _Bucketize:
         self.doc_id, self.buckets = doc_id, buckets
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = pc.fill_null(batch[self.doc_id], pa.scalar(
-            0 if pa.types.is_integer(batch[self.doc_id].type) else "", batch[self.doc_id].type))
-        return batch.append_column(_BUCKET, pa.array(query_buckets(ids, self.buckets)))
+        return batch.append_column(
+            _BUCKET, pa.array(query_buckets(batch[self.doc_id], self.buckets)))
 
 
 def _split(source: CandidateFiles, columns: list[str], doc_id: str, buckets: int,

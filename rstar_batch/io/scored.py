@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from rstar_batch import checkpoint
 from rstar_batch.io import fs as fsio
 from rstar_batch.stages import columns as C
+from rstar_batch.stages.normalize import fill_null_ids
 
 
 def bucket_dir(root: str, bucket: int) -> str:
@@ -96,10 +97,7 @@ def read_bucket(fs: pafs.FileSystem, files: list[str]) -> pa.Table:
     """A bucket's scored rows in input order, each (chunk, row, query) once even if
     two runs overlapped (score-corpus has a row per query for each corpus row)."""
     table = pq.read_table(files, filesystem=fs)
-    qids = table[C.QUERY_ID]
-    if qids.null_count:
-        qids = pc.fill_null(qids, pa.scalar(0 if pa.types.is_integer(qids.type) else "",
-                                            qids.type))
+    qids = fill_null_ids(table[C.QUERY_ID])
     query = pc.dictionary_encode(qids.combine_chunks()).indices.to_numpy()
     chunk, row = table[C.CHUNK].to_numpy(), table[C.ROW].to_numpy()
     order = np.lexsort((query, row, chunk))  # input order
@@ -115,19 +113,12 @@ def mark_duplicates(table: pa.Table) -> pa.Table:
     The first occurrence in input order stays; `table` must be in input order.
     """
     valid = pc.is_null(table[C.REJECT])
-    position = pa.array(np.arange(table.num_rows))
-    keyed = table.select([C.QUERY_ID, C.DOC_ID]).append_column("_pos", position).filter(valid)
-    if keyed.num_rows < 2:
+    keyed = table.select([C.QUERY_ID, C.DOC_ID]).append_column(
+        "_pos", pa.array(np.arange(table.num_rows))).filter(valid)
+    firsts = keyed.group_by([C.QUERY_ID, C.DOC_ID]).aggregate([("_pos", "min")])
+    if firsts.num_rows == keyed.num_rows:
         return table
-    keyed = keyed.sort_by([(C.QUERY_ID, "ascending"), (C.DOC_ID, "ascending"),
-                           ("_pos", "ascending")])
-    qids, dids = keyed[C.QUERY_ID].combine_chunks(), keyed[C.DOC_ID].combine_chunks()
-    same = np.zeros(keyed.num_rows, dtype=bool)
-    same[1:] = (pc.equal(qids[1:], qids[:-1]).to_numpy(zero_copy_only=False)
-                & pc.equal(dids[1:], dids[:-1]).to_numpy(zero_copy_only=False))
-    if not same.any():
-        return table
-    repeat = np.zeros(table.num_rows, dtype=bool)
-    repeat[keyed["_pos"].to_numpy()[same]] = True
+    repeat = valid.to_numpy(zero_copy_only=False).copy()
+    repeat[firsts["_pos_min"].to_numpy()] = False
     reason = pc.if_else(pa.array(repeat), pa.scalar(C.DUPLICATE_PAIR), table[C.REJECT])
     return table.set_column(table.schema.get_field_index(C.REJECT), C.REJECT, reason)

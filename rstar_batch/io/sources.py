@@ -39,13 +39,6 @@ class CandidateFiles:
     skipped: list[dict]         # unreadable files left out (--on-bad-file skip)
 
 
-def _is_data_file(path: str, folder: str) -> bool:
-    """A Parquet file not hidden under a `_` or `.` name (like `_work/`, `_rejected/`)."""
-    parts = path[len(folder):].strip("/").split("/")
-    return not any(p.startswith(("_", ".")) for p in parts) and parts[-1].endswith(
-        (".parquet", ".parq", ".pq"))
-
-
 def _expand_one(fs: pafs.FileSystem, uri: str, path: str) -> list[str]:
     if any(ch in path for ch in "*?["):
         if fsio.is_local(fs):
@@ -63,7 +56,7 @@ def _expand_one(fs: pafs.FileSystem, uri: str, path: str) -> list[str]:
         raise InputError(f"candidates path '{uri}' does not exist")
     if info.type == pafs.FileType.File:
         return [path]
-    files = sorted(i.path for i in fsio.list_files(fs, path) if _is_data_file(i.path, path))
+    files = fsio.parquet_files(fs, path)
     if not files:
         raise InputError(f"candidates folder '{uri}' holds no .parquet files")
     return files

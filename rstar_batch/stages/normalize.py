@@ -16,9 +16,18 @@ from rstar_batch.stages import columns as C
 from rstar_batch.stages.columns import PREPARE_REASON
 
 
+def fill_null_ids(ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Null ids as 0 or "" (by type), for hashing and grouping: a row with a null id
+    is rejected, yet it still needs a bucket."""
+    if not ids.null_count:
+        return ids
+    return pc.fill_null(ids, pa.scalar(0 if pa.types.is_integer(ids.type) else "", ids.type))
+
+
 def stable_hash(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A 64-bit hash per id, the same in every process and run."""
-    values = ids.to_numpy(zero_copy_only=False)
+    """A 64-bit hash per id, the same in every process and run; a null hashes as
+    0 or "" does."""
+    values = fill_null_ids(ids).to_numpy(zero_copy_only=False)
     values = values.astype(np.int64) if values.dtype.kind in "iu" else values.astype(object)
     return pd.util.hash_array(values, categorize=False)
 
@@ -55,11 +64,7 @@ class Normalize:
             if PREPARE_REASON in batch.column_names:
                 found = pc.and_(found, pc.is_null(batch[PREPARE_REASON]))
             reason = pc.if_else(found, pa.scalar(why), reason)
-        qids = cols[C.QUERY_ID]
-        if qids.null_count:
-            qids = pc.fill_null(qids, pa.scalar(0, qids.type) if pa.types.is_integer(
-                qids.type) else pa.scalar("", qids.type))
-        buckets = query_buckets(qids, self.num_buckets)
+        buckets = query_buckets(cols[C.QUERY_ID], self.num_buckets)
         tags = {k: batch[k] for k in (C.CHUNK, C.ROW) if k in batch.column_names}
         out = {**tags, **cols, **{k: batch[k] for k in self.keep},
                C.REJECT: reason, C.BUCKET: pa.array(buckets, pa.int32())}

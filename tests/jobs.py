@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
+
+import pyarrow as pa
 
 
 def _live_processes() -> dict[int, tuple[int, int]]:
@@ -209,10 +214,41 @@ def new_token() -> str:
     return secrets.token_hex(32)
 
 
-def committed_rows(out: str) -> int:
-    """Input rows the job's commit markers cover (their names say which)."""
+def committed_rows(out: str, list_glob: Callable[[str], list[str]] = glob.glob) -> int:
+    """Input rows the job's commit markers cover (their names say which); `list_glob`
+    lists another filesystem's (e.g. s3fs's `glob`)."""
     rows = 0
-    for path in glob.glob(os.path.join(out, "_work", "commits", "c*")):
-        _, start, end = os.path.basename(path).split(".")[0].split("-")
+    for path in list_glob(f"{out}/_work/commits/c*"):
+        _, start, end = path.rsplit("/", 1)[-1].split(".")[0].split("-")
         rows += int(end) - int(start)
     return rows
+
+
+@contextlib.contextmanager
+def local_cluster(worker_cpus: int, dashboard: bool = False,
+                  token: Optional[str] = None) -> Iterator[LocalCluster]:
+    """A head that runs nothing (no CPUs, as on KubeRay) and one worker node, torn
+    down with every process they started, even when the test fails."""
+    base = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # Ray's socket paths must stay short
+    cluster = LocalCluster(base, dashboard=dashboard, token=token)
+    try:
+        cluster.start("head", "--num-cpus=0")
+        cluster.start("worker1", f"--num-cpus={worker_cpus}")
+        yield cluster
+    finally:
+        cluster.stop()  # job drivers too: their command lines name files under base
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def assert_same_ranking(got: pa.Table, want: pa.Table, rows: int) -> None:
+    """`got` ranks the same (query_id, doc_id) pairs as `want`, each once, with scores
+    within 1e-5; only near-ties (within 2e-5) may swap places."""
+    mine = {(r["query_id"], r["doc_id"]): r for r in got.to_pylist()}
+    theirs = {(r["query_id"], r["doc_id"]): r for r in want.to_pylist()}
+    assert got.num_rows == len(mine) == rows  # no duplicates
+    assert mine.keys() == theirs.keys()  # nothing lost
+    by_rank = {(r["query_id"], r["rank"]): r for r in want.to_pylist()}
+    for key, row in mine.items():
+        assert abs(row["score"] - theirs[key]["score"]) <= 1e-5
+        if row["rank"] != theirs[key]["rank"]:  # only a near-tie may swap places
+            assert abs(by_rank[(row["query_id"], row["rank"])]["score"] - row["score"]) <= 2e-5

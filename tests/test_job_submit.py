@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +14,8 @@ import pytest
 
 from rstar_batch.testing import write_sample_data
 from tests.infra_files import REPO
-from tests.jobs import LocalCluster, kill_until_gone, new_token, session_pids, venv_bin
+from tests.jobs import (LocalCluster, kill_until_gone, local_cluster, new_token, session_pids,
+                        venv_bin)
 
 pytestmark = pytest.mark.slow
 DATE = "2026-11-26"
@@ -25,15 +25,8 @@ QUERIES, CANDIDATES = 10, 20
 @pytest.fixture
 def job_cluster() -> Iterator[LocalCluster]:
     """A head with the job API (no CPUs, as on KubeRay) and one worker node."""
-    base = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # Ray's socket paths must stay short
-    cluster = LocalCluster(base, dashboard=True, token=new_token())
-    try:
-        cluster.start("head", "--num-cpus=0")
-        cluster.start("worker1", "--num-cpus=8")
+    with local_cluster(worker_cpus=8, dashboard=True, token=new_token()) as cluster:
         yield cluster
-    finally:
-        cluster.stop()  # job drivers too: their command lines name files under base
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _submit(cluster: LocalCluster, workdir: str, log: Path, *entrypoint: str) -> tuple[int, str]:

@@ -21,7 +21,7 @@ import rstar_batch
 from rstar_batch.config import ConfigError
 from rstar_batch.io.sources import InputError
 from rstar_batch.testing import make_candidates
-from tests.jobs import Job, run
+from tests.jobs import Job, assert_same_ranking, committed_rows, run
 from tests.reference import reference_scores
 from tests.test_rerank_job import _assert_matches_reference
 
@@ -87,30 +87,11 @@ def _read_output(s3, prefix: str) -> pa.Table:
     return pq.read_table(f"{BUCKET}/{prefix}", filesystem=s3)
 
 
-def _committed_rows(s3, prefix: str) -> int:
-    rows = 0
-    for path in s3.glob(f"{BUCKET}/{prefix}/_work/commits/c*"):
-        _, start, end = path.rsplit("/", 1)[-1].split(".")[0].split("-")
-        rows += int(end) - int(start)
-    return rows
-
-
 def _assert_each_query_in_one_file(s3, prefix: str) -> None:
     files = {}
     for path in s3.glob(f"{BUCKET}/{prefix}/part-*.parquet"):
         for qid in set(pq.read_table(path, filesystem=s3)["query_id"].to_pylist()):
             assert files.setdefault(qid, path) == path
-
-
-def _assert_same_ranking(got: pa.Table, want: pa.Table) -> None:
-    mine = {(r["query_id"], r["doc_id"]): r for r in got.to_pylist()}
-    theirs = {(r["query_id"], r["doc_id"]): r for r in want.to_pylist()}
-    assert got.num_rows == len(mine) == TOTAL and mine.keys() == theirs.keys()
-    by_rank = {(r["query_id"], r["rank"]): r for r in want.to_pylist()}
-    for key, row in mine.items():
-        assert abs(row["score"] - theirs[key]["score"]) <= 1e-5
-        if row["rank"] != theirs[key]["rank"]:  # only a near-tie may swap places
-            assert abs(by_rank[(row["query_id"], row["rank"])]["score"] - row["score"]) <= 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +129,12 @@ def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
     out = f"s3://{BUCKET}/resumed/"
     logs = []
     job = Job(_args(out, tiny_model), str(tmp_path / "run1.log"), env=s3_env)
-    job.wait_until(lambda: _committed_rows(s3, "resumed") >= TOTAL // 2, timeout=240)
+    committed = lambda: committed_rows(f"{BUCKET}/resumed", s3.glob)  # noqa: E731
+    job.wait_until(lambda: committed() >= TOTAL // 2, timeout=240)
     job.kill()
     logs.append(job.output())
     assert not s3.exists(f"{BUCKET}/resumed/_SUCCESS")
-    done_at_kill = _committed_rows(s3, "resumed")
+    done_at_kill = committed()
 
     status = run(["status", out], str(tmp_path / "status1.log"), env=s3_env).output()
     # "last commit … ago" needs the commits' times, which S3 gives only in its listings.
@@ -162,7 +144,7 @@ def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
     logs.append(rerun.output())
     assert rerun.proc.returncode == 0, rerun.output()[-3000:]
     assert "resuming run 2" in rerun.output()
-    _assert_same_ranking(_read_output(s3, "resumed"), uninterrupted["table"])
+    assert_same_ranking(_read_output(s3, "resumed"), uninterrupted["table"], TOTAL)
     _assert_each_query_in_one_file(s3, "resumed")
     manifest = s3.cat(f"{BUCKET}/resumed/_manifest.json").decode()
     per_run = {int(k): v for k, v in json.loads(manifest)["pairs_scored_per_run"].items()}

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +15,7 @@ import pytest
 import rstar_batch
 from rstar_batch.checkpoint import ResumeError
 from rstar_batch.testing import write_sample_data
-from tests.jobs import Job, LocalCluster, committed_rows, run
+from tests.jobs import Job, assert_same_ranking, committed_rows, local_cluster, run
 
 pytestmark = pytest.mark.slow
 TOTAL = 1200
@@ -45,18 +44,8 @@ def baseline(job_input, tiny_model, tmp_path_factory) -> pa.Table:
 
 
 def _assert_same_output(out: str, baseline: pa.Table) -> None:
-    got = pq.read_table(out)
-    assert got.num_rows == baseline.num_rows == TOTAL
-    mine = {(r["query_id"], r["doc_id"]): r for r in got.to_pylist()}
-    assert len(mine) == TOTAL  # no duplicates
-    theirs = {(r["query_id"], r["doc_id"]): r for r in baseline.to_pylist()}
-    assert mine.keys() == theirs.keys()  # nothing lost
-    by_rank = {(r["query_id"], r["rank"]): r for r in baseline.to_pylist()}
-    for key, row in mine.items():
-        assert abs(row["score"] - theirs[key]["score"]) <= 1e-5
-        if row["rank"] != theirs[key]["rank"]:  # only a near-tie may swap places
-            other = by_rank[(row["query_id"], row["rank"])]
-            assert abs(other["score"] - row["score"]) <= 2e-5
+    assert baseline.num_rows == TOTAL
+    assert_same_ranking(pq.read_table(out), baseline, TOTAL)
     files = {}
     for path in glob.glob(os.path.join(out, "part-*.parquet")):
         for qid in set(pq.read_table(path)["query_id"].to_pylist()):
@@ -171,16 +160,8 @@ def test_unfinished_progress_of_another_config_is_refused(ray_local, tiny_model,
 
 @pytest.fixture
 def two_node_cluster():
-    base = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # Ray's socket paths must stay short
-    cluster = LocalCluster(base)
-    try:
-        # The head runs nothing (as on KubeRay), so the job's work lands on the worker.
-        cluster.start("head", "--num-cpus=0")
-        cluster.start("worker1", "--num-cpus=6")
+    with local_cluster(worker_cpus=6) as cluster:  # the job's work lands on the worker
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_job_survives_losing_a_worker_node(two_node_cluster, job_input, tiny_model, baseline,

@@ -143,15 +143,20 @@ def machine(device: str) -> str:
 
     if device == "cuda":
         return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
-    name = platform.processor() or "cpu"
+    name, flags = platform.processor() or "cpu", set()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} cores, no GPU"
+    # the vector units decide float32 peak (AVX2 vs AVX-512) and what bf16 would get (AMX)
+    isa = [label for flag, label in (("avx512f", "AVX-512"), ("amx_bf16", "AMX-BF16"))
+           if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+    return f"{name}{''.join(f', {i}' for i in isa)}, {os.cpu_count()} cores, no GPU"
 
 
 def versions() -> str:

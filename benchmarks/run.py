@@ -4,7 +4,8 @@
     python benchmarks/run.py --device cuda --pairs 20000 --job-pairs 2000000
                                                    # a GPU (dtype auto = bf16/fp16): more pairs,
                                                    # plus GPU busy and two replicas per GPU
-    python benchmarks/run.py --smoke               # tiny sizes, for CI; prints, writes nothing
+    python benchmarks/run.py --smoke               # tiny sizes and one round, --compile
+                                                   # included, for CI; prints, writes nothing
 Exits 1 when, on CPU, our float32 scores (default, model's own forward, --compile) are
 more than 1e-5 from the plain transformers loop's or from each other.
 
@@ -202,6 +203,8 @@ def main() -> int:
                                  "corpus"])
     parser.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be 1 or more")
     if args.smoke:
         args.pairs, args.job_pairs, args.rounds = 48, 200, 1
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -232,6 +235,10 @@ def main() -> int:
     rows = [(name, len(scores), seconds) for name, (scores, seconds, _) in timed.items()]
     spread = {name: (len(scores) / max(every), len(scores) / min(every))
               for name, (scores, _, every) in timed.items()}
+    # each round's ratio, then their median: the rounds pair the methods up
+    paired = {name: tuple(float(np.median(np.divide(timed[to][2], every)))
+                          if to in timed else None for to in (CROSSENCODER, OURS))
+              for name, (_, _, every) in timed.items()}
     base = timed[OURS][0]
     ours_rate = len(base) / timed[OURS][1]
     reference = timed[LOOP][0] if LOOP in timed else None
@@ -262,7 +269,8 @@ def main() -> int:
         rows.append((f"(e) rstar-batch score-corpus, {nq} queries × {nc} passages, top 100",
                      pairs, seconds))
 
-    report = render(args, table, rows, base, reference, options, ours_rate, busy, spread)
+    report = render(args, table, rows, base, reference, options, ours_rate, busy, spread,
+                    paired)
     print(report)
     if not args.smoke:
         with open(args.out, "a", encoding="utf-8") as fh:
@@ -282,7 +290,7 @@ def main() -> int:
 
 
 def render(args, table, rows, base, reference, options, ours_rate, busy=None,
-           spread=None) -> str:
+           spread=None, paired=None) -> str:
     ce_rate = next((p / s for name, p, s in rows if name.startswith("(a)")), None)
     tokens = np.mean([len(q.split()) + len(p.split()) for q, p in zip(
         table["query"].to_pylist(), table["passage"].to_pylist())])
@@ -294,17 +302,19 @@ def render(args, table, rows, base, reference, options, ours_rate, busy=None,
              f"{'dtype auto' if args.device == 'cuda' else 'float32'}; "
              f"pairs average {tokens:.0f} words.", "",
              f"In-process methods: the median of {args.rounds} interleaved round(s), "
-             "each method once per round; the range is the slowest and fastest round.", "",
+             "each method once per round; the range is the slowest and fastest round; "
+             "their ratios are the median of each round's ratio.", "",
              "| method | pairs | seconds | pairs/s | range | × CrossEncoder | × our scorer |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    spread = spread or {}
+    spread, paired = spread or {}, paired or {}
     for name, pairs, seconds in rows:
         rate = pairs / seconds
-        vs_ce = f"{rate / ce_rate:.2f}" if ce_rate else "n/a"
+        vs_ce, vs_ours = paired.get(name, (rate / ce_rate if ce_rate else None,
+                                           rate / ours_rate))
         low, high = spread.get(name, (None, None))
         span = f"{low:.0f}–{high:.0f}" if low is not None else "one run"
-        lines.append(f"| {name} | {pairs} | {seconds:.1f} | {rate:.1f} | {span} | {vs_ce} | "
-                     f"{rate / ours_rate:.2f} |")
+        lines.append(f"| {name} | {pairs} | {seconds:.1f} | {rate:.1f} | {span} | "
+                     f"{'n/a' if vs_ce is None else f'{vs_ce:.2f}'} | {vs_ours:.2f} |")
     if any(name.startswith(("(d)", "(e)")) for name, _, _ in rows):
         lines += ["", "(d) and (e) run on their own, larger pair sets, and their seconds "
                   "include starting Ray and loading the model in every actor."]

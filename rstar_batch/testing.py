@@ -198,8 +198,13 @@ def make_tiny_model(path: str, seed: int = 0) -> str:
     config = BertConfig(**R_STAR_ARCHITECTURE)
     model = BertForSequenceClassification(config).eval()
     # Random init gives near-identical logits; widen the head so scores spread out.
+    # BERT's init zeroes every bias; a trained model's are not, and a forward that
+    # mishandled one would go unseen, so they are drawn too.
     with torch.no_grad():
         model.classifier.weight.mul_(50.0)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.1)
     model.save_pretrained(str(target), safe_serialization=True)
     log.info("wrote tiny R*-architecture model to %s", target)
     return str(target)

@@ -138,7 +138,8 @@ def test_the_cls_only_last_layer_gives_the_models_own_logits(tiny_model, edge_ca
                          activation="none", full_forward=own)
                   for own in (False, True))
     assert fast.cls_only and not full.cls_only
-    np.testing.assert_allclose(fast.score(ids, types), full.score(ids, types), rtol=0,
+    # logits reach ~10 (the tiny model's widened head): float32 rounding scales with them
+    np.testing.assert_allclose(fast.score(ids, types), full.score(ids, types), rtol=1e-6,
                                atol=1e-5)
 
 
@@ -255,7 +256,7 @@ def test_the_cls_only_last_layer_with_projected_keys_gives_the_models_own_logits
     fast = Scorer(describe_model(tiny_model), device="cpu", dtype="float32",
                   activation="none").score(ids, types)
     assert sum(called) == len(full)
-    np.testing.assert_allclose(fast, full, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fast, full, rtol=1e-6, atol=1e-5)
 
 
 def test_int8_scoring_takes_the_projected_last_layer(tiny_model, edge_cases, monkeypatch):

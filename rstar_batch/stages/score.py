@@ -89,7 +89,7 @@ class Scorer:
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
         self.activation = resolve_activation(activation, model.num_labels)
-        # benchmarks/batch_tokens.py on a 2-core AVX2 CPU: 4096-token passes ran
+        # benchmarks/batch_tokens.py on a 2-core CPU: 4096-token passes ran
         # 1.10x faster than 16384 (BENCHMARKS.md); GPUs want larger passes.
         self.batch_tokens = batch_tokens or (4096 if self.device.type == "cpu" else 16384)
         self.max_batch_pairs = max_batch_pairs

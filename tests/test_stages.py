@@ -276,3 +276,28 @@ def test_int8_scoring_takes_the_projected_last_layer(tiny_model, edge_cases, mon
     assert int8.cls_only and called
     # int8's drift on the random-weight model: BENCHMARKS.md measured a max of 0.14
     assert np.isfinite(scores).all() and np.abs(scores - reference).max() < 0.3
+
+
+def test_reused_buffers_give_the_same_logits_across_pass_shapes(tiny_model):
+    """CPU float32 passes write into buffers kept from the previous pass; passes that
+    grow and shrink them must give what fresh tensors give."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rstar_batch.stages.bert_cls import ClsOnlyBert
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model).eval()
+    reused, fresh = ClsOnlyBert(model, reuse_buffers=True), ClsOnlyBert(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for batch, tokens in [(3, 9), (8, 40), (2, 5), (8, 40)]:
+            ids = torch.randint(5, 1000, (batch, tokens), generator=generator)
+            mask = (torch.arange(tokens)[None, :] < torch.randint(
+                1, tokens + 1, (batch, 1), generator=generator)).long()
+            mask[:, 0] = 1
+            types = (torch.arange(tokens)[None, :] >= tokens // 2).long().expand(batch, -1)
+            inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+            np.testing.assert_allclose(reused(**inputs).numpy(), fresh(**inputs).numpy(),
+                                       rtol=1e-6, atol=1e-6)
+            assert reused(**inputs).shape == (batch, 1)
+    assert set(reused.buffers) == {"query", "key", "value", "intermediate"}

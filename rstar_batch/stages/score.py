@@ -100,7 +100,9 @@ class Scorer:
         """BERT's [CLS]-only last layer (bert_cls.py) where it applies, else (or when
         asked: benchmarks compare the two) the model's own forward."""
         plain = getattr(self.model, "_orig_mod", self.model)  # under torch.compile
-        fast = None if full_forward else cls_only_forward(plain)
+        reuse = (self.device.type == "cpu" and self.dtype == self.torch.float32
+                 and not compile)
+        fast = None if full_forward else cls_only_forward(plain, reuse_buffers=reuse)
         self.cls_only = fast is not None
         if fast is None:
             return lambda inputs: self.model(**inputs).logits

@@ -137,8 +137,10 @@ class RerankConfig:
     cpus_per_replica: float = _opt(1.0, "Logical CPUs each replica reserves.", "scaling")
     cpu_threads: Optional[int] = _opt(
         None, "Torch threads of a CPU replica (default: the node's cores).", "scaling")
-    tokenize_workers: int = _opt(
-        2, "Largest number of CPU tokenizer actors.", "scaling")
+    tokenize_workers: Optional[int] = _opt(
+        None, "Largest number of CPU tokenizer actors (default: on GPUs, the cluster's "
+        "CPUs the replicas leave, up to 16 per replica; on CPUs, one per 8 replicas).",
+        "scaling")
     batch_tokens: Optional[int] = _opt(
         None, "Token budget of one forward pass, rows x longest row (default: 4096 on "
         "CPU, measured fastest there; 16384 on GPU).", "scaling")
@@ -162,13 +164,14 @@ class RerankConfig:
         self.keep_columns = list(self.keep_columns)
         _check_literals(self)
         _check_positive(self, "max_length", "max_batch_pairs",
-                        "replica_batch_rows", "tokenize_workers", "min_replicas",
+                        "replica_batch_rows", "min_replicas",
                         "checkpoint_rows", "window", "stride")
         if isinstance(self.batch_retries, bool) or not isinstance(self.batch_retries, int) \
                 or self.batch_retries < 0:
             raise ConfigError(f"batch_retries must be 0 or more, got {self.batch_retries!r}")
         _check_positive(self, "top_k", "rank_partitions", "max_replicas", "cpu_threads",
-                        "batch_tokens", "passage_max_tokens", optional=True)
+                        "batch_tokens", "passage_max_tokens", "tokenize_workers",
+                        optional=True)
         if self.long_passages != "truncate" and self.window > self.max_length - 3:
             raise ConfigError(f"window ({self.window}) must leave room for the query in "
                               f"max_length ({self.max_length}): at most {self.max_length - 3}")

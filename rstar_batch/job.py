@@ -82,10 +82,19 @@ class ReplicaPlan:
     num_cpus: float
     min_size: int
     max_size: int
+    tokenizers: int = 1  # the most CPU tokenizer actors that feed them
+
+
+# Tokenizing a pair costs about 1/40 of scoring it on a CPU core (~8,600 against ~200
+# pairs/s on 2 cores, BENCHMARKS.md), so CPU replicas need few tokenizers; a GPU
+# replica aims at 100,000+ pairs/s, which takes a dozen cores of tokenizing.
+CPU_REPLICAS_PER_TOKENIZER = 8
+TOKENIZERS_PER_GPU_REPLICA = 16
 
 
 def plan_replicas(config: RerankConfig, cluster: dict[str, float]) -> ReplicaPlan:
-    """Place replicas on GPUs when asked or when the cluster has any, else on CPUs."""
+    """Place replicas on GPUs when asked or when the cluster has any, else on CPUs;
+    size the tokenizer pool to feed them (unless tokenize_workers says)."""
     gpus = cluster.get("GPU", 0.0)
     device = config.device if config.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
     if device == "cuda":
@@ -94,7 +103,15 @@ def plan_replicas(config: RerankConfig, cluster: dict[str, float]) -> ReplicaPla
     else:
         default_max, num_gpus = 1, 0.0
     max_size = config.max_replicas or max(default_max, config.min_replicas)
-    return ReplicaPlan(device, num_gpus, config.cpus_per_replica, config.min_replicas, max_size)
+    if config.tokenize_workers:
+        tokenizers = config.tokenize_workers
+    elif device == "cuda":  # the CPUs the replicas leave, but one for reads and writes
+        spare = int(cluster.get("CPU", 0.0) - max_size * config.cpus_per_replica) - 1
+        tokenizers = max(2, min(spare, TOKENIZERS_PER_GPU_REPLICA * max_size))
+    else:
+        tokenizers = -(-max_size // CPU_REPLICAS_PER_TOKENIZER)
+    return ReplicaPlan(device, num_gpus, config.cpus_per_replica, config.min_replicas, max_size,
+                       tokenizers)
 
 
 def passage_policy(config: RerankConfig) -> PassagePolicy:

@@ -85,7 +85,7 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
         Tokenize, fn_constructor_kwargs=dict(model=model, max_length=config.max_length,
                                              trust_remote_code=config.trust_remote_code,
                                              passages=passage_policy(config)),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.tokenize_workers),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas.tokenizers),
         batch_size=config.replica_batch_rows, batch_format="pyarrow", num_cpus=1)
     ds = on_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
                      config.replica_batch_rows)
@@ -218,9 +218,9 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
                      opened.run, len(done), len(chunks), source.num_rows - progress_log.done)
         replicas = plan_replicas(config, ray.cluster_resources())
         if pending:
-            log.info("scoring %d pairs with %s on %s (%d..%d replicas)",
+            log.info("scoring %d pairs with %s on %s (%d..%d replicas, up to %d tokenizers)",
                      sum(c.rows for c in pending), model.source, replicas.device,
-                     replicas.min_size, replicas.max_size)
+                     replicas.min_size, replicas.max_size, replicas.tokenizers)
             run_scoring(build_scoring_plan(config, source, model, replicas, plan["buckets"],
                                            pending, out_fs, root, opened.run), progress_log)
         progress = checkpoint.read_progress(out_fs, root)

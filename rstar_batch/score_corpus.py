@@ -141,7 +141,7 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
         TokenizePassages, fn_constructor_kwargs=dict(
             model=model, max_length=config.max_length,
             trust_remote_code=config.trust_remote_code, passages=passage_policy(config)),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.tokenize_workers),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas.tokenizers),
         batch_size=passages, batch_format="pyarrow", num_cpus=1)
     ds = on_replicas(ds, ScoreAllPairs, dict(
         queries=queries, top_k=config.top_k, passages=passage_policy(config),

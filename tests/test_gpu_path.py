@@ -87,3 +87,17 @@ def test_the_cls_only_last_layer_is_as_close_to_float32_as_the_models_forward(ti
     assert full_error.max() > 0  # the dtype really rounds
     assert fast_error.max() <= 1.5 * full_error.max()
     assert fast_error.mean() <= 1.5 * full_error.mean()
+
+
+def test_tokenizer_pool_feeds_gpu_replicas_with_the_cpus_they_leave():
+    # 1 GPU, 16 CPUs (the H100 machine): 16 - 1 for the replica - 1 for reads/writes
+    assert plan_replicas(_config(), {"CPU": 16.0, "GPU": 1.0}).tokenizers == 14
+    # many CPUs: at most 16 per GPU replica
+    assert plan_replicas(_config(), {"CPU": 200.0, "GPU": 2.0}).tokenizers == 32
+    # a GPU cluster scaling from zero has no CPUs yet: still two
+    assert plan_replicas(_config(device="cuda"), {"CPU": 0.0}).tokenizers == 2
+    # CPU replicas: tokenizing costs ~1/40 of scoring, one tokenizer per 8 replicas
+    assert plan_replicas(_config(), {"CPU": 8.0}).tokenizers == 1
+    assert plan_replicas(_config(max_replicas=9), {"CPU": 64.0}).tokenizers == 2
+    # an explicit setting wins
+    assert plan_replicas(_config(tokenize_workers=3), {"CPU": 16.0, "GPU": 1.0}).tokenizers == 3

@@ -82,7 +82,7 @@ class ReplicaPlan:
     num_cpus: float
     min_size: int
     max_size: int
-    tokenizers: int = 1  # the most CPU tokenizer actors that feed them
+    tokenizers: int  # the most CPU tokenizer actors that feed them
 
 
 # Tokenizing a pair costs about 1/40 of scoring it on a CPU core (~8,600 against ~200
@@ -127,6 +127,20 @@ def scorer_kwargs(config: RerankConfig, model: ModelInfo, replicas: ReplicaPlan
                 max_batch_pairs=config.max_batch_pairs, cpu_threads=config.cpu_threads,
                 trust_remote_code=config.trust_remote_code, retries=config.batch_retries,
                 quantize=config.quantize, compile=config.compile)
+
+
+def on_tokenizers(ds: Any, stage: type, config: RerankConfig, model: ModelInfo,
+                  replicas: ReplicaPlan, batch_rows: int) -> Any:
+    """`stage` (Tokenize or TokenizePassages) as a pool of CPU tokenizer actors, one
+    started and more added, up to the plan's, while blocks queue for them."""
+    import ray.data
+
+    return ds.map_batches(
+        stage, fn_constructor_kwargs=dict(model=model, max_length=config.max_length,
+                                          trust_remote_code=config.trust_remote_code,
+                                          passages=passage_policy(config)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas.tokenizers),
+        batch_size=batch_rows, batch_format="pyarrow", num_cpus=1)
 
 
 def on_replicas(ds: Any, stage: type, kwargs: dict[str, Any], replicas: ReplicaPlan,

@@ -32,8 +32,8 @@ from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
 from rstar_batch.job import (JobSummary, ProgressLog, ReplicaPlan, bucket_count,
                              check_all_committed, check_rejected, finish_job, job_plan,
-                             on_replicas, passage_policy, plan_replicas, rank_all,
-                             run_scoring, scorer_kwargs)
+                             on_replicas, on_tokenizers, passage_policy, plan_replicas,
+                             rank_all, run_scoring, scorer_kwargs)
 from rstar_batch.model import ModelInfo, describe_model
 from rstar_batch.stages.columns import PREPARE_REASON
 from rstar_batch.stages.normalize import Normalize
@@ -81,12 +81,7 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
     # Blocks of one replica batch each: otherwise Ray Data bundles many small
     # blocks into one task, whose output (and so every commit) lands only at its end.
     ds = ds.repartition(target_num_rows_per_block=config.replica_batch_rows)
-    ds = ds.map_batches(
-        Tokenize, fn_constructor_kwargs=dict(model=model, max_length=config.max_length,
-                                             trust_remote_code=config.trust_remote_code,
-                                             passages=passage_policy(config)),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas.tokenizers),
-        batch_size=config.replica_batch_rows, batch_format="pyarrow", num_cpus=1)
+    ds = on_tokenizers(ds, Tokenize, config, model, replicas, config.replica_batch_rows)
     ds = on_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
                      config.replica_batch_rows)
     return ds.map_batches(WriteRuns(out_fs, root, run), batch_size=None,

@@ -36,8 +36,8 @@ from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
 from rstar_batch.job import (JobSummary, ProgressLog, bucket_count, check_all_committed,
                              check_rejected, finish_job, job_plan, on_replicas,
-                             passage_policy, plan_replicas, rank_all, run_scoring,
-                             scorer_kwargs)
+                             on_tokenizers, passage_policy, plan_replicas, rank_all,
+                             run_scoring, scorer_kwargs)
 from rstar_batch.model import describe_model
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
@@ -137,12 +137,7 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
     # A replica call scores about replica_batch_rows pairs: that many / |queries| passages.
     passages = max(1, config.replica_batch_rows // len(queries))
     ds = ds.repartition(target_num_rows_per_block=passages)
-    ds = ds.map_batches(
-        TokenizePassages, fn_constructor_kwargs=dict(
-            model=model, max_length=config.max_length,
-            trust_remote_code=config.trust_remote_code, passages=passage_policy(config)),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=replicas.tokenizers),
-        batch_size=passages, batch_format="pyarrow", num_cpus=1)
+    ds = on_tokenizers(ds, TokenizePassages, config, model, replicas, passages)
     ds = on_replicas(ds, ScoreAllPairs, dict(
         queries=queries, top_k=config.top_k, passages=passage_policy(config),
         max_length=config.max_length, **scorer_kwargs(config, model, replicas)),

@@ -85,10 +85,13 @@ class ReplicaPlan:
     tokenizers: int  # the most CPU tokenizer actors that feed them
 
 
-# Tokenizing a pair costs about 1/40 of scoring it on a CPU core (~8,600 against ~200
-# pairs/s on 2 cores, BENCHMARKS.md), so CPU replicas need few tokenizers; a GPU
-# replica aims at 100,000+ pairs/s, which takes a dozen cores of tokenizing.
-CPU_REPLICAS_PER_TOKENIZER = 8
+# The tokenizer pool autoscales (one actor, more while blocks queue for them) up to
+# a cap. A GPU replica aims at 100,000+ pairs/s, which takes a dozen cores of
+# tokenizing. A CPU replica scoring R* needs a fraction of one (tokenizing costs
+# ~1/40 of scoring on a core), but a small model needs more than one core of
+# tokenizing per replica (benchmarks/feed.py): the pool grows to two per replica
+# only when the queue says so.
+TOKENIZERS_PER_CPU_REPLICA = 2
 TOKENIZERS_PER_GPU_REPLICA = 16
 
 
@@ -103,13 +106,14 @@ def plan_replicas(config: RerankConfig, cluster: dict[str, float]) -> ReplicaPla
     else:
         default_max, num_gpus = 1, 0.0
     max_size = config.max_replicas or max(default_max, config.min_replicas)
+    # the CPUs the replicas leave, but one for reads and writes
+    spare = int(cluster.get("CPU", 0.0) - max_size * config.cpus_per_replica) - 1
     if config.tokenize_workers:
         tokenizers = config.tokenize_workers
-    elif device == "cuda":  # the CPUs the replicas leave, but one for reads and writes
-        spare = int(cluster.get("CPU", 0.0) - max_size * config.cpus_per_replica) - 1
+    elif device == "cuda":
         tokenizers = max(2, min(spare, TOKENIZERS_PER_GPU_REPLICA * max_size))
     else:
-        tokenizers = -(-max_size // CPU_REPLICAS_PER_TOKENIZER)
+        tokenizers = max(1, min(spare, TOKENIZERS_PER_CPU_REPLICA * max_size))
     return ReplicaPlan(device, num_gpus, config.cpus_per_replica, config.min_replicas, max_size,
                        tokenizers)
 
@@ -156,6 +160,20 @@ def on_replicas(ds: Any, stage: type, kwargs: dict[str, Any], replicas: ReplicaP
             max_tasks_in_flight_per_actor=2),
         batch_size=batch_rows, batch_format="pyarrow",
         num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None)
+
+
+class Phases:
+    """Wall seconds of a job's phases (start-up, scoring, rank pass), for the manifest."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last = time.monotonic()
+
+    def mark(self, phase: str) -> None:
+        """The phase named ends now; the next one starts."""
+        now = time.monotonic()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self.last, 3)
+        self.last = now
 
 
 class ProgressLog:

@@ -138,6 +138,24 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+def sleep_idle_threads() -> None:
+    """Let this process's OpenMP threads sleep, not spin, between parallel regions.
+
+    A replica shares its node's cores with tokenizer actors, reads and writes;
+    with OpenMP's default spin-waiting its idle threads took a whole core from them
+    (a one-layer model's replica: 1.0 core spinning, 0.3 core with PASSIVE; see
+    BENCHMARKS.md). Large passes lose nothing: a wake-up costs microseconds. Only
+    takes effect before torch is first imported in the process (replicas run in
+    their own actor processes), and a value the user set stands.
+    """
+    import sys
+
+    if "torch" in sys.modules:
+        log.debug("torch already imported; OMP_WAIT_POLICY left as it is")
+        return
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def load_replica(info: ModelInfo, device: str, dtype: str, trust_remote_code: bool = False,
                  quantize: str = "none", compile: bool = False) -> tuple[Any, Any, Any]:
     """Load the model once for a replica: (model in eval mode, torch device, dtype)."""

@@ -30,7 +30,7 @@ from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, pre
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
-from rstar_batch.job import (JobSummary, ProgressLog, ReplicaPlan, bucket_count,
+from rstar_batch.job import (JobSummary, Phases, ProgressLog, ReplicaPlan, bucket_count,
                              check_all_committed, check_rejected, finish_job, job_plan,
                              on_replicas, on_tokenizers, passage_policy, plan_replicas,
                              rank_all, run_scoring, scorer_kwargs)
@@ -180,7 +180,7 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     config = (config or RerankConfig()).replace(**fields)
     config.validate_required()
     _check_keep(config)
-    started = time.time()
+    started, phases = time.time(), Phases()
     model = describe_model(config.model, config.revision, config.trust_remote_code)
     activation = resolve_activation(config.score_activation, model.num_labels)
     check_passage_policy(config, model)
@@ -212,15 +212,18 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
             log.info("resuming run %d: %d of %d chunks already done, %d pairs left",
                      opened.run, len(done), len(chunks), source.num_rows - progress_log.done)
         replicas = plan_replicas(config, ray.cluster_resources())
+        phases.mark("startup")
         if pending:
             log.info("scoring %d pairs with %s on %s (%d..%d replicas, up to %d tokenizers)",
                      sum(c.rows for c in pending), model.source, replicas.device,
                      replicas.min_size, replicas.max_size, replicas.tokenizers)
             run_scoring(build_scoring_plan(config, source, model, replicas, plan["buckets"],
                                            pending, out_fs, root, opened.run), progress_log)
+        phases.mark("scoring")
         progress = checkpoint.read_progress(out_fs, root)
         check_all_committed(progress, chunks)
         parts = rank_all(out_fs, root, config, progress)
+        phases.mark("rank")
 
     runs = progress.rows_by_run
     summary = _summarise(config.output, source.num_rows, parts, runs.get(opened.run, 0),
@@ -233,7 +236,7 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
                   "bytes": inputs.candidates.total_bytes,
                   "fingerprint": plan["input"]["digest"],
                   "skipped_files": inputs.candidates.skipped},
-        "replicas": dataclasses.asdict(replicas)})
+        "replicas": dataclasses.asdict(replicas), "seconds_by_phase": phases.seconds})
     return summary
 
 

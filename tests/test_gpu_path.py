@@ -96,8 +96,11 @@ def test_tokenizer_pool_feeds_gpu_replicas_with_the_cpus_they_leave():
     assert plan_replicas(_config(), {"CPU": 200.0, "GPU": 2.0}).tokenizers == 32
     # a GPU cluster scaling from zero has no CPUs yet: still two
     assert plan_replicas(_config(device="cuda"), {"CPU": 0.0}).tokenizers == 2
-    # CPU replicas: tokenizing costs ~1/40 of scoring, one tokenizer per 8 replicas
-    assert plan_replicas(_config(), {"CPU": 8.0}).tokenizers == 1
-    assert plan_replicas(_config(max_replicas=9), {"CPU": 64.0}).tokenizers == 2
+    # CPU replicas: up to two tokenizers each (the pool grows only while blocks queue
+    # for it), within the CPUs the replicas leave
+    assert plan_replicas(_config(), {"CPU": 8.0}).tokenizers == 2
+    assert plan_replicas(_config(max_replicas=9), {"CPU": 64.0}).tokenizers == 18
+    assert plan_replicas(_config(max_replicas=9), {"CPU": 12.0}).tokenizers == 2
+    assert plan_replicas(_config(), {"CPU": 2.0}).tokenizers == 1   # never none
     # an explicit setting wins
     assert plan_replicas(_config(tokenize_workers=3), {"CPU": 16.0, "GPU": 1.0}).tokenizers == 3

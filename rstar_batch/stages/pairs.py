@@ -45,6 +45,19 @@ def truncate_pair(n_query: np.ndarray, n_passage: np.ndarray,
     return np.minimum(keep_q, n_query), np.minimum(keep_p, n_passage)
 
 
+def _bare_backend(tokenizer: Any) -> Any:
+    """A copy of a fast tokenizer's Rust backend with no truncation or padding (a
+    tokenizer.json may carry either; transformers resets them on every call), or
+    None for a slow tokenizer. `verify` checks the result against the tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return None
+    bare = type(backend).from_str(backend.to_str())
+    bare.no_truncation()
+    bare.no_padding()
+    return bare
+
+
 def _ragged_gather(flat: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Concatenate flat[starts[i] : starts[i] + counts[i]] for every i."""
     total = int(counts.sum())
@@ -146,13 +159,20 @@ class PairAssembler:
         self.max_length = max_length
         self.cls = tokenizer.cls_token_id
         self.sep = tokenizer.sep_token_id
+        self.backend = _bare_backend(tokenizer)
 
     def tokenize(self, texts: list[str]) -> TokenTable:
+        """Each text's own token ids, without special tokens and uncut."""
         if not texts:  # the tokenizer fails on an empty batch
             return TokenTable.from_rows([])
-        enc = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                             return_token_type_ids=False)
-        return TokenTable.from_rows(enc["input_ids"])
+        if self.backend is None:
+            enc = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                                 return_token_type_ids=False)
+            return TokenTable.from_rows(enc["input_ids"])
+        # The Rust tokenizer directly: no offsets, no BatchEncoding of Python lists.
+        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        return TokenTable.from_list_array(
+            pa.array([e.ids for e in encodings], pa.list_(pa.int32())))
 
     def assemble(self, queries: TokenTable, passages: TokenTable, query_index: np.ndarray,
                  passage_index: np.ndarray, empty_passage: np.ndarray

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rstar_batch.faults import FaultHook
-from rstar_batch.model import ModelInfo, load_replica
+from rstar_batch.model import ModelInfo, load_replica, sleep_idle_threads
 from rstar_batch.stages.bert_cls import cls_only_forward
 from rstar_batch.stages import columns as C
 
@@ -81,6 +81,7 @@ class Scorer:
                  max_batch_pairs: int = 256, cpu_threads: Optional[int] = None,
                  trust_remote_code: bool = False, quantize: str = "none",
                  compile: bool = False, full_forward: bool = False) -> None:
+        sleep_idle_threads()
         import torch
 
         self.torch = torch

@@ -69,6 +69,11 @@ def test_pad_rows_pads_right_and_masks():
     ids, mask = pad_rows(values, np.array([2, 0]), pad=0)
     assert ids.tolist() == [[9, 10, 0], [5, 6, 7]]
     assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    # a slice of a larger array (its offsets do not start at 0), and an empty row
+    values = pa.array([[1], [5, 6, 7], [], [9, 10]], pa.list_(pa.int32())).slice(1)
+    ids, mask = pad_rows(values, np.array([2, 1, 0]), pad=-1)
+    assert ids.tolist() == [[9, 10, -1], [-1, -1, -1], [5, 6, 7]]
+    assert mask.tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]
 
 
 def test_activation_follows_the_number_of_labels():

@@ -64,13 +64,33 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int, max_pairs: int,
 
 def pad_rows(values: pa.ListArray, rows: np.ndarray, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Rows of a list array as a right-padded int64 matrix and its attention mask."""
-    picked = values.take(pa.array(rows))
-    lengths = pc.list_value_length(picked).to_numpy(zero_copy_only=False)
-    width = int(lengths.max()) if len(lengths) else 0
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    matrix = np.full((len(rows), width), pad, dtype=np.int64)
-    matrix[mask] = picked.flatten().to_numpy(zero_copy_only=False)
-    return matrix, mask.astype(np.int64)
+    return Ragged.of(values).pad(rows, pad)
+
+
+class Ragged:
+    """A list array's values and offsets as numpy, so that every forward pass pads
+    its rows with one gather instead of an Arrow take and flatten per pass."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def of(cls, values: pa.ListArray) -> "Ragged":
+        values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        offsets = values.offsets.to_numpy().astype(np.int64)
+        flat = values.values.to_numpy(zero_copy_only=False)
+        return cls(flat, offsets)
+
+    def pad(self, rows: np.ndarray, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts
+        width = int(lengths.max()) if len(lengths) else 0
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        index = np.where(mask, starts[:, None] + np.arange(width)[None, :], 0)
+        matrix = self.flat[index].astype(np.int64) if len(self.flat) else np.zeros(
+            index.shape, dtype=np.int64)
+        matrix[~mask] = pad
+        return matrix, mask.astype(np.int64)
 
 
 class Scorer:
@@ -118,12 +138,14 @@ class Scorer:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
 
-    def _forward(self, input_ids: pa.ListArray, token_types: Optional[pa.ListArray],
-                 rows: np.ndarray) -> np.ndarray:
-        ids, mask = pad_rows(input_ids, rows, self.pad_id)
+    def _forward(self, input_ids: Ragged, token_types: Optional[Ragged],
+                 rows: np.ndarray) -> Any:
+        """One forward pass's scores, left on the device: reading them back would make
+        the host wait for the GPU before padding the next pass."""
+        ids, mask = input_ids.pad(rows, self.pad_id)
         inputs = {"input_ids": self._to_device(ids), "attention_mask": self._to_device(mask)}
         if token_types is not None:
-            inputs["token_type_ids"] = self._to_device(pad_rows(token_types, rows)[0])
+            inputs["token_type_ids"] = self._to_device(token_types.pad(rows)[0])
         logits = self.logits(inputs).float()
         if self.activation == "sigmoid":
             out = self.torch.sigmoid(logits[:, -1])
@@ -131,14 +153,17 @@ class Scorer:
             out = self.torch.softmax(logits, dim=-1)[:, 1]
         else:
             out = logits[:, -1]
-        return out.cpu().numpy().astype(np.float32)
+        return out
 
     def score(self, input_ids: pa.ListArray,
               token_types: Optional[pa.ListArray] = None) -> np.ndarray:
         """Scores for every row of `input_ids`, in input order."""
-        lengths = pc.list_value_length(input_ids).to_numpy(zero_copy_only=False)
+        ids = Ragged.of(input_ids)
+        types = None if token_types is None else Ragged.of(token_types)
+        lengths = np.diff(ids.offsets)
         scores = np.empty(len(lengths), dtype=np.float32)
         remaining = np.arange(len(lengths))
+        done: list[tuple[np.ndarray, Any]] = []   # (rows, their scores on the device)
         with self.torch.inference_mode():
             while len(remaining):
                 batches = [remaining[b] for b in plan_batches(
@@ -146,13 +171,16 @@ class Scorer:
                 remaining = remaining[:0]
                 for i, rows in enumerate(batches):
                     try:
-                        scores[rows] = self._forward(input_ids, token_types, rows)
+                        done.append((rows, self._forward(ids, types, rows)))
                     except self.torch.OutOfMemoryError:
                         if len(rows) == 1:
                             raise
                         self._shrink_after_oom(len(rows), int(lengths[rows].max()))
                         remaining = np.concatenate(batches[i:])  # re-plan what is left
                         break
+            if done:  # one copy back, one wait for the device, per call
+                values = self.torch.cat([out.float() for _, out in done]).cpu().numpy()
+                scores[np.concatenate([rows for rows, _ in done])] = values
         return scores
 
     def _shrink_after_oom(self, rows: int, longest: int) -> None:

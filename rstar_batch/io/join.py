@@ -107,7 +107,11 @@ def join_bucket(fs: pafs.FileSystem, run_files: list[str], corpus_files: list[st
 
 
 def _first_per_id(corpus: pa.Table, doc_id: str) -> pa.Table:
-    """One row per doc id (the first), so a repeated corpus id cannot repeat candidates."""
+    """One row per doc id (the first), so a repeated corpus id cannot repeat candidates.
+    Rows without an id are dropped: they match no candidate (and numpy cannot order
+    None among strings)."""
+    if corpus[doc_id].null_count:
+        corpus = corpus.filter(pc.is_valid(corpus[doc_id]))
     _, first = np.unique(corpus[doc_id].to_numpy(zero_copy_only=False), return_index=True)
     return corpus.take(pa.array(np.sort(first))) if len(first) != corpus.num_rows else corpus
 

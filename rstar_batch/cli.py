@@ -51,6 +51,12 @@ def add_config_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ..
 
 # Options that only make sense with candidate pairs: score-corpus has none.
 CANDIDATE_ONLY = ("candidates", "nested_column", "on_bad_file")
+# What tokenize-corpus reads of the config: the corpus, the tokenizer, the job's own knobs.
+TOKENIZE_FIELDS = ("corpus", "output", "overwrite", "restart", "max_rejected_fraction",
+                   "checkpoint_rows", "doc_id_column", "passage_column", "model", "revision",
+                   "trust_remote_code", "tokenize_workers", "replica_batch_rows", "address")
+NOT_TOKENIZE = tuple(f.name for f in dataclasses.fields(RerankConfig)
+                     if f.name not in TOKENIZE_FIELDS)
 
 
 def config_from_args(args: argparse.Namespace) -> RerankConfig:
@@ -88,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "Takes rerank's options, less --candidates; resumes like rerank.")
     corpus.add_argument("--config", metavar="FILE", help="YAML file of options (default: none)")
     add_config_options(corpus, leave_out=CANDIDATE_ONLY)
+
+    tokenize = commands.add_parser(
+        "tokenize-corpus", help="Tokenize a corpus once, for every rerank/score-corpus run.",
+        description="Write every passage of --corpus as its token ids (Parquet: doc_id, "
+                    "passage_ids, empty_passage) with the tokenizer's fingerprint, to "
+                    "--output T. Pass T as --corpus to rerank or score-corpus with the "
+                    "same model: only the queries are tokenized then. Rows with a null "
+                    "id or passage go to T/_rejected/. Resumes like rerank.")
+    tokenize.add_argument("--config", metavar="FILE",
+                          help="YAML file of options (default: none)")
+    add_config_options(tokenize, leave_out=NOT_TOKENIZE)
 
     sample = commands.add_parser("sample-data", help="Write a synthetic candidate set.")
     sample.add_argument("out", metavar="OUT", help="Folder to write Parquet parts into")
@@ -220,6 +237,13 @@ def _run_score_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_tokenize_corpus(args: argparse.Namespace) -> int:
+    from rstar_batch.tokenize_corpus import summary_line, tokenize_corpus
+
+    print(summary_line(tokenize_corpus(config_from_args(args))))
+    return 0
+
+
 def _run_sample(args: argparse.Namespace) -> int:
     from rstar_batch.testing import write_sample_data
 
@@ -312,7 +336,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"rerank": _run_rerank, "score-corpus": _run_score_corpus, "status": _run_status,
+COMMANDS = {"rerank": _run_rerank, "score-corpus": _run_score_corpus,
+            "tokenize-corpus": _run_tokenize_corpus, "status": _run_status,
             "sample-data": _run_sample, "make-tiny-model": _run_tiny, "demo": _run_demo,
             "evaluate": _run_evaluate, "export": _run_export, "length-bias": _run_length_bias,
             "convert": _run_convert}

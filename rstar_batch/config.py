@@ -45,8 +45,9 @@ class RerankConfig:
         [], "Candidate Parquet: files, folders or globs; local paths or any fsspec URI.",
         "input/output", required=True)
     corpus: Optional[str] = _opt(
-        None, "Corpus Parquet (doc id and passage columns): rerank joins its passages "
-        "onto candidates that hold only ids; score-corpus scores all of it.", "input/output")
+        None, "Corpus Parquet (doc id and passage columns), or a tokenized corpus from "
+        "tokenize-corpus: rerank joins its passages onto candidates that hold only ids; "
+        "score-corpus scores all of it.", "input/output")
     queries: Optional[str] = _opt(
         None, "Queries Parquet (query id and query columns): rerank joins their texts "
         "onto candidates that hold only ids; score-corpus scores each.", "input/output")

@@ -1,4 +1,5 @@
-"""Test-only fault injection into the score stage. Unset in production.
+"""Test-only fault injection into the score stage and tokenize-corpus's writer.
+Unset in production.
 
 RSTAR_BATCH_TEST_FAULT selects the fault:
   exit:N        the replica process dies (os._exit) at its N-th batch, once per job

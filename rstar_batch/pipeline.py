@@ -30,11 +30,13 @@ from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, pre
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
+from rstar_batch.io.tokenized import inspect_tokenized, open_tokenized
 from rstar_batch.job import (JobSummary, Phases, ProgressLog, ReplicaPlan, bucket_count,
                              check_all_committed, check_rejected, finish_job, job_plan,
                              on_replicas, on_tokenizers, passage_policy, plan_replicas,
                              rank_all, run_scoring, scorer_kwargs)
 from rstar_batch.model import ModelInfo, describe_model
+from rstar_batch.stages import columns as C
 from rstar_batch.stages.columns import PREPARE_REASON
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.score import Score, resolve_activation
@@ -105,7 +107,9 @@ class Inputs:
 def check_inputs(config: RerankConfig, spec: JoinSpec) -> Inputs:
     """Find and check every input file before anything runs."""
     corpus = queries = None
-    if config.corpus:
+    if config.corpus and spec.tokenized:
+        corpus = inspect_tokenized(config.corpus)
+    elif config.corpus:
         corpus = inspect_candidates([config.corpus], {"doc_id": spec.doc_id,
                                                       "passage": spec.passage}, [])
     if config.queries:
@@ -156,7 +160,8 @@ def _joined_candidates(inputs: Inputs, spec: JoinSpec, config: RerankConfig, fs:
     prepare_joined(inputs.candidates, inputs.corpus, inputs.queries, spec, fs, root)
     # read back by URI (the output's scheme), not by the filesystem's own path
     return inspect_candidates([checkpoint.prepared_dir(config.output)], _roles(config),
-                              config.keep_columns, optional=(PREPARE_REASON,))
+                              config.keep_columns,
+                              optional=(PREPARE_REASON, C.PASSAGE_IDS, C.EMPTY_PASSAGE))
 
 
 def _plan_for_prepared(plan: dict, config: RerankConfig, source: CandidateFiles, fs: Any,
@@ -184,8 +189,11 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     model = describe_model(config.model, config.revision, config.trust_remote_code)
     activation = resolve_activation(config.score_activation, model.num_labels)
     check_passage_policy(config, model)
+    # A tokenized corpus (tokenize-corpus's output) gives passages as ids: checked here.
+    tokenized = open_tokenized(config.corpus, model, config.max_length,
+                               config.trust_remote_code) is not None
     spec = JoinSpec(config.query_id_column, config.query_column, config.doc_id_column,
-                    config.passage_column, config.keep_columns)
+                    config.passage_column, config.keep_columns, tokenized)
     inputs = check_inputs(config, spec)
     out_fs, root = fsio.resolve(config.output)
     plan = job_plan(config, [s for s in (inputs.candidates, inputs.corpus, inputs.queries)

@@ -11,6 +11,8 @@
 
 The |queries| × |corpus| pairs never exist outside a replica's block, so the
 object store and the output hold O(queries × K × chunks) rows, not the product.
+A tokenized corpus (tokenize-corpus's output) skips tokenizing passages: its
+ids are cut as TokenizePassages cuts, and its rejected rows stayed in T.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ import pyarrow.parquet as pq
 
 from rstar_batch import checkpoint
 from rstar_batch.cluster import ray_session
-from rstar_batch.config import RerankConfig
+from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io import fs as fsio
 from rstar_batch.io import sinks
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
+from rstar_batch.io.tokenized import DOC_ID, inspect_tokenized, open_tokenized
 from rstar_batch.job import (JobSummary, ProgressLog, bucket_count, check_all_committed,
                              check_rejected, finish_job, job_plan, on_replicas,
                              on_tokenizers, passage_policy, plan_replicas, rank_all,
@@ -41,6 +44,7 @@ from rstar_batch.job import (JobSummary, ProgressLog, bucket_count, check_all_co
 from rstar_batch.model import describe_model
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
+from rstar_batch.stages.corpus_tokens import PassagesFromTokens
 from rstar_batch.stages.normalize import NormalizePassages, query_buckets, stable_hash
 from rstar_batch.stages.score import resolve_activation
 from rstar_batch.stages.tokenize import TokenizePassages
@@ -61,16 +65,15 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
     started = time.time()
     model = describe_model(config.model, config.revision, config.trust_remote_code)
     activation = resolve_activation(config.score_activation, model.num_labels)
+    tokenized = open_tokenized(config.corpus, model, config.max_length,
+                               config.trust_remote_code) is not None
     tokenize = TokenizePassages(model, config.max_length, config.trust_remote_code,
                                 passage_policy(config))  # checks the tokenizer here
-    corpus = inspect_candidates([config.corpus], {"doc_id": config.doc_id_column,
-                                                  "passage": config.passage_column},
-                                config.keep_columns)
+    corpus, doc_id = _corpus_files(config, tokenized)
     query_files = inspect_candidates([config.queries], {"query_id": config.query_id_column,
                                                         "query": config.query_column}, [])
-    check_unique_doc_ids(corpus, config.doc_id_column)
-    valid, rejected = read_queries(query_files, config,
-                                   corpus.schema.field(config.doc_id_column).type)
+    check_unique_doc_ids(corpus, doc_id)
+    valid, rejected = read_queries(query_files, config, corpus.schema.field(doc_id).type)
     out_fs, root = fsio.resolve(config.output)
     rows_per_chunk = max(1, math.ceil(config.checkpoint_rows / valid.num_rows))
     chunks = checkpoint.plan_chunks(corpus.file_rows, rows_per_chunk)
@@ -99,7 +102,8 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
                      corpus.num_rows - already, model.source, replicas.device,
                      replicas.min_size, replicas.max_size)
             run_scoring(build_corpus_plan(config, corpus, model, queries, replicas, pending,
-                                          out_fs, root, opened.run), progress_log, nq)
+                                          out_fs, root, opened.run, tokenized),
+                        progress_log, nq)
         progress = checkpoint.read_progress(out_fs, root)
         check_all_committed(progress, chunks)
         if rejected.num_rows:
@@ -121,23 +125,42 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
     return summary
 
 
+def _corpus_files(config: RerankConfig, tokenized: bool) -> tuple[CandidateFiles, str]:
+    """The corpus's files and its doc id column (a tokenized corpus's is its own)."""
+    if not tokenized:
+        return inspect_candidates([config.corpus], {"doc_id": config.doc_id_column,
+                                                    "passage": config.passage_column},
+                                  config.keep_columns), config.doc_id_column
+    if config.keep_columns:
+        raise ConfigError(f"tokenized corpus '{config.corpus}' holds only doc ids and "
+                          f"passage ids: keep_columns {config.keep_columns} need the text "
+                          "corpus")
+    return inspect_tokenized(config.corpus), DOC_ID
+
+
 def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
                       queries: QuerySet, replicas: Any, chunks: list[checkpoint.Chunk],
-                      out_fs: Any, root: str, run: int) -> Any:
-    """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit."""
+                      out_fs: Any, root: str, run: int, tokenized: bool = False) -> Any:
+    """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit
+    (a tokenized corpus: read → fit its ids → score → commit)."""
     import ray.data
 
     tasks = plan_read_tasks(chunks, corpus.paths, corpus.row_groups)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(ReadChunks(corpus.filesystem, corpus.schema.names),
                         batch_size=1, batch_format="pyarrow")
-    ds = ds.map_batches(NormalizePassages(config.doc_id_column, config.passage_column,
-                                          config.keep_columns),
-                        batch_format="pyarrow", batch_size=None)
+    if not tokenized:
+        ds = ds.map_batches(NormalizePassages(config.doc_id_column, config.passage_column,
+                                              config.keep_columns),
+                            batch_format="pyarrow", batch_size=None)
     # A replica call scores about replica_batch_rows pairs: that many / |queries| passages.
     passages = max(1, config.replica_batch_rows // len(queries))
     ds = ds.repartition(target_num_rows_per_block=passages)
-    ds = on_tokenizers(ds, TokenizePassages, config, model, replicas, passages)
+    if tokenized:
+        ds = ds.map_batches(PassagesFromTokens(passage_policy(config), config.max_length),
+                            batch_format="pyarrow", batch_size=None)
+    else:
+        ds = on_tokenizers(ds, TokenizePassages, config, model, replicas, passages)
     ds = on_replicas(ds, ScoreAllPairs, dict(
         queries=queries, top_k=config.top_k, passages=passage_policy(config),
         max_length=config.max_length, **scorer_kwargs(config, model, replicas)),

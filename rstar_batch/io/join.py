@@ -12,7 +12,9 @@ it is never scored with an empty string.
 
 The result is ordinary candidate Parquet under `_work/prepared/`, finished by a
 `_DONE` marker; the checkpointed scoring pass reads it like any input, and a
-resumed job reuses it.
+resumed job reuses it. With a tokenized corpus (io/tokenized.py) the join
+carries each passage's ids and empty-passage flag instead of its text, and the
+passage text column is null (in the rejected rows too).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import pyarrow.parquet as pq
 
 from rstar_batch import checkpoint
 from rstar_batch.io import fs as fsio
+from rstar_batch.io import tokenized as tok
 from rstar_batch.io.sources import CandidateFiles
+from rstar_batch.stages import columns as C
 from rstar_batch.stages.columns import PREPARE_REASON
 from rstar_batch.stages.normalize import query_buckets
 
@@ -37,6 +41,7 @@ CORPUS_BUCKET_BYTES = 256 << 20   # compressed corpus Parquet per join task
 MISSING_PASSAGE = "missing_passage"
 MISSING_QUERY = "missing_query"
 _BUCKET = "_jb"
+_PASSAGE_TYPES = (pa.string(), pa.list_(pa.int32()), pa.bool_())
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,18 @@ class JoinSpec:
     doc_id: str
     passage: str
     keep: list[str]
+    tokenized: bool = False   # the corpus is a tokenized corpus: ids, not texts
+
+    @property
+    def corpus_columns(self) -> list[str]:
+        """The corpus's columns the join reads, as the corpus names them."""
+        return list(tok.COLUMNS) if self.tokenized else [self.doc_id, self.passage]
+
+    @property
+    def passage_columns(self) -> list[str]:
+        """What the joined rows carry of a passage, under the job's names."""
+        return ([self.passage, C.PASSAGE_IDS, C.EMPTY_PASSAGE] if self.tokenized
+                else [self.passage])
 
 
 class _Bucketize:
@@ -85,13 +102,22 @@ def join_bucket(fs: pafs.FileSystem, run_files: list[str], corpus_files: list[st
     run = pq.read_table(run_files, filesystem=fs).drop_columns([_BUCKET])
     reason = pa.nulls(run.num_rows, pa.string())
     if corpus_files == []:  # no corpus row hashes to this bucket
-        run = run.append_column(spec.passage, pa.nulls(run.num_rows, pa.string()))
+        for name, kind in zip(spec.passage_columns, _PASSAGE_TYPES):
+            run = run.append_column(name, pa.nulls(run.num_rows, kind))
         reason = pa.array([MISSING_PASSAGE] * run.num_rows, pa.string())
     elif corpus_files is not None:
-        corpus = _first_per_id(pq.read_table(corpus_files, filesystem=fs,
-                                             columns=[spec.doc_id, spec.passage]), spec.doc_id)
-        run = run.join(corpus, keys=spec.doc_id, join_type="left outer")
-        reason = pc.if_else(pc.is_null(run[spec.passage]), pa.scalar(MISSING_PASSAGE), reason)
+        # the corpus's columns under the run's names: texts, or ids and empty flags
+        carried = [C.PASSAGE_IDS, C.EMPTY_PASSAGE] if spec.tokenized else [spec.passage]
+        corpus = pq.read_table(corpus_files, filesystem=fs, columns=spec.corpus_columns)
+        corpus = _first_per_id(corpus.rename_columns([spec.doc_id, *carried]), spec.doc_id)
+        if spec.tokenized:  # Arrow's join cannot carry list columns: look the ids up
+            at = pc.index_in(run[spec.doc_id], value_set=corpus[spec.doc_id])
+            run = run.append_column(spec.passage, pa.nulls(run.num_rows, pa.string()))
+            for name in carried:
+                run = run.append_column(name, corpus[name].take(at))
+        else:
+            run = run.join(corpus, keys=spec.doc_id, join_type="left outer")
+        reason = pc.if_else(pc.is_null(run[carried[0]]), pa.scalar(MISSING_PASSAGE), reason)
     if queries is not None:
         at = pc.index_in(run[spec.query_id], value_set=queries[spec.query_id])
         run = run.append_column(spec.query, queries[spec.query].take(at))
@@ -100,14 +126,18 @@ def join_bucket(fs: pafs.FileSystem, run_files: list[str], corpus_files: list[st
     # Arrow's join returns rows in no fixed order: sort so the file is a pure function
     # of its inputs (the chunks of the scoring pass are cut from it).
     run = run.sort_by([(spec.query_id, "ascending"), (spec.doc_id, "ascending")])
-    columns = [spec.query_id, spec.query, spec.doc_id, spec.passage,
+    columns = [spec.query_id, spec.query, spec.doc_id, *spec.passage_columns,
                *[k for k in spec.keep if k not in (spec.query, spec.passage)], PREPARE_REASON]
     fsio.write_table(fs, target, run.select(columns))
     return run.num_rows
 
 
 def _first_per_id(corpus: pa.Table, doc_id: str) -> pa.Table:
-    """One row per doc id (the first), so a repeated corpus id cannot repeat candidates."""
+    """One row per doc id (the first), so a repeated corpus id cannot repeat candidates.
+    Rows without an id are dropped: they match no candidate (and numpy cannot order
+    None among strings)."""
+    if corpus[doc_id].null_count:
+        corpus = corpus.filter(pc.is_valid(corpus[doc_id]))
     _, first = np.unique(corpus[doc_id].to_numpy(zero_copy_only=False), return_index=True)
     return corpus.take(pa.array(np.sort(first))) if len(first) != corpus.num_rows else corpus
 
@@ -134,7 +164,7 @@ def prepare_joined(run: CandidateFiles, corpus: Optional[CandidateFiles],
            fsio.join(work, "run"))
     corpus_parts: dict[int, list[str]] = {}
     if corpus is not None:
-        _split(corpus, [spec.doc_id, spec.passage], spec.doc_id, buckets, fs,
+        _split(corpus, spec.corpus_columns, spec.corpus_columns[0], buckets, fs,
                fsio.join(work, "corpus"))
         corpus_parts = _bucket_files(fs, fsio.join(work, "corpus"))
     queries_ref = ray.put(query_texts) if query_texts is not None else None

@@ -54,19 +54,22 @@ class Normalize:
         if missing:
             raise KeyError(f"input batch lacks column(s) {missing}")
         cols = {new: batch[old] for old, new in self.mapping.items()}
+        # Joined with a tokenized corpus: the passage is its ids, and its text is null.
+        ids = {k: batch[k] for k in (C.PASSAGE_IDS, C.EMPTY_PASSAGE) if k in batch.column_names}
+        given = {**cols, C.PASSAGE: ids.get(C.PASSAGE_IDS, cols[C.PASSAGE])}
         # A reason found before (a text missing from the corpus or queries) stands.
         reason = batch[PREPARE_REASON] if PREPARE_REASON in batch.column_names else pa.nulls(
             batch.num_rows, pa.string())
         # Later checks win, so the first missing field (ids before texts) is named.
         for column, why in [(C.PASSAGE, C.NULL_PASSAGE), (C.QUERY, C.NULL_QUERY),
                             (C.DOC_ID, C.NULL_DOC_ID), (C.QUERY_ID, C.NULL_QUERY_ID)]:
-            found = pc.is_null(cols[column])
+            found = pc.is_null(given[column])
             if PREPARE_REASON in batch.column_names:
                 found = pc.and_(found, pc.is_null(batch[PREPARE_REASON]))
             reason = pc.if_else(found, pa.scalar(why), reason)
         buckets = query_buckets(cols[C.QUERY_ID], self.num_buckets)
         tags = {k: batch[k] for k in (C.CHUNK, C.ROW) if k in batch.column_names}
-        out = {**tags, **cols, **{k: batch[k] for k in self.keep},
+        out = {**tags, **cols, **ids, **{k: batch[k] for k in self.keep},
                C.REJECT: reason, C.BUCKET: pa.array(buckets, pa.int32())}
         return pa.table(out)
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from rstar_batch.config import ConfigError
 from rstar_batch.model import ModelInfo, load_tokenizer
 from rstar_batch.stages import columns as C
-from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
+from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,25 @@ class Tokenize:
                  self.passages.cut(self.assembler.tokenize(p.dictionary.to_pylist())))
         pairs = (q.indices.to_numpy(), p.indices.to_numpy(),
                  pc.equal(passages, "").to_numpy(zero_copy_only=False))
+        return self._assemble(texts, pairs)
+
+    def encode_with_passage_ids(self, queries: pa.Array, passage_ids: pa.ListArray,
+                                empty: pa.Array
+                                ) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray | None]:
+        """`encode_pairs` for passages given as their own ids (a tokenized corpus):
+        only the queries are tokenized; the policy cuts the ids as it cuts texts."""
+        if self.assembler is None:
+            raise ConfigError("a tokenized corpus needs a tokenizer whose pairs can be "
+                              "assembled from separate ids; pass the text corpus")
+        q = pc.dictionary_encode(queries)
+        texts = (self.assembler.tokenize(q.dictionary.to_pylist()),
+                 self.passages.cut(TokenTable.from_list_array(passage_ids)))
+        pairs = (q.indices.to_numpy(), np.arange(len(passage_ids)),
+                 empty.to_numpy(zero_copy_only=False))
+        return self._assemble(texts, pairs)
+
+    def _assemble(self, texts: tuple[TokenTable, TokenTable], pairs: tuple[np.ndarray, ...]
+                  ) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray | None]:
         if not self.passages.windowed:
             return (*self.assembler.assemble(*texts, *pairs), None)
         ids, types, counts = self.assembler.assemble_windows(
@@ -96,8 +115,15 @@ class Tokenize:
     def __call__(self, batch: pa.Table) -> pa.Table:
         scored = pc.is_null(batch[C.REJECT]).combine_chunks()
         index = pa.array(np.flatnonzero(scored.to_numpy(zero_copy_only=False)))
-        ids, types, windows = self.encode_pairs(batch[C.QUERY].combine_chunks().take(index),
-                                                batch[C.PASSAGE].combine_chunks().take(index))
+        queries = batch[C.QUERY].combine_chunks().take(index)
+        if C.PASSAGE_IDS in batch.column_names:  # joined with a tokenized corpus
+            ids, types, windows = self.encode_with_passage_ids(
+                queries, batch[C.PASSAGE_IDS].combine_chunks().take(index),
+                batch[C.EMPTY_PASSAGE].combine_chunks().take(index))
+            batch = batch.drop_columns([C.PASSAGE_IDS, C.EMPTY_PASSAGE])
+        else:
+            ids, types, windows = self.encode_pairs(
+                queries, batch[C.PASSAGE].combine_chunks().take(index))
         out = texts_of_rejected_only(batch, scored, (C.QUERY, C.PASSAGE))
         out = out.append_column(C.INPUT_IDS, _scatter(ids, index, batch.num_rows, pa.int32()))
         if types is not None:
@@ -130,14 +156,20 @@ class TokenizePassages:
         scored = pc.is_null(batch[C.REJECT]).combine_chunks()
         index = pa.array(np.flatnonzero(scored.to_numpy(zero_copy_only=False)))
         texts = batch[C.PASSAGE].combine_chunks().take(index)
-        tokens = self.passages.cut(self.assembler.tokenize(texts.to_pylist()))
-        if self.limit is not None:
-            tokens = tokens.clip(self.limit)
+        tokens = fit_passages(self.assembler.tokenize(texts.to_pylist()), self.passages,
+                              self.limit)
         out = texts_of_rejected_only(batch, scored, (C.PASSAGE,))
         return (out.append_column(C.PASSAGE_IDS, _scatter(tokens.to_list_array(), index,
                                                           batch.num_rows, pa.int32()))
                 .append_column(C.EMPTY_PASSAGE, pc.fill_null(pc.equal(batch[C.PASSAGE], ""),
                                                              False)))
+
+
+def fit_passages(tokens: TokenTable, policy: PassagePolicy, limit: int | None) -> TokenTable:
+    """score-corpus: a passage's ids as pairs can use them (the policy's cut, then
+    `limit` tokens), whether just tokenized or read from a tokenized corpus."""
+    tokens = policy.cut(tokens)
+    return tokens.clip(limit) if limit is not None else tokens
 
 
 def texts_of_rejected_only(batch: pa.Table, scored: pa.Array, columns: tuple[str, ...]

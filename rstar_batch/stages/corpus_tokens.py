@@ -1,0 +1,48 @@
+"""Stages around a tokenized corpus (io/tokenized.py).
+
+`TokenizeWhole` is tokenize-corpus's tokenizer actor: `TokenizePassages` with no
+cut, so the ids serve any later max_length or passage policy. `PassagesFromTokens`
+is score-corpus's stand-in for `TokenizePassages` when the corpus is tokenized
+already: it maps T's columns to the internal ones and cuts the ids exactly as
+`TokenizePassages` cuts what it tokenizes.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from rstar_batch.io import tokenized as tok
+from rstar_batch.model import ModelInfo
+from rstar_batch.stages import columns as C
+from rstar_batch.stages.pairs import PassagePolicy, TokenTable
+from rstar_batch.stages.tokenize import TokenizePassages, fit_passages
+
+
+class TokenizeWhole(TokenizePassages):
+    """`map_batches` class: each passage's own ids, whole (neither cut nor clipped)."""
+
+    def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
+                 passages: PassagePolicy = PassagePolicy()):
+        super().__init__(model, max_length, trust_remote_code, PassagePolicy())
+        self.limit = None
+
+
+class PassagesFromTokens:
+    """`map_batches` function: chunks of T → the rows `ScoreAllPairs` takes.
+
+    T holds only scorable passages (its rejected rows stayed in T/_rejected/), so
+    every row gets a null reason.
+    """
+
+    def __init__(self, passages: PassagePolicy, max_length: int) -> None:
+        self.passages = passages
+        self.limit = None if passages.windowed else max_length - 3
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = TokenTable.from_list_array(batch[tok.PASSAGE_IDS].combine_chunks())
+        n = batch.num_rows
+        return pa.table({
+            C.CHUNK: batch[C.CHUNK], C.ROW: batch[C.ROW], C.DOC_ID: batch[tok.DOC_ID],
+            C.PASSAGE: pa.nulls(n, pa.string()), C.REJECT: pa.nulls(n, pa.string()),
+            C.PASSAGE_IDS: fit_passages(ids, self.passages, self.limit).to_list_array(),
+            C.EMPTY_PASSAGE: batch[tok.EMPTY_PASSAGE]})

@@ -1,7 +1,8 @@
 """How fast the host side feeds a GPU: the whole rerank job with a micro model.
 
-    python benchmarks/feed.py                    # 25k and 500k pairs of text
-    python benchmarks/feed.py --pairs 200000     # a shorter large run
+    python benchmarks/feed.py                    # text: 25k and 500k pairs; a tokenized
+                                                 # corpus: 25k and 1M id-only pairs
+    python benchmarks/feed.py --before DIR       # also an older checkout's job, same data
     python benchmarks/feed.py --smoke            # tiny sizes for CI; writes nothing
 
 The model has R*'s tokenizer but one layer of width 64 (testing.MICRO_ARCHITECTURE),
@@ -19,7 +20,9 @@ Reported beside each other, from one run of this script:
   - where the large job's CPU went: CPU seconds per kind of process, sampled from
     /proc while it runs (a Ray worker is named after the task it runs);
   - the job's own phases (start-up, scoring, rank pass) and driver peak RSS, from
-    its _manifest.json.
+    its _manifest.json;
+  - the same for id-only candidates joined with a corpus that `tokenize-corpus`
+    tokenized once (timed too), so that only the queries are tokenized.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
@@ -72,7 +78,8 @@ def _kind(cmdline: str, job_pid: int, pid: int) -> str:
         return "driver"
     for part, label in (("Tokenize", "tokenize"), ("Score", "score"), ("ReadChunks", "read"),
                         ("WriteRuns", "write runs"), ("rank_bucket", "rank pass"),
-                        ("join_bucket", "join"), ("Bucketize", "join")):
+                        ("join_bucket", "join"), ("Bucketize", "join"),
+                        ("ReadParquet", "join"), ("Write", "join")):
         if part in cmdline:
             return label
     return "ray system" if "ray" in cmdline else "other"
@@ -115,13 +122,16 @@ class CpuSampler(threading.Thread):
             self.seconds[kind] = self.seconds.get(kind, 0.0) + used / self.tick
 
 
-def run_job(model: str, candidates: str, out: str, extra: list[str]) -> dict:
-    """One `rstar-batch rerank` process: its wall seconds, CPU by part, manifest."""
+def run_job(model: str, inputs: list[str], out: str, extra: list[str],
+            source: Optional[str] = None) -> dict:
+    """One `rstar-batch rerank` process: its wall seconds, CPU by part, manifest.
+    `source`: run the rstar_batch package found there instead (an older checkout)."""
     command = [sys.executable, "-m", "rstar_batch", "--log-level", "WARNING", "rerank",
-               "--candidates", candidates, "--output", out, "--model", model,
+               *inputs, "--output", out, "--model", model,
                "--batch-tokens", str(GPU_BATCH_TOKENS), "--restart", "--overwrite", *extra]
+    env = {**os.environ, "PYTHONPATH": source} if source else None
     started = time.perf_counter()
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=env)
     sampler = CpuSampler(process.pid)
     sampler.start()
     if process.wait() != 0:
@@ -140,64 +150,141 @@ def write_candidates(folder: str, pairs: int, seed: int) -> str:
     """`pairs` candidate rows, 100 per query, every passage its own text."""
     if not os.path.isdir(folder):
         table = make_candidates(max(1, pairs // 100), min(100, pairs), seed=seed)
-        os.makedirs(folder)
-        step = 100_000
-        for i in range(0, table.num_rows, step):
-            pq.write_table(table.slice(i, step), os.path.join(folder, f"part-{i // step:05d}.parquet"))
+        _write_parts(table, folder)
     return folder
 
 
-def render(args, raw: float, small: dict, large: dict) -> str:
+def _write_parts(table: pa.Table, folder: str, step: int = 100_000) -> None:
+    os.makedirs(folder)
+    for i in range(0, table.num_rows, step):
+        pq.write_table(table.slice(i, step), os.path.join(folder, f"part-{i // step:05d}.parquet"))
+
+
+def write_id_only(folder: str, pairs: int, corpus: str, seed: int) -> tuple[str, str]:
+    """Id-only candidates (query_id, doc_id), 100 doc ids of `corpus` per query drawn at
+    random, and their queries' texts; (candidates folder, queries file)."""
+    queries = os.path.join(folder, "queries.parquet")
+    if not os.path.isdir(folder):
+        doc_ids = pq.read_table(corpus, columns=["doc_id"])["doc_id"]
+        n = max(1, pairs // 100)
+        texts = make_candidates(n, 1, seed=seed).select(["query_id", "query"])
+        rng = np.random.default_rng(seed)
+        picks = np.concatenate([rng.choice(len(doc_ids), min(100, pairs), replace=False)
+                                for _ in range(n)])
+        _write_parts(pa.table({"query_id": np.repeat(texts["query_id"].to_numpy(),
+                                                     min(100, pairs)),
+                               "doc_id": doc_ids.take(pa.array(picks))}),
+                     os.path.join(folder, "candidates"))
+        pq.write_table(texts, queries)
+    return os.path.join(folder, "candidates"), queries
+
+
+def tokenize_corpus(model: str, corpus: str, out: str) -> dict:
+    """`rstar-batch tokenize-corpus` once: wall seconds and passages."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "rstar_batch", "--log-level", "WARNING",
+                    "tokenize-corpus", "--corpus", corpus, "--output", out, "--model", model,
+                    "--restart", "--overwrite"], check=True)
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    return {"seconds": time.perf_counter() - started, "passages": manifest["summary"]["pairs"]}
+
+
+def case_rows(label: str, small: dict, large: dict, raw: float) -> list[str]:
     marginal = (large["pairs"] - small["pairs"]) / (large["seconds"] - small["seconds"])
+    rows = []
+    for size, run in (("small", small), ("large", large)):
+        rate = run["pairs"] / run["seconds"]
+        rows.append(f"| {label}: {size}, end to end | {run['pairs']} | {run['seconds']:.1f} | "
+                    f"{rate:.0f} | {rate / raw:.2f} |")
+    rows.append(f"| **{label}: marginal** (large − small) | {large['pairs'] - small['pairs']} | "
+                f"{large['seconds'] - small['seconds']:.1f} | **{marginal:.0f}** | "
+                f"**{marginal / raw:.2f}** |")
+    return rows
+
+
+def cpu_table(label: str, small: dict, run: dict) -> list[str]:
+    total = sum(run["cpu"].values())
+    lines = ["", f"{label}: the large job's phases (s; the small job's in brackets): " + ", ".join(
+                 f"{k} {run['phases'][k]:.1f} ({small['phases'].get(k, 0):.1f})"
+                 for k in ("startup", "scoring", "rank") if k in run["phases"]) + f"; tokenizer actors (most): {run['tokenizers']}; "
+             "where its CPU went:", "", "| part | CPU s | share |", "| --- | ---: | ---: |"]
+    for kind, used in sorted(run["cpu"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {kind} | {used:.1f} | {100 * used / total:.0f}% |")
+    return lines
+
+
+def render(raw: float, cases: list[tuple[str, dict, dict]], corpus_run: Optional[dict]) -> str:
     cores = os.cpu_count() or 1
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## {stamp}: feed (host side), {machine('cpu')}", "",
              f"`python benchmarks/feed.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
              + f"; {versions()}; micro model (R*'s tokenizer, 1 layer, hidden 64), "
-             f"--batch-tokens {GPU_BATCH_TOKENS}; candidates from text, 100 per query.", "",
+             f"--batch-tokens {GPU_BATCH_TOKENS}; 100 candidates per query.", "",
              "| what | pairs | seconds | pairs/s | × raw tokenizer |",
              "| --- | ---: | ---: | ---: | ---: |",
              f"| raw tokenizer, `encode_batch`, one thread (passages) | | | {raw:.0f} | 1.00 |"]
-    for label, run in (("job, small", small), ("job, large", large)):
-        rate = run["pairs"] / run["seconds"]
-        lines.append(f"| {label}, end to end | {run['pairs']} | {run['seconds']:.1f} | "
-                     f"{rate:.0f} | {rate / raw:.2f} |")
-    lines += [f"| **job, marginal** (large − small) | {large['pairs'] - small['pairs']} | "
-              f"{large['seconds'] - small['seconds']:.1f} | **{marginal:.0f}** | "
-              f"**{marginal / raw:.2f}** |", "",
-              f"Per CPU core ({cores}): marginal {marginal / cores:.0f} pairs/s. "
-              f"Tokenizer actors (most): {large['tokenizers']}. Driver peak RSS: "
-              f"{small['rss_mb']:.0f} MB small, {large['rss_mb']:.0f} MB large "
-              f"({100 * (large['rss_mb'] / small['rss_mb'] - 1):+.1f}%).", "",
-              "Large job's phases (s): " + ", ".join(
-                  f"{k} {v:.1f}" for k, v in large["phases"].items()) + ".", "",
-              "Where the large job's CPU went (CPU seconds, share of all):", "",
-              "| part | CPU s | share |", "| --- | ---: | ---: |"]
-    total = sum(large["cpu"].values())
-    for kind, used in sorted(large["cpu"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {kind} | {used:.1f} | {100 * used / total:.0f}% |")
+    for label, small, large in cases:
+        lines += case_rows(label, small, large, raw)
+    if corpus_run:
+        rate = corpus_run["passages"] / corpus_run["seconds"]
+        lines.append(f"| tokenize-corpus, once (passages), end to end | "
+                     f"{corpus_run['passages']} | {corpus_run['seconds']:.1f} | {rate:.0f} | "
+                     f"{rate / raw:.2f} |")
+    lines += ["", f"Marginal rates per CPU core ({cores} cores): " + "; ".join(
+        f"{label} {(l['pairs'] - s['pairs']) / (l['seconds'] - s['seconds']) / cores:.0f}"
+        for label, s, l in cases) + " pairs/s. Driver peak RSS, small → large: " + "; ".join(
+        f"{label} {s['rss_mb']:.0f} → {l['rss_mb']:.0f} MB "
+        f"({100 * (l['rss_mb'] / s['rss_mb'] - 1):+.1f}%)" for label, s, l in cases) + "."]
+    for label, small, large in cases:
+        lines += cpu_table(label, small, large)
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", type=int, default=500_000, help="large run (default 500k)")
-    parser.add_argument("--small", type=int, default=25_000, help="small run (default 25k)")
+    parser.add_argument("--pairs", type=int, default=500_000,
+                        help="large run from text (default 500k)")
+    parser.add_argument("--id-pairs", type=int, default=1_000_000,
+                        help="large id-only run with a tokenized corpus (default 1M)")
+    parser.add_argument("--small", type=int, default=25_000, help="small runs (default 25k)")
+    parser.add_argument("--before", metavar="DIR",
+                        help="also time the text runs with the rstar_batch package in DIR")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["text", "tokenized"])
     parser.add_argument("--workdir", help="keep data and model here between runs")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for CI; writes nothing")
     parser.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
-    parser.add_argument("job_options", nargs="*", help="more rerank options, after --")
     args = parser.parse_args()
     if args.smoke:
-        args.pairs, args.small = 2000, 500
+        args.pairs, args.id_pairs, args.small = 2000, 2000, 500
     workdir = args.workdir or tempfile.mkdtemp(prefix="rstar-feed-")
     model = make_tiny_model(os.path.join(workdir, "micro"), architecture=MICRO_ARCHITECTURE)
-    large_in = write_candidates(os.path.join(workdir, f"text-{args.pairs}"), args.pairs, 7)
-    small_in = write_candidates(os.path.join(workdir, f"text-{args.small}"), args.small, 8)
-    raw = raw_tokenizer_rate(model, os.path.join(large_in, "part-00000.parquet"))
-    small = run_job(model, small_in, os.path.join(workdir, "out-small"), args.job_options)
-    large = run_job(model, large_in, os.path.join(workdir, "out-large"), args.job_options)
-    report = render(args, raw, small, large)
+    text = {size: write_candidates(os.path.join(workdir, f"text-{size}"), size, seed)
+            for size, seed in ((args.small, 8), (args.pairs, 7))}
+    raw = raw_tokenizer_rate(model, os.path.join(text[args.pairs], "part-00000.parquet"))
+    cases, corpus_run = [], None
+    if "text" not in args.skip:
+        runs = {size: run_job(model, ["--candidates", folder],
+                              os.path.join(workdir, f"out-text-{size}"), [])
+                for size, folder in text.items()}
+        cases.append(("from text", runs[args.small], runs[args.pairs]))
+        if args.before:
+            runs = {size: run_job(model, ["--candidates", folder],
+                                  os.path.join(workdir, f"out-before-{size}"), [], args.before)
+                    for size, folder in text.items()}
+            cases.append(("from text, before", runs[args.small], runs[args.pairs]))
+    if "tokenized" not in args.skip:
+        corpus = os.path.join(text[args.pairs], "part-00000.parquet")   # ≤ 100k passages
+        tokens = os.path.join(workdir, "tokenized-corpus")
+        corpus_run = tokenize_corpus(model, corpus, tokens)
+        runs = {}
+        for size, seed in ((args.small, 9), (args.id_pairs, 10)):
+            candidates, queries = write_id_only(os.path.join(workdir, f"ids-{size}"), size,
+                                                corpus, seed)
+            runs[size] = run_job(model, ["--candidates", candidates, "--queries", queries,
+                                         "--corpus", tokens],
+                                 os.path.join(workdir, f"out-ids-{size}"), [])
+        cases.append(("tokenized corpus", runs[args.small], runs[args.id_pairs]))
+    report = render(raw, cases, corpus_run)
     print(report)
     if not args.smoke:
         with open(args.out, "a", encoding="utf-8") as fh:

@@ -203,13 +203,23 @@ def case_rows(label: str, small: dict, large: dict, raw: float) -> list[str]:
 
 
 def cpu_table(label: str, small: dict, run: dict) -> list[str]:
+    """Each part's CPU seconds in both runs, and its marginal cost per pair: the
+    difference leaves out what a part spends starting (imports, model load)."""
+    pairs = run["pairs"] - small["pairs"]
     total = sum(run["cpu"].values())
     lines = ["", f"{label}: the large job's phases (s; the small job's in brackets): " + ", ".join(
                  f"{k} {run['phases'][k]:.1f} ({small['phases'].get(k, 0):.1f})"
-                 for k in ("startup", "scoring", "rank") if k in run["phases"]) + f"; tokenizer actors (most): {run['tokenizers']}; "
-             "where its CPU went:", "", "| part | CPU s | share |", "| --- | ---: | ---: |"]
+                 for k in ("startup", "scoring", "rank") if k in run["phases"])
+             + f"; tokenizer actors (most): {run['tokenizers']}; where the CPU went:", "",
+             "| part | CPU s, large | CPU s, small | share of large | marginal µs per pair |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for kind, used in sorted(run["cpu"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"| {kind} | {used:.1f} | {100 * used / total:.0f}% |")
+        before = small["cpu"].get(kind, 0.0)
+        lines.append(f"| {kind} | {used:.1f} | {before:.1f} | {100 * used / total:.0f}% | "
+                     f"{1e6 * (used - before) / pairs:.1f} |")
+    marginal = 1e6 * (total - sum(small["cpu"].values())) / pairs
+    lines.append(f"| all | {total:.1f} | {sum(small['cpu'].values()):.1f} | 100% | "
+                 f"{marginal:.1f} |")
     return lines
 
 

@@ -139,8 +139,9 @@ class RerankConfig:
     cpu_threads: Optional[int] = _opt(
         None, "Torch threads of a CPU replica (default: the node's cores).", "scaling")
     tokenize_workers: Optional[int] = _opt(
-        None, "Largest number of CPU tokenizer actors (default: on GPUs, the cluster's "
-        "CPUs the replicas leave, up to 16 per replica; on CPUs, one per 8 replicas).",
+        None, "Largest number of CPU tokenizer actors; the pool grows to it while blocks "
+        "queue (default: the cluster's CPUs the replicas leave, up to 16 per GPU replica "
+        "or 2 per CPU replica).",
         "scaling")
     batch_tokens: Optional[int] = _opt(
         None, "Token budget of one forward pass, rows x longest row (default: 4096 on "

@@ -9,9 +9,7 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
@@ -20,15 +18,15 @@ import rstar_batch
 from rstar_batch import ConfigError
 from rstar_batch.model import describe_model
 from rstar_batch.stages import columns as C
-from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
+from rstar_batch.stages.pairs import PassagePolicy
 from rstar_batch.stages.tokenize import Tokenize
 from rstar_batch.testing import make_candidates
-from tests.jobs import Job, run
+from tests.jobs import assert_same_ranking, run
 
 LONG = " ".join(["glacier river engine"] * 300)   # far past 512 tokens
 FINGERPRINT = ("import sys, json; from transformers import AutoTokenizer; "
-               "from rstar_batch.io.tokenized import tokenizer_fingerprint; "
-               "print(json.dumps(tokenizer_fingerprint(AutoTokenizer.from_pretrained(sys.argv[1]))))")
+               "from rstar_batch.io.tokenized import tokenizer_fingerprint as f; "
+               "print(json.dumps(f(AutoTokenizer.from_pretrained(sys.argv[1]))))")
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +165,10 @@ def test_score_corpus_against_a_tokenized_corpus_equals_score_corpus_against_its
     ids = rstar_batch.score_corpus(corpus=tokenized, output=str(tmp_path / "i"), **args)
     assert (texts.written, texts.pairs) == (ids.written, ids.pairs) == (4 * 9, 4 * 50)
     assert ids.rejected == {}  # the corpus's null rows were set aside in T/_rejected/
-    key = [("query_id", "ascending"), ("rank", "ascending")]
-    assert pq.read_table(tmp_path / "i").sort_by(key).equals(
-        pq.read_table(tmp_path / "t").sort_by(key))
+    # T lacks the corpus's two null rows, so replica blocks hold other passage sets and
+    # CPU matmuls of other shapes may differ in the last float bits: same pairs, same
+    # scores to 1e-5, only near-ties may swap (rerank's blocks match, and are bit-equal).
+    assert_same_ranking(pq.read_table(tmp_path / "i"), pq.read_table(tmp_path / "t"), 4 * 9)
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ from rstar_batch.model import ModelInfo, describe_model
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.columns import PREPARE_REASON
 from rstar_batch.stages.normalize import Normalize
+from rstar_batch.stages.pairs import PairAssembler
 from rstar_batch.stages.score import Score, resolve_activation
 from rstar_batch.stages.tokenize import Tokenize
 
@@ -58,16 +59,18 @@ def _check_keep(config: RerankConfig) -> None:
                           "as query_id and doc_id")
 
 
-def check_passage_policy(config: RerankConfig, model: ModelInfo) -> None:
-    """Fail before Ray starts if the tokenizer cannot cut passages as asked."""
-    policy = passage_policy(config)
-    if policy.changes_passages:
-        Tokenize(model, config.max_length, config.trust_remote_code, passages=policy)
+def check_tokenizer(config: RerankConfig, model: ModelInfo) -> Optional[PairAssembler]:
+    """The tokenizer checked on the driver, before Ray starts: the pair assembler the
+    tokenizer actors will use (None: they tokenize each pair whole). Fails if the
+    tokenizer cannot cut passages as asked."""
+    return Tokenize(model, config.max_length, config.trust_remote_code,
+                    passages=passage_policy(config)).assembler
 
 
 def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo,
                        replicas: ReplicaPlan, buckets: int, chunks: list[checkpoint.Chunk],
-                       out_fs: Any, root: str, run: int) -> Any:
+                       out_fs: Any, root: str, run: int,
+                       assembler: Optional[PairAssembler] = None) -> Any:
     """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit."""
     import ray.data
 
@@ -83,7 +86,8 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
     # Blocks of one replica batch each: otherwise Ray Data bundles many small
     # blocks into one task, whose output (and so every commit) lands only at its end.
     ds = ds.repartition(target_num_rows_per_block=config.replica_batch_rows)
-    ds = on_tokenizers(ds, Tokenize, config, model, replicas, config.replica_batch_rows)
+    ds = on_tokenizers(ds, Tokenize, config, model, replicas, config.replica_batch_rows,
+                       assembler)
     ds = on_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
                      config.replica_batch_rows)
     return ds.map_batches(WriteRuns(out_fs, root, run), batch_size=None,
@@ -188,7 +192,7 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     started, phases = time.time(), Phases()
     model = describe_model(config.model, config.revision, config.trust_remote_code)
     activation = resolve_activation(config.score_activation, model.num_labels)
-    check_passage_policy(config, model)
+    assembler = check_tokenizer(config, model)
     # A tokenized corpus (tokenize-corpus's output) gives passages as ids: checked here.
     tokenized = open_tokenized(config.corpus, model, config.max_length,
                                config.trust_remote_code) is not None
@@ -226,7 +230,8 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
                      sum(c.rows for c in pending), model.source, replicas.device,
                      replicas.min_size, replicas.max_size, replicas.tokenizers)
             run_scoring(build_scoring_plan(config, source, model, replicas, plan["buckets"],
-                                           pending, out_fs, root, opened.run), progress_log)
+                                           pending, out_fs, root, opened.run, assembler),
+                        progress_log)
         phases.mark("scoring")
         progress = checkpoint.read_progress(out_fs, root)
         check_all_committed(progress, chunks)

@@ -102,7 +102,8 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
                      corpus.num_rows - already, model.source, replicas.device,
                      replicas.min_size, replicas.max_size)
             run_scoring(build_corpus_plan(config, corpus, model, queries, replicas, pending,
-                                          out_fs, root, opened.run, tokenized),
+                                          out_fs, root, opened.run, tokenized,
+                                          tokenize.assembler),
                         progress_log, nq)
         progress = checkpoint.read_progress(out_fs, root)
         check_all_committed(progress, chunks)
@@ -140,7 +141,8 @@ def _corpus_files(config: RerankConfig, tokenized: bool) -> tuple[CandidateFiles
 
 def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
                       queries: QuerySet, replicas: Any, chunks: list[checkpoint.Chunk],
-                      out_fs: Any, root: str, run: int, tokenized: bool = False) -> Any:
+                      out_fs: Any, root: str, run: int, tokenized: bool = False,
+                      assembler: Any = None) -> Any:
     """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit
     (a tokenized corpus: read → fit its ids → score → commit)."""
     import ray.data
@@ -160,7 +162,8 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
         ds = ds.map_batches(PassagesFromTokens(passage_policy(config), config.max_length),
                             batch_format="pyarrow", batch_size=None)
     else:
-        ds = on_tokenizers(ds, TokenizePassages, config, model, replicas, passages)
+        ds = on_tokenizers(ds, TokenizePassages, config, model, replicas, passages,
+                           assembler)
     ds = on_replicas(ds, ScoreAllPairs, dict(
         queries=queries, top_k=config.top_k, passages=passage_policy(config),
         max_length=config.max_length, **scorer_kwargs(config, model, replicas)),

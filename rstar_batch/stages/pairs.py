@@ -161,6 +161,22 @@ class PairAssembler:
         self.sep = tokenizer.sep_token_id
         self.backend = _bare_backend(tokenizer)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a tokenizer actor needs: the Rust tokenizer as JSON and the special ids,
+        so that it neither imports transformers (nor torch) nor loads the model folder.
+        Only an assembler the driver verified should travel."""
+        if self.backend is None:
+            raise TypeError("an assembler of a slow tokenizer cannot be sent to actors")
+        return {"backend": self.backend.to_str(), "cls": self.cls, "sep": self.sep,
+                "max_length": self.max_length}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = None  # verify() runs where the tokenizer was loaded
+        self.backend = Tokenizer.from_str(state["backend"])
+        self.cls, self.sep, self.max_length = state["cls"], state["sep"], state["max_length"]
+
     def tokenize(self, texts: list[str]) -> TokenTable:
         """Each text's own token ids, without special tokens and uncut."""
         if not texts:  # the tokenizer fails on an empty batch

@@ -38,14 +38,19 @@ def list_array(rows: list[list[int]], value_type: pa.DataType) -> pa.ListArray:
 
 
 class Tokenize:
-    """Callable class for `map_batches`: loads the tokenizer once per actor."""
+    """Callable class for `map_batches`: loads the tokenizer once per actor, or takes
+    the driver's verified `assembler` (then transformers is never imported here)."""
 
     def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
-                 assemble: bool = True, passages: PassagePolicy = PassagePolicy()):
-        self.tokenizer = load_tokenizer(model, trust_remote_code)
+                 assemble: bool = True, passages: PassagePolicy = PassagePolicy(),
+                 assembler: PairAssembler | None = None):
         self.max_length = max_length
-        self.with_types = "token_type_ids" in self.tokenizer.model_input_names
         self.passages = passages
+        if assembler is not None:
+            self.tokenizer, self.with_types, self.assembler = None, True, assembler
+            return
+        self.tokenizer = load_tokenizer(model, trust_remote_code)
+        self.with_types = "token_type_ids" in self.tokenizer.model_input_names
         self.assembler = PairAssembler(self.tokenizer, max_length) if assemble else None
         why_not = self.assembler.verify() if self.assembler else "not asked to assemble"
         if why_not:
@@ -143,9 +148,11 @@ class TokenizePassages:
     """
 
     def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
-                 passages: PassagePolicy = PassagePolicy()):
-        self.assembler = PairAssembler(load_tokenizer(model, trust_remote_code), max_length)
-        why_not = self.assembler.verify()
+                 passages: PassagePolicy = PassagePolicy(),
+                 assembler: PairAssembler | None = None):
+        self.assembler = assembler or PairAssembler(load_tokenizer(model, trust_remote_code),
+                                                    max_length)
+        why_not = None if assembler else self.assembler.verify()
         if why_not:
             raise ConfigError(f"score-corpus pairs separately tokenized texts, but {why_not}; "
                               "use rerank with candidate pairs for this model")

@@ -131,7 +131,8 @@ def run_job(model: str, inputs: list[str], out: str, extra: list[str],
                "--batch-tokens", str(GPU_BATCH_TOKENS), "--restart", "--overwrite", *extra]
     env = {**os.environ, "PYTHONPATH": source} if source else None
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env)
+    # not from the checkout: `python -m` puts the working directory first on sys.path
+    process = subprocess.Popen(command, env=env, cwd=os.path.dirname(out))
     sampler = CpuSampler(process.pid)
     sampler.start()
     if process.wait() != 0:
@@ -207,9 +208,10 @@ def cpu_table(label: str, small: dict, run: dict) -> list[str]:
     difference leaves out what a part spends starting (imports, model load)."""
     pairs = run["pairs"] - small["pairs"]
     total = sum(run["cpu"].values())
-    lines = ["", f"{label}: the large job's phases (s; the small job's in brackets): " + ", ".join(
-                 f"{k} {run['phases'][k]:.1f} ({small['phases'].get(k, 0):.1f})"
-                 for k in ("startup", "scoring", "rank") if k in run["phases"])
+    phases = ", ".join(f"{k} {run['phases'][k]:.1f} ({small['phases'].get(k, 0):.1f})"
+                       for k in ("startup", "scoring", "rank") if k in run["phases"])
+    lines = ["", f"{label}: the large job's phases (s; the small job's in brackets): "
+             + (phases or "not recorded by this version")
              + f"; tokenizer actors (most): {run['tokenizers']}; where the CPU went:", "",
              "| part | CPU s, large | CPU s, small | share of large | marginal µs per pair |",
              "| --- | ---: | ---: | ---: | ---: |"]

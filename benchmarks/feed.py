@@ -9,7 +9,8 @@ The model has R*'s tokenizer but one layer of width 64 (testing.MICRO_ARCHITECTU
 so scoring costs little and what is timed is everything a GPU would wait on:
 reading, normalizing, tokenizing, assembling pairs, shipping blocks between actors,
 writing and committing runs, and the rank pass. Each size runs `rstar-batch rerank`
-as its own process on an embedded local Ray, with the GPU default --batch-tokens.
+as its own process on an embedded local Ray, with a GPU's default --batch-tokens and
+--replica-batch-rows.
 
 Reported beside each other, from one run of this script:
   - the raw tokenizer: `encode_batch(passages, add_special_tokens=False)` on one
@@ -51,6 +52,7 @@ from run import machine, versions  # noqa: E402
 from rstar_batch.testing import MICRO_ARCHITECTURE, make_candidates, make_tiny_model  # noqa: E402
 
 GPU_BATCH_TOKENS = 16384   # Scorer's default on a GPU: the micro model stands in for one
+GPU_BATCH_ROWS = 32768     # and the replica call's (job.GPU_BATCH_ROWS)
 RAW_TOKENIZER = """
 import sys, time
 import pyarrow.parquet as pq
@@ -128,7 +130,8 @@ def run_job(model: str, inputs: list[str], out: str, extra: list[str],
     `source`: run the rstar_batch package found there instead (an older checkout)."""
     command = [sys.executable, "-m", "rstar_batch", "--log-level", "WARNING", "rerank",
                *inputs, "--output", out, "--model", model,
-               "--batch-tokens", str(GPU_BATCH_TOKENS), "--restart", "--overwrite", *extra]
+               "--batch-tokens", str(GPU_BATCH_TOKENS),
+               "--replica-batch-rows", str(GPU_BATCH_ROWS), "--restart", "--overwrite", *extra]
     env = {**os.environ, "PYTHONPATH": source} if source else None
     started = time.perf_counter()
     # not from the checkout: `python -m` puts the working directory first on sys.path
@@ -231,7 +234,8 @@ def render(raw: float, cases: list[tuple[str, dict, dict]], corpus_run: Optional
     lines = [f"## {stamp}: feed (host side), {machine('cpu')}", "",
              f"`python benchmarks/feed.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
              + f"; {versions()}; micro model (R*'s tokenizer, 1 layer, hidden 64), "
-             f"--batch-tokens {GPU_BATCH_TOKENS}; 100 candidates per query.", "",
+             f"--batch-tokens {GPU_BATCH_TOKENS} --replica-batch-rows {GPU_BATCH_ROWS} (a GPU's "
+             "defaults); 100 candidates per query.", "",
              "| what | pairs | seconds | pairs/s | × raw tokenizer |",
              "| --- | ---: | ---: | ---: | ---: |",
              f"| raw tokenizer, `encode_batch`, one thread (passages) | | | {raw:.0f} | 1.00 |"]

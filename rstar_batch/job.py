@@ -83,6 +83,7 @@ class ReplicaPlan:
     min_size: int
     max_size: int
     tokenizers: int  # the most CPU tokenizer actors that feed them
+    batch_rows: int  # rows (pairs) handed to a replica per call
 
 
 # The tokenizer pool autoscales (one actor, more while blocks queue for them) up to
@@ -93,6 +94,14 @@ class ReplicaPlan:
 # only when the queue says so.
 TOKENIZERS_PER_CPU_REPLICA = 2
 TOKENIZERS_PER_GPU_REPLICA = 16
+
+# Rows per replica call. Each block costs Ray a roughly fixed few tens of ms across
+# the driver, the object store and the actors (benchmarks/feed.py: a job whose model
+# costs ~30 µs per pair scored 1M pairs in 86 s with 2048-row blocks, 45 s with
+# 32768). A GPU replica scores 32768 pairs in a fraction of a second; a CPU replica
+# scoring R* takes ~20 s for 2048, and what a kill loses grows with the block.
+CPU_BATCH_ROWS = 2048
+GPU_BATCH_ROWS = 32768
 
 
 def plan_replicas(config: RerankConfig, cluster: dict[str, float]) -> ReplicaPlan:
@@ -114,8 +123,10 @@ def plan_replicas(config: RerankConfig, cluster: dict[str, float]) -> ReplicaPla
         tokenizers = max(2, min(spare, TOKENIZERS_PER_GPU_REPLICA * max_size))
     else:
         tokenizers = max(1, min(spare, TOKENIZERS_PER_CPU_REPLICA * max_size))
+    batch_rows = config.replica_batch_rows or (
+        GPU_BATCH_ROWS if device == "cuda" else CPU_BATCH_ROWS)
     return ReplicaPlan(device, num_gpus, config.cpus_per_replica, config.min_replicas, max_size,
-                       tokenizers)
+                       tokenizers, batch_rows)
 
 
 def passage_policy(config: RerankConfig) -> PassagePolicy:

@@ -126,6 +126,32 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, _DTYPES[dtype])
 
 
+# CPU flags (Linux /proc/cpuinfo) of units that multiply bfloat16 natively; there
+# --dtype auto scores CPU replicas in bfloat16 (about 2x float32; BENCHMARKS.md).
+NATIVE_BF16 = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}
+
+
+def cpu_flags() -> set[str]:
+    """This machine's CPU flags; empty where /proc/cpuinfo is not (then: float32)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def auto_cpu_dtype(flags: Optional[set[str]] = None) -> tuple[str, str]:
+    """What --dtype auto means for CPU replicas on this CPU: (dtype, why)."""
+    flags = cpu_flags() if flags is None else flags
+    for flag, unit in NATIVE_BF16.items():
+        if flag in flags:
+            return "bfloat16", f"the CPU multiplies bfloat16 natively ({unit}: {flag})"
+    return "float32", "the CPU has no native bfloat16 unit (no amx_bf16, no avx512_bf16)"
+
+
 def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

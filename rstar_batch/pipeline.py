@@ -59,6 +59,11 @@ def _check_keep(config: RerankConfig) -> None:
                           "as query_id and doc_id")
 
 
+# Rows per tokenizer call: small blocks keep the tokenizers' pipeline short (a 32768-row
+# block takes a core ~7 s to tokenize); a GPU replica's call bundles many of them.
+TOKENIZER_BATCH_ROWS = 2048
+
+
 def check_tokenizer(config: RerankConfig, model: ModelInfo) -> Optional[PairAssembler]:
     """The tokenizer checked on the driver, before Ray starts: the pair assembler the
     tokenizer actors will use (None: they tokenize each pair whole). Fails if the
@@ -85,11 +90,11 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
         batch_format="pyarrow", batch_size=None)
     # Blocks of one replica batch each: otherwise Ray Data bundles many small
     # blocks into one task, whose output (and so every commit) lands only at its end.
-    ds = ds.repartition(target_num_rows_per_block=config.replica_batch_rows)
-    ds = on_tokenizers(ds, Tokenize, config, model, replicas, config.replica_batch_rows,
-                       assembler)
+    rows = min(replicas.batch_rows, TOKENIZER_BATCH_ROWS)
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    ds = on_tokenizers(ds, Tokenize, config, model, replicas, rows, assembler)
     ds = on_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
-                     config.replica_batch_rows)
+                     replicas.batch_rows)
     return ds.map_batches(WriteRuns(out_fs, root, run), batch_size=None,
                           batch_format="pyarrow")
 

@@ -155,8 +155,9 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
         ds = ds.map_batches(NormalizePassages(config.doc_id_column, config.passage_column,
                                               config.keep_columns),
                             batch_format="pyarrow", batch_size=None)
-    # A replica call scores about replica_batch_rows pairs: that many / |queries| passages.
-    passages = max(1, config.replica_batch_rows // len(queries))
+    # A replica call scores about the plan's batch rows of pairs: that many / |queries|
+    # passages.
+    passages = max(1, replicas.batch_rows // len(queries))
     ds = ds.repartition(target_num_rows_per_block=passages)
     if tokenized:
         ds = ds.map_batches(PassagesFromTokens(passage_policy(config), config.max_length),

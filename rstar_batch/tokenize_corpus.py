@@ -30,8 +30,9 @@ from rstar_batch.io import fs as fsio
 from rstar_batch.io import tokenized as tok
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.sources import CandidateFiles, inspect_candidates
-from rstar_batch.job import (JobSummary, ProgressLog, ReplicaPlan, check_all_committed,
-                             check_rejected, finish_job, on_tokenizers, run_scoring)
+from rstar_batch.job import (CPU_BATCH_ROWS, JobSummary, ProgressLog, ReplicaPlan,
+                             check_all_committed, check_rejected, finish_job, on_tokenizers,
+                             run_scoring)
 from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
 from rstar_batch.stages.corpus_tokens import TokenizeWhole
 from rstar_batch.stages.normalize import NormalizePassages
@@ -76,7 +77,8 @@ def tokenize_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> Job
             log.info("deleted the partly written chunks of an earlier run")
         progress_log = ProgressLog(corpus.num_rows, sum(c.rows for c in chunks if c.id in done))
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        pool = ReplicaPlan("cpu", 0.0, 1.0, 1, 1, config.tokenize_workers or max(1, cpus - 1))
+        pool = ReplicaPlan("cpu", 0.0, 1.0, 1, 1, config.tokenize_workers or max(1, cpus - 1),
+                           config.replica_batch_rows or CPU_BATCH_ROWS)
         if pending:
             log.info("tokenizing %d passages with %s's tokenizer (%d chunks, up to %d "
                      "tokenizers)", sum(c.rows for c in pending), model.source, len(pending),
@@ -155,13 +157,13 @@ def _build_plan(config: RerankConfig, corpus: CandidateFiles, model: ModelInfo,
                         batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(NormalizePassages(config.doc_id_column, config.passage_column, []),
                         batch_format="pyarrow", batch_size=None)
-    ds = on_tokenizers(ds, TokenizeWhole, config, model, pool, config.replica_batch_rows)
+    ds = on_tokenizers(ds, TokenizeWhole, config, model, pool, pool.batch_rows)
     # Writers are actors (as many as tokenizers, half a CPU each): a writer's batches
     # are then counted in one process, which the test fault hook relies on.
     return ds.map_batches(tok.WriteTokenized, fn_constructor_args=(out_fs, root, run, sources),
                           compute=ray.data.ActorPoolStrategy(min_size=1,
                                                              max_size=pool.tokenizers),
-                          num_cpus=0.5, batch_size=config.replica_batch_rows,
+                          num_cpus=0.5, batch_size=pool.batch_rows,
                           batch_format="pyarrow")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rstar_batch.config import RerankConfig
+from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.model import resolve_device, resolve_dtype
 from rstar_batch.job import plan_replicas
 
@@ -104,3 +104,13 @@ def test_tokenizer_pool_feeds_gpu_replicas_with_the_cpus_they_leave():
     assert plan_replicas(_config(), {"CPU": 2.0}).tokenizers == 1   # never none
     # an explicit setting wins
     assert plan_replicas(_config(tokenize_workers=3), {"CPU": 16.0, "GPU": 1.0}).tokenizers == 3
+
+
+def test_replica_calls_are_larger_on_gpus_unless_set():
+    # a GPU scores a large block in a fraction of a second; Ray's cost per block
+    # would otherwise show (benchmarks/feed.py)
+    assert plan_replicas(_config(), {"CPU": 16.0, "GPU": 1.0}).batch_rows == 32768
+    assert plan_replicas(_config(), {"CPU": 8.0}).batch_rows == 2048
+    assert plan_replicas(_config(replica_batch_rows=500), {"GPU": 1.0}).batch_rows == 500
+    with pytest.raises(ConfigError, match="replica_batch_rows"):
+        _config(replica_batch_rows=0)

@@ -75,3 +75,18 @@ def test_a_changed_corpus_is_refused_like_a_changed_input(ray_local, tiny_model,
     pq.write_table(full.select(["doc_id", "passage"]), str(base / "corpus.parquet"))
     with pytest.raises(ResumeError, match="corpus.parquet"):
         rstar_batch.rerank(**args)
+
+
+def test_join_tasks_are_sized_by_the_corpus_and_by_the_run():
+    from types import SimpleNamespace
+
+    from rstar_batch.io.join import CORPUS_BUCKET_BYTES, RUN_BUCKET_ROWS, join_buckets
+
+    def files(rows=0, size=0):
+        return SimpleNamespace(num_rows=rows, total_bytes=size)
+
+    assert join_buckets(files(rows=10), files(size=100)) == 1        # joined as they are
+    assert join_buckets(files(rows=10), files(size=3 * CORPUS_BUCKET_BYTES)) == 3
+    # a large run against a small corpus: no task holds more than a bucket of it
+    assert join_buckets(files(rows=5 * RUN_BUCKET_ROWS), files(size=100)) == 5
+    assert join_buckets(files(rows=RUN_BUCKET_ROWS + 1), None) == 2

@@ -38,6 +38,7 @@ from rstar_batch.stages.columns import PREPARE_REASON
 from rstar_batch.stages.normalize import query_buckets
 
 CORPUS_BUCKET_BYTES = 256 << 20   # compressed corpus Parquet per join task
+RUN_BUCKET_ROWS = 1_000_000       # candidates per join task (held in its memory)
 MISSING_PASSAGE = "missing_passage"
 MISSING_QUERY = "missing_query"
 _BUCKET = "_jb"
@@ -96,19 +97,35 @@ def _bucket_files(fs: pafs.FileSystem, folder: str) -> dict[int, list[str]]:
     return files
 
 
-def join_bucket(fs: pafs.FileSystem, run_files: list[str], corpus_files: list[str],
-                queries: Optional[pa.Table], spec: JoinSpec, target: str) -> int:
-    """Join one bucket of the run with its corpus bucket and the queries; write it."""
-    run = pq.read_table(run_files, filesystem=fs).drop_columns([_BUCKET])
+@dataclass(frozen=True)
+class Files:
+    """Parquet files one join task reads, and the filesystem they are on."""
+
+    filesystem: pafs.FileSystem
+    paths: list[str]
+
+    def read(self, columns: list[str]) -> pa.Table:
+        return pq.read_table(self.paths, filesystem=self.filesystem, columns=columns)
+
+
+def join_bucket(fs: pafs.FileSystem, run_part: Files, run_columns: list[str],
+                corpus_part: Optional[Files], queries: Optional[pa.Table], spec: JoinSpec,
+                target: str) -> int:
+    """Join one bucket of the run with its corpus bucket (None: no corpus; no paths: no
+    corpus row hashes to this bucket) and the queries; write it to `target` on `fs`."""
+    # In (query id, doc id) order, so the file is a pure function of its inputs (the
+    # chunks of the scoring pass are cut from it); sorted before the passages are on.
+    run = run_part.read(run_columns).sort_by([(spec.query_id, "ascending"),
+                                              (spec.doc_id, "ascending")])
     reason = pa.nulls(run.num_rows, pa.string())
-    if corpus_files == []:  # no corpus row hashes to this bucket
+    if corpus_part is not None and not corpus_part.paths:
         for name, kind in zip(spec.passage_columns, _PASSAGE_TYPES):
             run = run.append_column(name, pa.nulls(run.num_rows, kind))
         reason = pa.array([MISSING_PASSAGE] * run.num_rows, pa.string())
-    elif corpus_files is not None:
+    elif corpus_part is not None:
         # the corpus's columns under the run's names: texts, or ids and empty flags
         carried = [C.PASSAGE_IDS, C.EMPTY_PASSAGE] if spec.tokenized else [spec.passage]
-        corpus = pq.read_table(corpus_files, filesystem=fs, columns=spec.corpus_columns)
+        corpus = corpus_part.read(spec.corpus_columns)
         corpus = _first_per_id(corpus.rename_columns([spec.doc_id, *carried]), spec.doc_id)
         if spec.tokenized:  # Arrow's join cannot carry list columns: look the ids up
             at = pc.index_in(run[spec.doc_id], value_set=corpus[spec.doc_id])
@@ -116,16 +133,15 @@ def join_bucket(fs: pafs.FileSystem, run_files: list[str], corpus_files: list[st
             for name in carried:
                 run = run.append_column(name, corpus[name].take(at))
         else:
-            run = run.join(corpus, keys=spec.doc_id, join_type="left outer")
+            # Arrow's join returns rows in no fixed order: back to the run's
+            run = run.join(corpus, keys=spec.doc_id, join_type="left outer").sort_by(
+                [(spec.query_id, "ascending"), (spec.doc_id, "ascending")])
         reason = pc.if_else(pc.is_null(run[carried[0]]), pa.scalar(MISSING_PASSAGE), reason)
     if queries is not None:
         at = pc.index_in(run[spec.query_id], value_set=queries[spec.query_id])
         run = run.append_column(spec.query, queries[spec.query].take(at))
         reason = pc.if_else(pc.is_null(at), pa.scalar(MISSING_QUERY), reason)
     run = run.append_column(PREPARE_REASON, reason)
-    # Arrow's join returns rows in no fixed order: sort so the file is a pure function
-    # of its inputs (the chunks of the scoring pass are cut from it).
-    run = run.sort_by([(spec.query_id, "ascending"), (spec.doc_id, "ascending")])
     columns = [spec.query_id, spec.query, spec.doc_id, *spec.passage_columns,
                *[k for k in spec.keep if k not in (spec.query, spec.passage)], PREPARE_REASON]
     fsio.write_table(fs, target, run.select(columns))
@@ -142,6 +158,13 @@ def _first_per_id(corpus: pa.Table, doc_id: str) -> pa.Table:
     return corpus.take(pa.array(np.sort(first))) if len(first) != corpus.num_rows else corpus
 
 
+def join_buckets(run: CandidateFiles, corpus: Optional[CandidateFiles]) -> int:
+    """Join tasks: enough that none holds more than a bucket's worth of the corpus or of
+    the run (a large run against a small corpus is split too, and joined in parallel)."""
+    by_corpus = math.ceil(corpus.total_bytes / CORPUS_BUCKET_BYTES) if corpus else 1
+    return max(1, by_corpus, math.ceil(run.num_rows / RUN_BUCKET_ROWS))
+
+
 def prepare_joined(run: CandidateFiles, corpus: Optional[CandidateFiles],
                    queries: Optional[CandidateFiles], spec: JoinSpec, fs: pafs.FileSystem,
                    root: str) -> str:
@@ -156,22 +179,28 @@ def prepare_joined(run: CandidateFiles, corpus: Optional[CandidateFiles],
     work = fsio.join(checkpoint.work_dir(root), "join")
     for folder in (work, out):
         fsio.delete(fs, folder)
-    buckets = max(1, math.ceil(corpus.total_bytes / CORPUS_BUCKET_BYTES)) if corpus else 1
-    run_columns = [c for c in dict.fromkeys([spec.query_id, spec.doc_id, *spec.keep])
-                   if c in run.schema.names] + [
-        c for c in (spec.query, spec.passage) if c in run.schema.names]
-    _split(run, list(dict.fromkeys(run_columns)), spec.doc_id, buckets, fs,
-           fsio.join(work, "run"))
-    corpus_parts: dict[int, list[str]] = {}
-    if corpus is not None:
-        _split(corpus, spec.corpus_columns, spec.corpus_columns[0], buckets, fs,
-               fsio.join(work, "corpus"))
-        corpus_parts = _bucket_files(fs, fsio.join(work, "corpus"))
+    buckets = join_buckets(run, corpus)
+    run_columns = list(dict.fromkeys(
+        c for c in (spec.query_id, spec.doc_id, *spec.keep, spec.query, spec.passage)
+        if c in run.schema.names))
+    if buckets == 1:  # one task joins the files as they are: nothing to split
+        parts = {0: (Files(run.filesystem, run.paths),
+                     None if corpus is None else Files(corpus.filesystem, corpus.paths))}
+    else:
+        _split(run, run_columns, spec.doc_id, buckets, fs, fsio.join(work, "run"))
+        corpus_parts: dict[int, list[str]] = {}
+        if corpus is not None:
+            _split(corpus, spec.corpus_columns, spec.corpus_columns[0], buckets, fs,
+                   fsio.join(work, "corpus"))
+            corpus_parts = _bucket_files(fs, fsio.join(work, "corpus"))
+        parts = {b: (Files(fs, files),
+                     None if corpus is None else Files(fs, corpus_parts.get(b, [])))
+                 for b, files in _bucket_files(fs, fsio.join(work, "run")).items()}
     queries_ref = ray.put(query_texts) if query_texts is not None else None
     task = ray.remote(num_cpus=1)(join_bucket)
-    refs = [task.remote(fs, files, corpus_parts.get(b, []) if corpus is not None else None,
-                        queries_ref, spec, fsio.join(out, f"part-{b:05d}.parquet"))
-            for b, files in sorted(_bucket_files(fs, fsio.join(work, "run")).items())]
+    refs = [task.remote(fs, run_part, run_columns, corpus_part, queries_ref, spec,
+                        fsio.join(out, f"part-{b:05d}.parquet"))
+            for b, (run_part, corpus_part) in sorted(parts.items())]
     rows = sum(ray.get(refs))
     if rows != run.num_rows:
         raise RuntimeError(f"the join wrote {rows} rows for {run.num_rows} candidates")

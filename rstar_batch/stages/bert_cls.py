@@ -56,7 +56,7 @@ class ClsOnlyBert:
 
     def __call__(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
         bert = self.model.bert
-        x = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        x = self._embed(bert.embeddings, input_ids, token_type_ids)
         keep = attention_mask[:, None, None, :].bool()        # (batch, 1, 1, tokens)
         *layers, last = bert.encoder.layer
         for layer in layers:
@@ -64,6 +64,26 @@ class ClsOnlyBert:
         x = self._cls_layer(last, x, keep)
         pooled = bert.pooler.activation(bert.pooler.dense(x))
         return self.model.classifier(self.model.dropout(pooled))
+
+    def _embed(self, embeddings: Any, input_ids: Any, token_type_ids: Any) -> Any:
+        """BERT's embeddings: word + position + token type, then LayerNorm.
+
+        transformers gathers all three into full (batch, tokens, hidden) tensors and
+        adds them into two more. Positions are 0..tokens-1 in every row (padding is on
+        the right), so position plus type 0 is one (tokens, hidden) row broadcast onto
+        the words in place, and type 1 adds its difference from type 0 where it is
+        set: one full tensor instead of five, the same sum in another order.
+        """
+        torch = self.torch
+        types = embeddings.token_type_embeddings.weight
+        x = torch.nn.functional.embedding(input_ids, embeddings.word_embeddings.weight)
+        x += embeddings.position_embeddings.weight[:input_ids.shape[1]] + types[0]
+        if token_type_ids is not None and types.shape[0] > 1:
+            if types.shape[0] == 2:
+                x.addcmul_(token_type_ids.unsqueeze(-1).to(x.dtype), types[1] - types[0])
+            else:
+                x += torch.nn.functional.embedding(token_type_ids, types) - types[0]
+        return embeddings.dropout(embeddings.LayerNorm(x))
 
     def _layer(self, layer: Any, x: Any, keep: Any) -> Any:
         batch, tokens, hidden = x.shape

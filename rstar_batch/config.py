@@ -98,7 +98,9 @@ class RerankConfig:
         "model")
     dtype: DType = _opt(
         "auto", "Model dtype: auto = bfloat16 on GPUs that support it, float16 on "
-        "older GPUs, float32 on CPU. Scores are always float32.", "model")
+        "older GPUs; on CPU bfloat16 where the driver's CPU has AMX-BF16, else float32. "
+        "float32 scores as plain transformers does (within 1e-5); the others drift "
+        "(BENCHMARKS.md). Scores are always float32.", "model")
     quantize: Quantize = _opt(
         "none", "int8 = dynamic int8 quantization of the Linear layers (CPU replicas "
         "only; faster, scores drift: see BENCHMARKS.md).", "model")
@@ -185,6 +187,10 @@ class RerankConfig:
             raise ConfigError(
                 f"max_replicas ({self.max_replicas}) is below min_replicas "
                 f"({self.min_replicas})")
+        if self.quantize == "int8" and (self.device == "cuda"
+                                        or self.dtype in ("float16", "bfloat16")):
+            raise ConfigError("quantize int8 is for float32 CPU replicas: drop --device cuda "
+                              f"and --dtype {self.dtype} (GPUs get their speed from --dtype)")
         if not 0.0 <= self.max_rejected_fraction <= 1.0:
             raise ConfigError("max_rejected_fraction must be between 0 and 1, got "
                               f"{self.max_rejected_fraction}")

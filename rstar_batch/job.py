@@ -19,7 +19,7 @@ from rstar_batch.io import fs as fsio
 from rstar_batch.io import sinks
 from rstar_batch.io.scored import bucket_pieces
 from rstar_batch.io.sources import CandidateFiles
-from rstar_batch.model import ModelInfo
+from rstar_batch.model import ModelInfo, auto_cpu_dtype
 from rstar_batch.stages.pairs import PassagePolicy
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class ReplicaPlan:
     max_size: int
     tokenizers: int  # the most CPU tokenizer actors that feed them
     batch_rows: int  # rows (pairs) handed to a replica per call
+    dtype: str = "auto"  # float32/bfloat16/float16; auto: each GPU replica picks
+    dtype_reason: str = ""
 
 
 # The tokenizer pool autoscales (one actor, more while blocks queue for them) up to
@@ -126,7 +128,20 @@ def plan_replicas(config: RerankConfig, cluster: dict[str, float]) -> ReplicaPla
     batch_rows = config.replica_batch_rows or (
         GPU_BATCH_ROWS if device == "cuda" else CPU_BATCH_ROWS)
     return ReplicaPlan(device, num_gpus, config.cpus_per_replica, config.min_replicas, max_size,
-                       tokenizers, batch_rows)
+                       tokenizers, batch_rows, *replica_dtype(config, device))
+
+
+def replica_dtype(config: RerankConfig, device: str) -> tuple[str, str]:
+    """The replicas' dtype and why. --dtype auto for CPU replicas is decided here, by
+    the driver's CPU, so that a job scores in one dtype and the manifest says which;
+    a GPU replica picks bfloat16 or float16 by its own GPU."""
+    if config.dtype != "auto":
+        return config.dtype, "--dtype"
+    if device == "cuda":
+        return "auto", "bfloat16 on GPUs that support it, else float16"
+    if config.quantize != "none":
+        return "float32", "int8 quantization starts from float32"
+    return auto_cpu_dtype()
 
 
 def passage_policy(config: RerankConfig) -> PassagePolicy:
@@ -137,7 +152,7 @@ def passage_policy(config: RerankConfig) -> PassagePolicy:
 def scorer_kwargs(config: RerankConfig, model: ModelInfo, replicas: ReplicaPlan
                   ) -> dict[str, Any]:
     """Constructor arguments of a model replica (and its retries)."""
-    return dict(model=model, device=replicas.device, dtype=config.dtype,
+    return dict(model=model, device=replicas.device, dtype=replicas.dtype,
                 activation=config.score_activation, batch_tokens=config.batch_tokens,
                 max_batch_pairs=config.max_batch_pairs, cpu_threads=config.cpu_threads,
                 trust_remote_code=config.trust_remote_code, retries=config.batch_retries,

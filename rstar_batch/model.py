@@ -116,19 +116,22 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
-    """'auto' → bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."""
+    """'auto' → bfloat16 on GPUs that support it, float16 on older GPUs; on CPU
+    bfloat16 where this CPU has AMX-BF16, else float32 (`auto_cpu_dtype`)."""
     import torch
 
     if dtype == "auto":
         if device != "cuda":
-            return torch.float32
+            return getattr(torch, auto_cpu_dtype()[0])
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return getattr(torch, _DTYPES[dtype])
 
 
-# CPU flags (Linux /proc/cpuinfo) of units that multiply bfloat16 natively; there
-# --dtype auto scores CPU replicas in bfloat16 (about 2x float32; BENCHMARKS.md).
-NATIVE_BF16 = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512 BF16"}
+# CPU flags (Linux /proc/cpuinfo) of units where bfloat16 scoring beats float32, so
+# that --dtype auto picks it for CPU replicas: AMX tiles (R*'s architecture: 2.1x
+# float32, issue 14's table). AVX-512 BF16 alone is not enough: on such a CPU without
+# AMX our scorer ran bfloat16 at 0.6x float32 (BENCHMARKS.md, 2026-12-01).
+NATIVE_BF16 = {"amx_bf16": "AMX-BF16"}
 
 
 def cpu_flags() -> set[str]:
@@ -148,8 +151,8 @@ def auto_cpu_dtype(flags: Optional[set[str]] = None) -> tuple[str, str]:
     flags = cpu_flags() if flags is None else flags
     for flag, unit in NATIVE_BF16.items():
         if flag in flags:
-            return "bfloat16", f"the CPU multiplies bfloat16 natively ({unit}: {flag})"
-    return "float32", "the CPU has no native bfloat16 unit (no amx_bf16, no avx512_bf16)"
+            return "bfloat16", f"the CPU multiplies bfloat16 in {unit} tiles ({flag})"
+    return "float32", "the CPU has no AMX-BF16 (amx_bf16), where bfloat16 would pay"
 
 
 def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False) -> Any:
@@ -189,7 +192,8 @@ def load_replica(info: ModelInfo, device: str, dtype: str, trust_remote_code: bo
     from transformers import AutoModelForSequenceClassification
 
     device_name = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device_name)
+    torch_dtype = resolve_dtype("float32" if quantize == "int8" and dtype == "auto" else dtype,
+                                device_name)
     if quantize == "int8" and (device_name != "cpu" or torch_dtype != torch.float32):
         raise ValueError("quantize int8 is for float32 CPU replicas; use --device cpu "
                          "--dtype float32 (GPUs get their speed from --dtype instead)")

@@ -231,8 +231,9 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
         replicas = plan_replicas(config, ray.cluster_resources())
         phases.mark("startup")
         if pending:
-            log.info("scoring %d pairs with %s on %s (%d..%d replicas, up to %d tokenizers)",
-                     sum(c.rows for c in pending), model.source, replicas.device,
+            log.info("scoring %d pairs with %s on %s in %s (%s; %d..%d replicas, up to %d "
+                     "tokenizers)", sum(c.rows for c in pending), model.source,
+                     replicas.device, replicas.dtype, replicas.dtype_reason,
                      replicas.min_size, replicas.max_size, replicas.tokenizers)
             run_scoring(build_scoring_plan(config, source, model, replicas, plan["buckets"],
                                            pending, out_fs, root, opened.run, assembler),

@@ -98,8 +98,9 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
         progress_log = ProgressLog(corpus.num_rows * nq, already * nq)
         replicas = plan_replicas(config, ray.cluster_resources())
         if pending:
-            log.info("scoring %d queries × %d passages with %s on %s (%d..%d replicas)", nq,
-                     corpus.num_rows - already, model.source, replicas.device,
+            log.info("scoring %d queries × %d passages with %s on %s in %s (%s; %d..%d "
+                     "replicas)", nq, corpus.num_rows - already, model.source,
+                     replicas.device, replicas.dtype, replicas.dtype_reason,
                      replicas.min_size, replicas.max_size)
             run_scoring(build_corpus_plan(config, corpus, model, queries, replicas, pending,
                                           out_fs, root, opened.run, tokenized,

@@ -37,9 +37,14 @@ def test_asking_for_cuda_on_an_autoscaling_cluster_without_gpus_yet():
 
 @pytest.mark.parametrize("bf16,expected", [(True, torch.bfloat16), (False, torch.float16)])
 def test_auto_dtype_is_bf16_where_supported_else_fp16_on_gpu(monkeypatch, bf16, expected):
+    from rstar_batch import model
+
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(model, "cpu_flags", lambda: {"avx512f"})
     assert resolve_dtype("auto", "cuda") is expected
     assert resolve_dtype("auto", "cpu") is torch.float32
+    monkeypatch.setattr(model, "cpu_flags", lambda: {"amx_bf16"})
+    assert resolve_dtype("auto", "cpu") is torch.bfloat16
     assert resolve_dtype("float16", "cuda") is torch.float16
 
 
@@ -114,3 +119,27 @@ def test_replica_calls_are_larger_on_gpus_unless_set():
     assert plan_replicas(_config(replica_batch_rows=500), {"GPU": 1.0}).batch_rows == 500
     with pytest.raises(ConfigError, match="replica_batch_rows"):
         _config(replica_batch_rows=0)
+
+
+def test_dtype_auto_on_cpu_is_bfloat16_only_where_amx_makes_it_pay(monkeypatch):
+    from rstar_batch import model
+
+    assert model.auto_cpu_dtype({"avx512f", "amx_bf16", "amx_tile"})[0] == "bfloat16"
+    # AVX-512 BF16 without AMX scored bfloat16 slower than float32 (BENCHMARKS.md)
+    assert model.auto_cpu_dtype({"avx512f", "avx512_bf16"})[0] == "float32"
+    assert model.auto_cpu_dtype(set())[0] == "float32"
+    monkeypatch.setattr(model, "cpu_flags", lambda: {"amx_bf16"})
+    plan = plan_replicas(_config(), {"CPU": 8.0})
+    assert (plan.dtype, "AMX" in plan.dtype_reason) == ("bfloat16", True)
+    # asked for, quantized, or on GPUs (each GPU replica picks bf16 or fp16)
+    assert plan_replicas(_config(dtype="float32"), {"CPU": 8.0}).dtype == "float32"
+    assert plan_replicas(_config(quantize="int8"), {"CPU": 8.0}).dtype == "float32"
+    assert plan_replicas(_config(), {"CPU": 8.0, "GPU": 1.0}).dtype == "auto"
+    monkeypatch.setattr(model, "cpu_flags", lambda: {"avx512_bf16"})
+    assert plan_replicas(_config(), {"CPU": 8.0}).dtype == "float32"
+
+
+def test_int8_with_a_half_dtype_or_on_gpus_is_refused_before_anything_runs():
+    for bad in (dict(dtype="bfloat16"), dict(dtype="float16"), dict(device="cuda")):
+        with pytest.raises(ConfigError, match="int8"):
+            _config(quantize="int8", **bad)

@@ -45,7 +45,7 @@ def test_run_joined_with_corpus_and_queries_scores_like_the_reference(
     summary = rstar_batch.rerank(
         candidates=[str(base / "run")], corpus=str(base / "corpus.parquet"),
         queries=str(base / "queries.parquet"), output=out, model=tiny_model,
-        keep_columns=["first_stage_score"], max_rejected_fraction=0.05)
+        keep_columns=["first_stage_score"], max_rejected_fraction=0.05, dtype="float32")
     assert summary.rejected == {"missing_passage": 1, "missing_query": 1}
     assert (summary.pairs, summary.written) == (122, 120)
     ranked = pq.read_table(out)
@@ -60,7 +60,7 @@ def test_run_joined_with_corpus_and_queries_scores_like_the_reference(
     again = rstar_batch.rerank(
         candidates=[str(base / "run")], corpus=str(base / "corpus.parquet"),
         queries=str(base / "queries.parquet"), output=out, model=tiny_model,
-        keep_columns=["first_stage_score"], max_rejected_fraction=0.05)
+        keep_columns=["first_stage_score"], max_rejected_fraction=0.05, dtype="float32")
     assert again.already_done
 
 

@@ -158,7 +158,7 @@ def test_a_rerank_job_with_maxp_scores_each_row_by_its_best_window(
     pq.write_table(long_table, tmp_path / "candidates.parquet")
     summary = rerank(candidates=[str(tmp_path / "candidates.parquet")],
                      output=str(tmp_path / "out"), model=tiny_model, max_length=MAX_LENGTH,
-                     long_passages="maxp", window=WINDOW, stride=STRIDE)
+                     long_passages="maxp", window=WINDOW, stride=STRIDE, dtype="float32")
     assert summary.scored == long_table.num_rows
     expanded, keys = _expand(long_table, lambda w: word_windows(w, WINDOW, STRIDE))
     reference = reference_scores(tiny_model, expanded, max_length=MAX_LENGTH)

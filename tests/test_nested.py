@@ -32,7 +32,8 @@ def test_nested_candidates_are_recognised_flattened_and_ranked(ray_local, tiny_m
     pq.write_table(_nest(flat), str(tmp_path / "nested.parquet"))
     out = str(tmp_path / "out")
     summary = rstar_batch.rerank(candidates=[str(tmp_path / "nested.parquet")], output=out,
-                                 model=tiny_model, keep_columns=["first_stage_score", "source"])
+                                 model=tiny_model, keep_columns=["first_stage_score", "source"],
+                                 dtype="float32")
     assert (summary.pairs, summary.queries, summary.written) == (60, 5, 60)
     ranked = pq.read_table(out)
     assert ranked.column_names == ["query_id", "doc_id", "score", "rank", "first_stage_score",
@@ -47,7 +48,8 @@ def test_nested_candidates_are_recognised_flattened_and_ranked(ray_local, tiny_m
     manifest = json.load(open(os.path.join(out, "_manifest.json")))
     assert manifest["plan"]["total_rows"] == 60  # pairs, not query rows
     again = rstar_batch.rerank(candidates=[str(tmp_path / "nested.parquet")], output=out,
-                               model=tiny_model, keep_columns=["first_stage_score", "source"])
+                               model=tiny_model, keep_columns=["first_stage_score", "source"],
+                               dtype="float32")
     assert again.already_done
 
 

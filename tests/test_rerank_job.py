@@ -91,7 +91,8 @@ def test_top_k_keeps_the_reference_best_k_per_query(
         ray_local, tiny_model, sample_dir, sample_reference, tmp_path):
     out = str(tmp_path / "top5")
     summary = rstar_batch.rerank(rstar_batch.RerankConfig(
-        candidates=[sample_dir], output=out, model=tiny_model, top_k=5, rank_partitions=3))
+        candidates=[sample_dir], output=out, model=tiny_model, top_k=5, rank_partitions=3,
+        dtype="float32"))
     assert summary.written == 100 and summary.scored == 1000
     parts = _read_parts(out)
     assert len(parts) == 3
@@ -112,7 +113,7 @@ def test_string_query_ids_and_integer_doc_ids_keep_their_types(
     out = str(tmp_path / "out")
     rstar_batch.rerank(candidates=[path], output=out, model=tiny_model, query_id_column="qid",
                        query_column="q", doc_id_column="did", passage_column="text",
-                       batch_tokens=2048, max_batch_pairs=8)
+                       batch_tokens=2048, max_batch_pairs=8, dtype="float32")
     result = pq.read_table(out)
     assert result.schema.field("query_id").type == pa.string()
     assert result.schema.field("doc_id").type == pa.int64()

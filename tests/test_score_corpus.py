@@ -69,7 +69,7 @@ def _args(corpus: str, queries: str, out: str, model: str, *extra: str) -> list[
     # 5 valid queries: chunks of 12 passages, replica calls of 6, so calls straddle
     # chunks and every chunk is a run of its own.
     return ["score-corpus", "--corpus", corpus, "--queries", queries, "--output", out,
-            "--model", model, "--top-k", str(TOP_K), "--max-length", "128",
+            "--model", model, "--dtype", "float32", "--top-k", str(TOP_K), "--max-length", "128",
             "--query-id-column", "qid", "--query-column", "text", "--keep-columns", "source",
             "--checkpoint-rows", "60", "--replica-batch-rows", "32",
             "--max-rejected-fraction", "0.05", *extra]
@@ -98,7 +98,7 @@ def test_score_corpus_equals_brute_force_and_keeps_rejected_rows(
     config = RerankConfig(corpus=corpus, queries=queries, output=out, model=tiny_model,
                           top_k=TOP_K, max_length=128, query_id_column="qid",
                           query_column="text", keep_columns=["source"], checkpoint_rows=60,
-                          replica_batch_rows=32, max_rejected_fraction=0.05)
+                          replica_batch_rows=32, max_rejected_fraction=0.05, dtype="float32")
     summary = score_corpus(config)
     assert (summary.queries, summary.written, summary.pairs) == (5, 5 * TOP_K, 5 * 89)
     assert summary.rejected == {C.NULL_PASSAGE: 1, C.NULL_QUERY: 1, C.DUPLICATE_QUERY_ID: 1}
@@ -128,7 +128,7 @@ def test_maxp_over_the_corpus_windows_only_long_passages(ray_local, tiny_model,
                            model=tiny_model, top_k=90, max_length=128, query_id_column="qid",
                            query_column="text", checkpoint_rows=400, replica_batch_rows=400,
                            max_rejected_fraction=0.05, long_passages="maxp", window=64,
-                           stride=32)
+                           stride=32, dtype="float32")
     assert summary.written == 5 * 89
     maxp = {(r["query_id"], r["doc_id"]): r["score"]
             for r in pq.read_table(tmp_path / "maxp").to_pylist()}

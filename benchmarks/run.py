@@ -43,7 +43,7 @@ from gpu_busy import GpuBusy  # noqa: E402
 from metrics import drift  # noqa: E402
 
 from rstar_batch import RerankConfig, rerank, score_corpus  # noqa: E402
-from rstar_batch.model import describe_model  # noqa: E402
+from rstar_batch.model import auto_cpu_dtype, describe_model  # noqa: E402
 from rstar_batch.stages import columns as C  # noqa: E402
 from rstar_batch.stages.normalize import Normalize  # noqa: E402
 from rstar_batch.stages.score import Scorer  # noqa: E402
@@ -63,6 +63,30 @@ def timed_rounds(runners: dict, rounds: int) -> dict:
             seconds[name].append(time.perf_counter() - started)
     return {name: (scores[name], float(np.median(seconds[name])), seconds[name])
             for name in runners}
+
+
+def st_backends(args, model: str, table: pa.Table, workdir: str) -> dict:
+    """backend → (scores, median seconds, versions) of sentence-transformers' ONNX, ONNX int8 and
+    OpenVINO backends, timed in a Python of their own (st_backends.py); {} when none
+    is given or on GPU."""
+    if args.device != "cpu":
+        return {}
+    if not args.st_python:
+        print("sentence-transformers' ONNX/OpenVINO backends skipped: no --st-python "
+              "(see benchmarks/st_backends.py)", file=sys.stderr)
+        return {}
+    import json
+    import subprocess
+
+    pairs, out = os.path.join(workdir, "st-pairs.parquet"), os.path.join(workdir, "st.json")
+    pq.write_table(table.select(["query", "passage"]), pairs)
+    subprocess.run([args.st_python, str(HERE / "st_backends.py"), model, pairs, out,
+                    str(args.rounds)], check=True)
+    found = json.load(open(out))
+    for backend, why in found["failed"].items():
+        print(f"sentence-transformers backend {backend} failed: {why}", file=sys.stderr)
+    return {name: (np.asarray(scores, dtype=np.float32), float(np.median(found["seconds"][name])),
+                   found["versions"]) for name, scores in found["scores"].items()}
 
 
 def crossencoder(model: str, table: pa.Table, device: str, dtype):
@@ -157,8 +181,12 @@ def machine(device: str) -> str:
     except OSError:
         pass
     # the vector units decide float32 peak (AVX2 vs AVX-512) and what bf16 would get (AMX)
-    isa = [label for flag, label in (("avx512f", "AVX-512"), ("amx_bf16", "AMX-BF16"))
-           if flag in flags] or (["AVX2"] if "avx2" in flags else [])
+    isa = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"),
+                                      ("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX-BF16"),
+                                      ("amx_int8", "AMX-INT8")) if flag in flags] or (
+        ["AVX2"] if "avx2" in flags else [])
+    if "avx512f" in flags and "amx_tile" not in flags:
+        isa.append("no AMX")
     return f"{name}{''.join(f', {i}' for i in isa)}, {os.cpu_count()} cores, no GPU"
 
 
@@ -186,6 +214,7 @@ OURS = "(c) rstar-batch scorer, in-process"
 OWN_FORWARD = "(c) with the model's own forward, not the [CLS]-only last layer"
 INT8 = "(c) + --quantize int8"
 COMPILE = "(c) + --compile (after warm-up)"
+BF16 = "(c) with --dtype bfloat16"
 
 
 def main() -> int:
@@ -201,6 +230,10 @@ def main() -> int:
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["crossencoder", "loop", "int8", "compile", "job", "half",
                                  "corpus"])
+    parser.add_argument("--st-python", default=os.environ.get("RSTAR_ST_PYTHON"),
+                        help="a Python with sentence-transformers[onnx,openvino] (its own "
+                        "venv: they pin older transformers); times their CPU backends "
+                        "(benchmarks/st_backends.py). Default: $RSTAR_ST_PYTHON, else skipped")
     parser.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = parser.parse_args()
     if args.rounds < 1:
@@ -231,6 +264,11 @@ def main() -> int:
         runners[INT8] = ours(model, table, "cpu", "float32", quantize="int8")
     if "compile" not in args.skip:
         runners[COMPILE] = ours(model, table, args.device, dtype, compile=True)
+    # what the job's default (--dtype auto) scores in on this CPU, and bfloat16 timed:
+    # native where the CPU has AMX or AVX-512 BF16, emulated elsewhere
+    auto = auto_cpu_dtype() if args.device == "cpu" else ("auto", "per GPU")
+    if args.device == "cpu" and ("half" not in args.skip or auto[0] == "bfloat16"):
+        runners[BF16] = ours(model, table, "cpu", "bfloat16")
     timed = timed_rounds(runners, args.rounds)
     rows = [(name, len(scores), seconds) for name, (scores, seconds, _) in timed.items()]
     spread = {name: (len(scores) / max(every), len(scores) / min(every))
@@ -240,25 +278,37 @@ def main() -> int:
                           if to in timed else None for to in (CROSSENCODER, OURS))
               for name, (_, _, every) in timed.items()}
     base = timed[OURS][0]
-    ours_rate = len(base) / timed[OURS][1]
+    # the jobs run with --dtype auto: their "× our scorer" is against the scorer in it
+    same = BF16 if auto[0] == "bfloat16" else OURS
+    ours_rate = len(timed[same][0]) / timed[same][1]
     reference = timed[LOOP][0] if LOOP in timed else None
     options = [(label, timed[name][0]) for name, label in (
         (OWN_FORWARD, "model's own forward"), (INT8, "--quantize int8"),
-        (COMPILE, "--compile")) if name in timed]
+        (COMPILE, "--compile"), (BF16, "--dtype bfloat16")) if name in timed]
     if args.device == "cpu" and "half" not in args.skip:
-        # GPUs score in bf16 (fp16 on older ones); their drift is arithmetic, not the
-        # device's, so it is measured here on CPU (emulated, slow: a slice, not timed).
+        # GPUs score in bf16 or fp16; fp16's drift is arithmetic, not the device's, so
+        # it is measured here on CPU (emulated, slow: a slice, not timed).
         head = table.slice(0, min(len(table), HALF_DRIFT_PAIRS))
-        for half in ("bfloat16", "float16"):
-            scores = np.asarray(ours(model, head, "cpu", half)(), dtype=np.float32)
-            options.append((f"--dtype {half} (GPU dtypes; CPU-emulated, first "
-                            f"{len(head)} pairs, not timed)", scores))
+        scores = np.asarray(ours(model, head, "cpu", "float16")(), dtype=np.float32)
+        options.append((f"--dtype float16 (a GPU dtype; CPU-emulated, first "
+                        f"{len(head)} pairs, not timed)", scores))
+    st = st_backends(args, model, table, workdir)
+    for backend, (scores, seconds, their) in st.items():
+        rows.append((f"(a) CrossEncoder backend={backend} (sentence-transformers "
+                     f"{their['sentence-transformers']}, transformers {their['transformers']}"
+                     "; a process of its own, its rounds in turn)", len(scores), seconds))
+        options.append((f"sentence-transformers backend={backend}", scores))
     busy = None
     if "job" not in args.skip:
         with GpuBusy() as sampler:
             seconds, pairs = whole_job(model, job_table, args.device, workdir)
         busy = sampler.summary()
         rows.append(("(d) rstar-batch rerank job, read to write", pairs, seconds))
+        if args.device == "cpu":  # the rate start-up does not weigh on: a small run's
+            small, small_pairs = whole_job(model, job_table.slice(0, args.job_pairs // 8),
+                                           args.device, workdir)
+            rows.append((f"(d) marginal: (pairs, seconds) of {pairs} − of {small_pairs} pairs",
+                         pairs - small_pairs, seconds - small))
         if args.device == "cuda":  # two replicas per GPU: kept if measured faster
             seconds, pairs = whole_job(model, job_table, args.device, workdir, 0.5)
             rows.append(("(d) with --gpus-per-replica 0.5 (two replicas per GPU)", pairs,
@@ -270,7 +320,7 @@ def main() -> int:
                      pairs, seconds))
 
     report = render(args, table, rows, base, reference, options, ours_rate, busy, spread,
-                    paired)
+                    paired, auto)
     print(report)
     if not args.smoke:
         with open(args.out, "a", encoding="utf-8") as fh:
@@ -290,7 +340,7 @@ def main() -> int:
 
 
 def render(args, table, rows, base, reference, options, ours_rate, busy=None,
-           spread=None, paired=None) -> str:
+           spread=None, paired=None, auto=("auto", "")) -> str:
     ce_rate = next((p / s for name, p, s in rows if name.startswith("(a)")), None)
     tokens = np.mean([len(q.split()) + len(p.split()) for q, p in zip(
         table["query"].to_pylist(), table["passage"].to_pylist())])
@@ -299,8 +349,10 @@ def render(args, table, rows, base, reference, options, ours_rate, busy=None,
     lines = [f"## {stamp}: {args.device}, {machine(args.device)}", "",
              f"`{command.strip()}`; {versions()}; R* architecture"
              f"{' (random weights)' if not args.model else ''}; "
-             f"{'dtype auto' if args.device == 'cuda' else 'float32'}; "
+             f"{'dtype auto' if args.device == 'cuda' else 'float32 unless a row says'}; "
              f"pairs average {tokens:.0f} words.", "",
+             f"--dtype auto, the jobs' default, is {auto[0]} here ({auto[1]}); (d) and (e) "
+             "run with it and their × our scorer is against the scorer in that dtype.", "",
              f"In-process methods: the median of {args.rounds} interleaved round(s), "
              "each method once per round; the range is the slowest and fastest round; "
              "their ratios are the median of each round's ratio.", "",
@@ -315,6 +367,16 @@ def render(args, table, rows, base, reference, options, ours_rate, busy=None,
         span = f"{low:.0f}–{high:.0f}" if low is not None else "one run"
         lines.append(f"| {name} | {pairs} | {seconds:.1f} | {rate:.1f} | {span} | "
                      f"{'n/a' if vs_ce is None else f'{vs_ce:.2f}'} | {vs_ours:.2f} |")
+    st_rows = [(pairs / seconds, name) for name, pairs, seconds in rows if name.startswith("(a)")]
+    if st_rows and args.device == "cpu":
+        best, best_name = max(st_rows)
+        jobs = {name.split(" ")[1].rstrip(":"): p / s for name, p, s in rows
+                if name.startswith("(d)")}
+        lines += ["", f"The fastest sentence-transformers option here: {best_name.split(' (')[0]}"
+                  f" at {best:.1f} pairs/s. Our scorer with --dtype auto ({auto[0]}): "
+                  f"{ours_rate / best:.2f}× it" + "".join(
+                      f"; the whole job (d), {'its marginal rate' if kind == 'marginal' else 'end to end'}: "
+                      f"{rate / best:.2f}×" for kind, rate in jobs.items()) + "."]
     if any(name.startswith(("(d)", "(e)")) for name, _, _ in rows):
         lines += ["", "(d) and (e) run on their own, larger pair sets, and their seconds "
                   "include starting Ray and loading the model in every actor."]

@@ -43,7 +43,7 @@ from gpu_busy import GpuBusy  # noqa: E402
 from metrics import drift  # noqa: E402
 
 from rstar_batch import RerankConfig, rerank, score_corpus  # noqa: E402
-from rstar_batch.model import auto_cpu_dtype, describe_model  # noqa: E402
+from rstar_batch.model import auto_cpu_dtype, cpu_flags, describe_model  # noqa: E402
 from rstar_batch.stages import columns as C  # noqa: E402
 from rstar_batch.stages.normalize import Normalize  # noqa: E402
 from rstar_batch.stages.score import Scorer  # noqa: E402
@@ -170,15 +170,11 @@ def machine(device: str) -> str:
 
     if device == "cuda":
         return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
-    name, flags = platform.processor() or "cpu", set()
+    name, flags = platform.processor() or "cpu", cpu_flags()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
         pass
     # the vector units decide float32 peak (AVX2 vs AVX-512) and what bf16 would get (AMX)
     isa = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"),

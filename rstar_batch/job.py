@@ -104,6 +104,9 @@ TOKENIZERS_PER_GPU_REPLICA = 16
 # scoring R* takes ~20 s for 2048, and what a kill loses grows with the block.
 CPU_BATCH_ROWS = 2048
 GPU_BATCH_ROWS = 32768
+# Rows per tokenizer call: small blocks keep the tokenizers' pipeline short (a 32768-row
+# block takes a core ~7 s to tokenize); a GPU replica's call bundles many of them.
+TOKENIZER_BATCH_ROWS = 2048
 
 
 def plan_replicas(config: RerankConfig, cluster: dict[str, float]) -> ReplicaPlan:

@@ -31,8 +31,9 @@ from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
 from rstar_batch.io.tokenized import inspect_tokenized, open_tokenized
-from rstar_batch.job import (JobSummary, Phases, ProgressLog, ReplicaPlan, bucket_count,
-                             check_all_committed, check_rejected, finish_job, job_plan,
+from rstar_batch.job import (TOKENIZER_BATCH_ROWS, JobSummary, Phases, ProgressLog,
+                             ReplicaPlan, bucket_count, check_all_committed, check_rejected,
+                             finish_job, job_plan,
                              on_replicas, on_tokenizers, passage_policy, plan_replicas,
                              rank_all, run_scoring, scorer_kwargs)
 from rstar_batch.model import ModelInfo, describe_model
@@ -57,11 +58,6 @@ def _check_keep(config: RerankConfig) -> None:
     if clash:
         raise ConfigError(f"keep_columns {sorted(clash)}: ids are always in the output "
                           "as query_id and doc_id")
-
-
-# Rows per tokenizer call: small blocks keep the tokenizers' pipeline short (a 32768-row
-# block takes a core ~7 s to tokenize); a GPU replica's call bundles many of them.
-TOKENIZER_BATCH_ROWS = 2048
 
 
 def check_tokenizer(config: RerankConfig, model: ModelInfo) -> Optional[PairAssembler]:

@@ -30,7 +30,7 @@ from rstar_batch.io import fs as fsio
 from rstar_batch.io import tokenized as tok
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.sources import CandidateFiles, inspect_candidates
-from rstar_batch.job import (CPU_BATCH_ROWS, JobSummary, ProgressLog, ReplicaPlan,
+from rstar_batch.job import (TOKENIZER_BATCH_ROWS, JobSummary, ProgressLog, ReplicaPlan,
                              check_all_committed, check_rejected, finish_job, on_tokenizers,
                              run_scoring)
 from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
@@ -78,7 +78,7 @@ def tokenize_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> Job
         progress_log = ProgressLog(corpus.num_rows, sum(c.rows for c in chunks if c.id in done))
         cpus = int(ray.cluster_resources().get("CPU", 1))
         pool = ReplicaPlan("cpu", 0.0, 1.0, 1, 1, config.tokenize_workers or max(1, cpus - 1),
-                           config.replica_batch_rows or CPU_BATCH_ROWS)
+                           config.replica_batch_rows or TOKENIZER_BATCH_ROWS)
         if pending:
             log.info("tokenizing %d passages with %s's tokenizer (%d chunks, up to %d "
                      "tokenizers)", sum(c.rows for c in pending), model.source, len(pending),

@@ -127,15 +127,12 @@ def join_bucket(fs: pafs.FileSystem, run_part: Files, run_columns: list[str],
         carried = [C.PASSAGE_IDS, C.EMPTY_PASSAGE] if spec.tokenized else [spec.passage]
         corpus = corpus_part.read(spec.corpus_columns)
         corpus = _first_per_id(corpus.rename_columns([spec.doc_id, *carried]), spec.doc_id)
-        if spec.tokenized:  # Arrow's join cannot carry list columns: look the ids up
-            at = pc.index_in(run[spec.doc_id], value_set=corpus[spec.doc_id])
+        # a lookup, not Arrow's join: it keeps the run's order and carries list columns
+        at = pc.index_in(run[spec.doc_id], value_set=corpus[spec.doc_id])
+        if spec.tokenized:
             run = run.append_column(spec.passage, pa.nulls(run.num_rows, pa.string()))
-            for name in carried:
-                run = run.append_column(name, corpus[name].take(at))
-        else:
-            # Arrow's join returns rows in no fixed order: back to the run's
-            run = run.join(corpus, keys=spec.doc_id, join_type="left outer").sort_by(
-                [(spec.query_id, "ascending"), (spec.doc_id, "ascending")])
+        for name in carried:
+            run = run.append_column(name, corpus[name].take(at))
         reason = pc.if_else(pc.is_null(run[carried[0]]), pa.scalar(MISSING_PASSAGE), reason)
     if queries is not None:
         at = pc.index_in(run[spec.query_id], value_set=queries[spec.query_id])

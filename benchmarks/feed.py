@@ -52,7 +52,7 @@ from run import machine, versions  # noqa: E402
 from rstar_batch.testing import MICRO_ARCHITECTURE, make_candidates, make_tiny_model  # noqa: E402
 
 GPU_BATCH_TOKENS = 16384   # Scorer's default on a GPU: the micro model stands in for one
-GPU_BATCH_ROWS = 32768     # and the replica call's (job.GPU_BATCH_ROWS)
+GPU_BATCH_ROWS = 32768     # and the replica call's (replicas.GPU_BATCH_ROWS)
 RAW_TOKENIZER = """
 import sys, time
 import pyarrow.parquet as pq

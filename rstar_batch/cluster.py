@@ -1,4 +1,4 @@
-"""Which Ray cluster a job runs on.
+"""Which Ray cluster a job runs on, and what its nodes offer.
 
 Order: a Ray already initialised by the caller (the Python API inside a user's
 Ray program); else `--address` or RAY_ADDRESS (set by `ray job submit` for its
@@ -9,17 +9,50 @@ whatever cluster /tmp/ray/ray_current_cluster names, which may be long dead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
-# Logical CPUs the embedded Ray declares at least. Ray's CPU counts are
-# reservations, not cores: tokenizer actors, a CPU scorer, read and write tasks
-# and Ray Data's own actors must all fit at once or the plan stalls; the torch
-# threads of the scorer decide how many cores actually do the work.
-EMBEDDED_MIN_CPUS = 8
+# Logical CPUs the embedded Ray declares beyond the machine's cores. Ray's CPU counts
+# are reservations, not cores: a CPU replica reserves one per torch thread, and the
+# tokenizer pool, read and write tasks and Ray Data's own tasks must fit beside it or
+# the plan stalls. They are light next to scoring, so on one machine they share the
+# cores (2 cores: 8 logical CPUs, as the embedded Ray always had).
+EMBEDDED_EXTRA_CPUS = 6
+# A node label saying how many cores a node has where its logical CPUs say more
+# (the embedded Ray sets it; `ray start --labels rstar-batch/cores=N` may too).
+CORES_LABEL = "rstar-batch/cores"
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """What one live Ray node offers: logical CPUs, GPUs, and the cores behind them."""
+
+    cpus: float = 0.0
+    gpus: float = 0.0
+    cores: Optional[int] = None  # None: as many as its logical CPUs
+
+    @property
+    def real_cores(self) -> float:
+        return self.cpus if self.cores is None else min(self.cpus, self.cores)
+
+
+def node_of(info: dict[str, Any]) -> Node:
+    """A Node from one entry of `ray.nodes()`."""
+    resources, labels = info.get("Resources", {}), info.get("Labels") or {}
+    cores = labels.get(CORES_LABEL)
+    return Node(cpus=float(resources.get("CPU", 0.0)), gpus=float(resources.get("GPU", 0.0)),
+                cores=int(cores) if cores and str(cores).isdigit() else None)
+
+
+def live_nodes() -> list[Node]:
+    """The cluster's live nodes, as the driver sees them when the job starts."""
+    import ray
+
+    return [node_of(info) for info in ray.nodes() if info.get("Alive")]
 
 
 @contextlib.contextmanager
@@ -35,10 +68,11 @@ def ray_session(address: Optional[str] = None) -> Iterator[None]:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        cpus = max(EMBEDDED_MIN_CPUS, os.cpu_count() or 1)
-        log.info("starting a local Ray with %d logical CPUs", cpus)
+        cores = os.cpu_count() or 1
+        cpus = cores + EMBEDDED_EXTRA_CPUS
+        log.info("starting a local Ray with %d logical CPUs on %d cores", cpus, cores)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                 log_to_driver=True)
+                 labels={CORES_LABEL: str(cores)}, log_to_driver=True)
     try:
         yield
     finally:

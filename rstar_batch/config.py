@@ -133,13 +133,14 @@ class RerankConfig:
     # -- scaling ----------------------------------------------------------------------
     min_replicas: int = _opt(1, "Smallest number of model replicas.", "scaling")
     max_replicas: Optional[int] = _opt(
-        None, "Largest number of model replicas (default: one per GPU; 1 on CPU).",
-        "scaling")
+        None, "Largest number of model replicas (default: one per GPU; on CPU, as many "
+        "as the nodes' CPUs hold).", "scaling")
     gpus_per_replica: float = _opt(
         1.0, "GPUs each replica reserves (a fraction packs several per GPU).", "scaling")
-    cpus_per_replica: float = _opt(1.0, "Logical CPUs each replica reserves.", "scaling")
-    cpu_threads: Optional[int] = _opt(
-        None, "Torch threads of a CPU replica (default: the node's cores).", "scaling")
+    cpus_per_replica: Optional[float] = _opt(
+        None, "Logical CPUs each replica reserves; a CPU replica runs one torch thread per "
+        "CPU (default: 1 on GPU; on CPU, each node's CPUs less 2 for tokenizing and I/O, "
+        "one replica a node).", "scaling")
     tokenize_workers: Optional[int] = _opt(
         None, "Largest number of CPU tokenizer actors; the pool grows to it while blocks "
         "queue (default: the cluster's CPUs the replicas leave, up to 16 per GPU replica "
@@ -174,7 +175,7 @@ class RerankConfig:
         if isinstance(self.batch_retries, bool) or not isinstance(self.batch_retries, int) \
                 or self.batch_retries < 0:
             raise ConfigError(f"batch_retries must be 0 or more, got {self.batch_retries!r}")
-        _check_positive(self, "top_k", "rank_partitions", "max_replicas", "cpu_threads",
+        _check_positive(self, "top_k", "rank_partitions", "max_replicas",
                         "batch_tokens", "passage_max_tokens", "tokenize_workers",
                         "replica_batch_rows", optional=True)
         if self.long_passages != "truncate" and self.window > self.max_length - 3:
@@ -196,7 +197,7 @@ class RerankConfig:
                               f"{self.max_rejected_fraction}")
         if not 0 < self.gpus_per_replica <= 8:
             raise ConfigError(f"gpus_per_replica must be in (0, 8], got {self.gpus_per_replica}")
-        if self.cpus_per_replica <= 0:
+        if self.cpus_per_replica is not None and self.cpus_per_replica <= 0:
             raise ConfigError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
         names = [self.query_id_column, self.query_column, self.doc_id_column,
                  self.passage_column]

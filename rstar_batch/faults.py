@@ -5,6 +5,8 @@ RSTAR_BATCH_TEST_FAULT selects the fault:
   exit:N        the replica process dies (os._exit) at its N-th batch, once per job
   raise:N       the N-th batch raises once per job (its retry succeeds)
   raise:always  every batch raises (the job must fail, naming the rows)
+  slow:S        every batch takes S seconds longer: a heavier model's cost, so that
+                scoring is what the pool of replicas scales for
 "Once per job" is kept by a marker file in RSTAR_BATCH_TEST_FAULT_DIR, which
 survives the replica's restart.
 """
@@ -12,6 +14,7 @@ survives the replica's restart.
 from __future__ import annotations
 
 import os
+import time
 
 FAULT_ENV = "RSTAR_BATCH_TEST_FAULT"
 DIR_ENV = "RSTAR_BATCH_TEST_FAULT_DIR"
@@ -33,6 +36,9 @@ class FaultHook:
 
     def before_batch(self) -> None:
         if not self.kind:
+            return
+        if self.kind == "slow":
+            time.sleep(float(self.when))
             return
         self.batches += 1
         if self.when == "always":

@@ -19,7 +19,8 @@ from rstar_batch.io import fs as fsio
 from rstar_batch.io import sinks
 from rstar_batch.io.scored import bucket_pieces
 from rstar_batch.io.sources import CandidateFiles
-from rstar_batch.model import ModelInfo, auto_cpu_dtype
+from rstar_batch.model import ModelInfo
+from rstar_batch.replicas import ReplicaPlan, placement
 from rstar_batch.stages.pairs import PassagePolicy
 
 log = logging.getLogger(__name__)
@@ -73,80 +74,6 @@ class JobSummary:
         return {**fields, "pairs_per_second": round(self.pairs_per_second, 2)}
 
 
-@dataclasses.dataclass(frozen=True)
-class ReplicaPlan:
-    """Where and how many model replicas run."""
-
-    device: str
-    num_gpus: float
-    num_cpus: float
-    min_size: int
-    max_size: int
-    tokenizers: int  # the most CPU tokenizer actors that feed them
-    batch_rows: int  # rows (pairs) handed to a replica per call
-    dtype: str = "auto"  # float32/bfloat16/float16; auto: each GPU replica picks
-    dtype_reason: str = ""
-
-
-# The tokenizer pool autoscales (one actor, more while blocks queue for them) up to
-# a cap. A GPU replica aims at 100,000+ pairs/s, which takes a dozen cores of
-# tokenizing. A CPU replica scoring R* needs a fraction of one (tokenizing costs
-# ~1/40 of scoring on a core), but a small model needs more than one core of
-# tokenizing per replica (benchmarks/feed.py): the pool grows to two per replica
-# only when the queue says so.
-TOKENIZERS_PER_CPU_REPLICA = 2
-TOKENIZERS_PER_GPU_REPLICA = 16
-
-# Rows per replica call. Each block costs Ray a roughly fixed few tens of ms across
-# the driver, the object store and the actors (benchmarks/feed.py: a job whose model
-# costs ~30 µs per pair scored 1M pairs in 86 s with 2048-row blocks, 45 s with
-# 32768). A GPU replica scores 32768 pairs in a fraction of a second; a CPU replica
-# scoring R* takes ~20 s for 2048, and what a kill loses grows with the block.
-CPU_BATCH_ROWS = 2048
-GPU_BATCH_ROWS = 32768
-# Rows per tokenizer call: small blocks keep the tokenizers' pipeline short (a 32768-row
-# block takes a core ~7 s to tokenize); a GPU replica's call bundles many of them.
-TOKENIZER_BATCH_ROWS = 2048
-
-
-def plan_replicas(config: RerankConfig, cluster: dict[str, float]) -> ReplicaPlan:
-    """Place replicas on GPUs when asked or when the cluster has any, else on CPUs;
-    size the tokenizer pool to feed them (unless tokenize_workers says)."""
-    gpus = cluster.get("GPU", 0.0)
-    device = config.device if config.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
-    if device == "cuda":
-        default_max = max(1, int(gpus // config.gpus_per_replica))
-        num_gpus = config.gpus_per_replica
-    else:
-        default_max, num_gpus = 1, 0.0
-    max_size = config.max_replicas or max(default_max, config.min_replicas)
-    # the CPUs the replicas leave, but one for reads and writes
-    spare = int(cluster.get("CPU", 0.0) - max_size * config.cpus_per_replica) - 1
-    if config.tokenize_workers:
-        tokenizers = config.tokenize_workers
-    elif device == "cuda":
-        tokenizers = max(2, min(spare, TOKENIZERS_PER_GPU_REPLICA * max_size))
-    else:
-        tokenizers = max(1, min(spare, TOKENIZERS_PER_CPU_REPLICA * max_size))
-    batch_rows = config.replica_batch_rows or (
-        GPU_BATCH_ROWS if device == "cuda" else CPU_BATCH_ROWS)
-    return ReplicaPlan(device, num_gpus, config.cpus_per_replica, config.min_replicas, max_size,
-                       tokenizers, batch_rows, *replica_dtype(config, device))
-
-
-def replica_dtype(config: RerankConfig, device: str) -> tuple[str, str]:
-    """The replicas' dtype and why. --dtype auto for CPU replicas is decided here, by
-    the driver's CPU, so that a job scores in one dtype and the manifest says which;
-    a GPU replica picks bfloat16 or float16 by its own GPU."""
-    if config.dtype != "auto":
-        return config.dtype, "--dtype"
-    if device == "cuda":
-        return "auto", "bfloat16 on GPUs that support it, else float16"
-    if config.quantize != "none":
-        return "float32", "int8 quantization starts from float32"
-    return auto_cpu_dtype()
-
-
 def passage_policy(config: RerankConfig) -> PassagePolicy:
     return PassagePolicy(config.long_passages, config.passage_max_tokens, config.window,
                          config.stride)
@@ -157,7 +84,7 @@ def scorer_kwargs(config: RerankConfig, model: ModelInfo, replicas: ReplicaPlan
     """Constructor arguments of a model replica (and its retries)."""
     return dict(model=model, device=replicas.device, dtype=replicas.dtype,
                 activation=config.score_activation, batch_tokens=config.batch_tokens,
-                max_batch_pairs=config.max_batch_pairs, cpu_threads=config.cpu_threads,
+                max_batch_pairs=config.max_batch_pairs, cpu_threads=replicas.threads,
                 trust_remote_code=config.trust_remote_code, retries=config.batch_retries,
                 quantize=config.quantize, compile=config.compile)
 
@@ -191,7 +118,7 @@ def on_replicas(ds: Any, stage: type, kwargs: dict[str, Any], replicas: ReplicaP
             # Two batches per replica keep a GPU fed while bounding what a kill loses.
             max_tasks_in_flight_per_actor=2),
         batch_size=batch_rows, batch_format="pyarrow",
-        num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None)
+        num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None, **placement(replicas))
 
 
 class Phases:
@@ -214,9 +141,12 @@ class ProgressLog:
     def __init__(self, total: int, already: int) -> None:
         self.total, self.done, self.started_with = total, already, already
         self.started = self.last = time.monotonic()
+        self.by_node: dict[str, int] = {}  # pairs each Ray node's replicas scored
 
-    def add(self, rows: int) -> None:
+    def add(self, rows: int, node: Optional[str] = None) -> None:
         self.done += rows
+        if node is not None:
+            self.by_node[node] = self.by_node.get(node, 0) + rows
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY_S:
             self.last = now
@@ -230,10 +160,12 @@ def run_scoring(plan: Any, progress: ProgressLog, pairs_per_row: int = 1) -> int
     """Execute pass 1, consuming the commits as they land; return rows committed."""
     rows = 0
     for batch in plan.iter_batches(batch_size=None, batch_format="pyarrow"):
-        committed = int(sum(e - s for s, e in zip(batch["start"].to_pylist(),
-                                                   batch["end"].to_pylist())))
-        rows += committed
-        progress.add(committed * pairs_per_row)
+        nodes = (batch["node"].to_pylist() if "node" in batch.column_names
+                 else [None] * batch.num_rows)
+        for start, end, node in zip(batch["start"].to_pylist(), batch["end"].to_pylist(),
+                                    nodes):
+            rows += end - start
+            progress.add((end - start) * pairs_per_row, node)
     return rows
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rstar_batch import checkpoint
-from rstar_batch.cluster import ray_session
+from rstar_batch.cluster import live_nodes, ray_session
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io import fs as fsio
 from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
@@ -31,12 +31,13 @@ from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
 from rstar_batch.io.tokenized import inspect_tokenized, open_tokenized
-from rstar_batch.job import (TOKENIZER_BATCH_ROWS, JobSummary, Phases, ProgressLog,
-                             ReplicaPlan, bucket_count, check_all_committed, check_rejected,
-                             finish_job, job_plan,
-                             on_replicas, on_tokenizers, passage_policy, plan_replicas,
-                             rank_all, run_scoring, scorer_kwargs)
+from rstar_batch.job import (JobSummary, Phases, ProgressLog, bucket_count,
+                             check_all_committed, check_rejected, finish_job, job_plan,
+                             on_replicas, on_tokenizers, passage_policy, rank_all,
+                             run_scoring, scorer_kwargs)
 from rstar_batch.model import ModelInfo, describe_model
+from rstar_batch.replicas import (TOKENIZER_BATCH_ROWS, ReplicaPlan, describe_plan,
+                                  plan_replicas, reserved)
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.columns import PREPARE_REASON
 from rstar_batch.stages.normalize import Normalize
@@ -211,8 +212,6 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
         return dataclasses.replace(summary, already_done=True)
 
     with ray_session(config.address):
-        import ray
-
         source = inputs.candidates
         if inputs.joined or inputs.nested:
             source = _prepared_candidates(inputs, spec, config, out_fs, root)
@@ -224,16 +223,15 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
         if done:
             log.info("resuming run %d: %d of %d chunks already done, %d pairs left",
                      opened.run, len(done), len(chunks), source.num_rows - progress_log.done)
-        replicas = plan_replicas(config, ray.cluster_resources())
+        replicas = plan_replicas(config, live_nodes())
         phases.mark("startup")
         if pending:
-            log.info("scoring %d pairs with %s on %s in %s (%s; %d..%d replicas, up to %d "
-                     "tokenizers)", sum(c.rows for c in pending), model.source,
-                     replicas.device, replicas.dtype, replicas.dtype_reason,
-                     replicas.min_size, replicas.max_size, replicas.tokenizers)
-            run_scoring(build_scoring_plan(config, source, model, replicas, plan["buckets"],
-                                           pending, out_fs, root, opened.run, assembler),
-                        progress_log)
+            log.info("scoring %d pairs with %s on %s", sum(c.rows for c in pending),
+                     model.source, describe_plan(replicas))
+            with reserved(replicas) as replicas:
+                run_scoring(build_scoring_plan(config, source, model, replicas, plan["buckets"],
+                                               pending, out_fs, root, opened.run, assembler),
+                            progress_log)
         phases.mark("scoring")
         progress = checkpoint.read_progress(out_fs, root)
         check_all_committed(progress, chunks)
@@ -251,7 +249,8 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
                   "bytes": inputs.candidates.total_bytes,
                   "fingerprint": plan["input"]["digest"],
                   "skipped_files": inputs.candidates.skipped},
-        "replicas": dataclasses.asdict(replicas), "seconds_by_phase": phases.seconds})
+        "replicas": dataclasses.asdict(replicas), "pairs_by_node": progress_log.by_node,
+        "seconds_by_phase": phases.seconds})
     return summary
 
 

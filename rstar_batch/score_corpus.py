@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rstar_batch import checkpoint
-from rstar_batch.cluster import ray_session
+from rstar_batch.cluster import live_nodes, ray_session
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io import fs as fsio
 from rstar_batch.io import sinks
@@ -39,9 +39,10 @@ from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidate
 from rstar_batch.io.tokenized import DOC_ID, inspect_tokenized, open_tokenized
 from rstar_batch.job import (JobSummary, ProgressLog, bucket_count, check_all_committed,
                              check_rejected, finish_job, job_plan, on_replicas,
-                             on_tokenizers, passage_policy, plan_replicas, rank_all,
-                             run_scoring, scorer_kwargs)
+                             on_tokenizers, passage_policy, rank_all, run_scoring,
+                             scorer_kwargs)
 from rstar_batch.model import describe_model
+from rstar_batch.replicas import describe_plan, plan_replicas, reserved
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
 from rstar_batch.stages.corpus_tokens import PassagesFromTokens
@@ -90,22 +91,19 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
     nq = len(queries)
 
     with ray_session(config.address):
-        import ray
-
         done = checkpoint.read_progress(out_fs, root).done_chunks(chunks)
         pending = [c for c in chunks if c.id not in done]
         already = sum(c.rows for c in chunks if c.id in done)
         progress_log = ProgressLog(corpus.num_rows * nq, already * nq)
-        replicas = plan_replicas(config, ray.cluster_resources())
+        replicas = plan_replicas(config, live_nodes())
         if pending:
-            log.info("scoring %d queries × %d passages with %s on %s in %s (%s; %d..%d "
-                     "replicas)", nq, corpus.num_rows - already, model.source,
-                     replicas.device, replicas.dtype, replicas.dtype_reason,
-                     replicas.min_size, replicas.max_size)
-            run_scoring(build_corpus_plan(config, corpus, model, queries, replicas, pending,
-                                          out_fs, root, opened.run, tokenized,
-                                          tokenize.assembler),
-                        progress_log, nq)
+            log.info("scoring %d queries × %d passages with %s on %s", nq,
+                     corpus.num_rows - already, model.source, describe_plan(replicas))
+            with reserved(replicas) as replicas:
+                run_scoring(build_corpus_plan(config, corpus, model, queries, replicas, pending,
+                                              out_fs, root, opened.run, tokenized,
+                                              tokenize.assembler),
+                            progress_log, nq)
         progress = checkpoint.read_progress(out_fs, root)
         check_all_committed(progress, chunks)
         if rejected.num_rows:
@@ -123,7 +121,7 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
         "model": dataclasses.asdict(model), "activation": activation,
         "input": {"corpus_files": len(corpus.paths), "corpus_rows": corpus.num_rows,
                   "queries": query_files.num_rows, "fingerprint": plan["input"]["digest"]},
-        "replicas": dataclasses.asdict(replicas)})
+        "replicas": dataclasses.asdict(replicas), "pairs_by_node": progress_log.by_node})
     return summary
 
 

@@ -30,10 +30,10 @@ from rstar_batch.io import fs as fsio
 from rstar_batch.io import tokenized as tok
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.sources import CandidateFiles, inspect_candidates
-from rstar_batch.job import (TOKENIZER_BATCH_ROWS, JobSummary, ProgressLog, ReplicaPlan,
-                             check_all_committed, check_rejected, finish_job, on_tokenizers,
-                             run_scoring)
+from rstar_batch.job import (JobSummary, ProgressLog, check_all_committed, check_rejected,
+                             finish_job, on_tokenizers, run_scoring)
 from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
+from rstar_batch.replicas import TOKENIZER_BATCH_ROWS, ReplicaPlan
 from rstar_batch.stages.corpus_tokens import TokenizeWhole
 from rstar_batch.stages.normalize import NormalizePassages
 from rstar_batch.stages.pairs import PairAssembler

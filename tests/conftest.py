@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rstar_batch.cluster import CORES_LABEL
 from rstar_batch.testing import make_tiny_model, write_sample_data
 from tests.reference import reference_scores
 
@@ -67,7 +68,10 @@ def ray_local():
     """One embedded Ray for the in-process tests; torn down even after failures."""
     import ray
 
+    # as the embedded Ray does: logical CPUs for the tokenizers beside the replica,
+    # and a label saying how many cores there are for its threads
     ray.init(address="local", num_cpus=8, include_dashboard=False,
+             labels={CORES_LABEL: str(os.cpu_count() or 1)},
              log_to_driver=False, configure_logging=False)
     try:
         yield

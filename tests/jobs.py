@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import pyarrow as pa
 
+from rstar_batch.cluster import CORES_LABEL
+
 
 def _live_processes() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, session id) of every process that is not a zombie."""
@@ -209,6 +211,13 @@ class LocalCluster:
                                         | set(self.leftovers())) - {mine}), "ray cluster")
 
 
+def worker_args(cpus: int, workers: int = 1) -> list[str]:
+    """`ray start` options of a worker node with `cpus` logical CPUs and its share of
+    this machine's cores."""
+    cores = max(1, (os.cpu_count() or 1) // workers)
+    return [f"--num-cpus={cpus}", f"--labels={CORES_LABEL}={cores}"]
+
+
 def new_token() -> str:
     """A fresh Ray auth token for one test cluster."""
     return secrets.token_hex(32)
@@ -225,15 +234,18 @@ def committed_rows(out: str, list_glob: Callable[[str], list[str]] = glob.glob) 
 
 
 @contextlib.contextmanager
-def local_cluster(worker_cpus: int, dashboard: bool = False,
-                  token: Optional[str] = None) -> Iterator[LocalCluster]:
-    """A head that runs nothing (no CPUs, as on KubeRay) and one worker node, torn
-    down with every process they started, even when the test fails."""
+def local_cluster(worker_cpus: int, dashboard: bool = False, token: Optional[str] = None,
+                  workers: int = 1) -> Iterator[LocalCluster]:
+    """A head that runs nothing (no CPUs, as on KubeRay) and `workers` worker nodes,
+    torn down with every process they started, even when the test fails. The workers
+    share this machine's cores out and say so in a label, so that CPU replicas run no
+    more threads than there are cores."""
     base = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # Ray's socket paths must stay short
     cluster = LocalCluster(base, dashboard=dashboard, token=token)
     try:
         cluster.start("head", "--num-cpus=0")
-        cluster.start("worker1", f"--num-cpus={worker_cpus}")
+        for n in range(1, workers + 1):
+            cluster.start(f"worker{n}", *worker_args(worker_cpus, workers))
         yield cluster
     finally:
         cluster.stop()  # job drivers too: their command lines name files under base

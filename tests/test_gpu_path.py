@@ -7,7 +7,8 @@ import torch
 
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.model import resolve_device, resolve_dtype
-from rstar_batch.job import plan_replicas
+from rstar_batch.cluster import Node
+from rstar_batch.replicas import plan_replicas
 
 
 def _config(**kw) -> RerankConfig:
@@ -15,23 +16,17 @@ def _config(**kw) -> RerankConfig:
 
 
 def test_replicas_go_one_per_gpu_when_the_cluster_has_gpus():
-    plan = plan_replicas(_config(), {"CPU": 64.0, "GPU": 4.0})
+    plan = plan_replicas(_config(), [Node(cpus=64.0, gpus=4.0)])
     assert (plan.device, plan.num_gpus, plan.min_size, plan.max_size) == ("cuda", 1.0, 1, 4)
 
 
 def test_fractional_gpus_pack_several_replicas_per_gpu():
-    plan = plan_replicas(_config(gpus_per_replica=0.5), {"GPU": 2.0})
+    plan = plan_replicas(_config(gpus_per_replica=0.5), [Node(gpus=2.0)])
     assert (plan.num_gpus, plan.max_size) == (0.5, 4)
 
 
-def test_cpu_clusters_get_one_cpu_replica_unless_asked():
-    assert plan_replicas(_config(), {"CPU": 8.0}).device == "cpu"
-    assert plan_replicas(_config(), {"CPU": 8.0}).max_size == 1
-    assert plan_replicas(_config(max_replicas=3), {"CPU": 8.0}).max_size == 3
-
-
 def test_asking_for_cuda_on_an_autoscaling_cluster_without_gpus_yet():
-    plan = plan_replicas(_config(device="cuda", min_replicas=2, max_replicas=4), {"CPU": 4.0})
+    plan = plan_replicas(_config(device="cuda", min_replicas=2, max_replicas=4), [Node(cpus=4.0)])
     assert (plan.device, plan.num_gpus, plan.min_size, plan.max_size) == ("cuda", 1.0, 2, 4)
 
 
@@ -96,27 +91,21 @@ def test_the_cls_only_last_layer_is_as_close_to_float32_as_the_models_forward(ti
 
 def test_tokenizer_pool_feeds_gpu_replicas_with_the_cpus_they_leave():
     # 1 GPU, 16 CPUs (the H100 machine): 16 - 1 for the replica - 1 for reads/writes
-    assert plan_replicas(_config(), {"CPU": 16.0, "GPU": 1.0}).tokenizers == 14
+    assert plan_replicas(_config(), [Node(cpus=16.0, gpus=1.0)]).tokenizers == 14
     # many CPUs: at most 16 per GPU replica
-    assert plan_replicas(_config(), {"CPU": 200.0, "GPU": 2.0}).tokenizers == 32
+    assert plan_replicas(_config(), [Node(cpus=200.0, gpus=2.0)]).tokenizers == 32
     # a GPU cluster scaling from zero has no CPUs yet: still two
-    assert plan_replicas(_config(device="cuda"), {"CPU": 0.0}).tokenizers == 2
-    # CPU replicas: up to two tokenizers each (the pool grows only while blocks queue
-    # for it), within the CPUs the replicas leave
-    assert plan_replicas(_config(), {"CPU": 8.0}).tokenizers == 2
-    assert plan_replicas(_config(max_replicas=9), {"CPU": 64.0}).tokenizers == 18
-    assert plan_replicas(_config(max_replicas=9), {"CPU": 12.0}).tokenizers == 2
-    assert plan_replicas(_config(), {"CPU": 2.0}).tokenizers == 1   # never none
+    assert plan_replicas(_config(device="cuda"), [Node(cpus=0.0)]).tokenizers == 2
     # an explicit setting wins
-    assert plan_replicas(_config(tokenize_workers=3), {"CPU": 16.0, "GPU": 1.0}).tokenizers == 3
+    assert plan_replicas(_config(tokenize_workers=3), [Node(cpus=16.0, gpus=1.0)]).tokenizers == 3
 
 
 def test_replica_calls_are_larger_on_gpus_unless_set():
     # a GPU scores a large block in a fraction of a second; Ray's cost per block
     # would otherwise show (benchmarks/feed.py)
-    assert plan_replicas(_config(), {"CPU": 16.0, "GPU": 1.0}).batch_rows == 32768
-    assert plan_replicas(_config(), {"CPU": 8.0}).batch_rows == 2048
-    assert plan_replicas(_config(replica_batch_rows=500), {"GPU": 1.0}).batch_rows == 500
+    assert plan_replicas(_config(), [Node(cpus=16.0, gpus=1.0)]).batch_rows == 32768
+    assert plan_replicas(_config(), [Node(cpus=8.0)]).batch_rows == 2048
+    assert plan_replicas(_config(replica_batch_rows=500), [Node(gpus=1.0)]).batch_rows == 500
     with pytest.raises(ConfigError, match="replica_batch_rows"):
         _config(replica_batch_rows=0)
 
@@ -129,14 +118,14 @@ def test_dtype_auto_on_cpu_is_bfloat16_only_where_amx_makes_it_pay(monkeypatch):
     assert model.auto_cpu_dtype({"avx512f", "avx512_bf16"})[0] == "float32"
     assert model.auto_cpu_dtype(set())[0] == "float32"
     monkeypatch.setattr(model, "cpu_flags", lambda: {"amx_bf16"})
-    plan = plan_replicas(_config(), {"CPU": 8.0})
+    plan = plan_replicas(_config(), [Node(cpus=8.0)])
     assert (plan.dtype, "AMX" in plan.dtype_reason) == ("bfloat16", True)
     # asked for, quantized, or on GPUs (each GPU replica picks bf16 or fp16)
-    assert plan_replicas(_config(dtype="float32"), {"CPU": 8.0}).dtype == "float32"
-    assert plan_replicas(_config(quantize="int8"), {"CPU": 8.0}).dtype == "float32"
-    assert plan_replicas(_config(), {"CPU": 8.0, "GPU": 1.0}).dtype == "auto"
+    assert plan_replicas(_config(dtype="float32"), [Node(cpus=8.0)]).dtype == "float32"
+    assert plan_replicas(_config(quantize="int8"), [Node(cpus=8.0)]).dtype == "float32"
+    assert plan_replicas(_config(), [Node(cpus=8.0, gpus=1.0)]).dtype == "auto"
     monkeypatch.setattr(model, "cpu_flags", lambda: {"avx512_bf16"})
-    assert plan_replicas(_config(), {"CPU": 8.0}).dtype == "float32"
+    assert plan_replicas(_config(), [Node(cpus=8.0)]).dtype == "float32"
 
 
 def test_int8_with_a_half_dtype_or_on_gpus_is_refused_before_anything_runs():

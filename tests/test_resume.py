@@ -15,7 +15,8 @@ import pytest
 import rstar_batch
 from rstar_batch.checkpoint import ResumeError
 from rstar_batch.testing import write_sample_data
-from tests.jobs import Job, assert_same_ranking, committed_rows, local_cluster, run
+from tests.jobs import (Job, assert_same_ranking, committed_rows, local_cluster, run,
+                        worker_args)
 
 pytestmark = pytest.mark.slow
 TOTAL = 1200
@@ -172,7 +173,7 @@ def test_job_survives_losing_a_worker_node(two_node_cluster, job_input, tiny_mod
     job = Job(args, str(tmp_path / "run1.log"), env)
     job.wait_until(lambda: committed_rows(out) >= TOTAL // 3)
     os.kill(two_node_cluster.raylet_of("worker1"), signal.SIGKILL)
-    two_node_cluster.start("worker2", "--num-cpus=6")  # the replacement node
+    two_node_cluster.start("worker2", *worker_args(6))  # the replacement node
     code = job.wait(timeout=300)
     if code != 0:  # the job may fail with its node; a rerun must then finish it
         rerun = run(args, str(tmp_path / "run2.log"), env)

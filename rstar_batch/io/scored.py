@@ -64,10 +64,11 @@ class WriteRuns:
         named = C.RUN_END in batch.column_names
         runs = (named_runs(chunks, batch[C.RUN_START].to_numpy(), batch[C.RUN_END].to_numpy())
                 if named else split_runs(chunks, rows))
-        data = batch.drop_columns([c for c in (C.BUCKET, C.RUN_START, C.RUN_END)
+        data = batch.drop_columns([c for c in (C.BUCKET, C.RUN_START, C.RUN_END, C.NODE)
                                    if c in batch.column_names])
+        nodes = batch[C.NODE] if C.NODE in batch.column_names else None
         unscored = pc.is_valid(batch[C.REJECT]).to_numpy(zero_copy_only=False)
-        done = {"chunk": [], "start": [], "end": [], "scored": []}
+        done = {"chunk": [], "start": [], "end": [], "scored": [], "node": []}
         for chunk, start, end, index in runs:
             name = checkpoint.run_name(chunk, start, end)
             for bucket in np.unique(buckets[index]):
@@ -80,6 +81,7 @@ class WriteRuns:
             done["start"].append(start)
             done["end"].append(end)
             done["scored"].append(int(len(index) - np.count_nonzero(unscored[index])))
+            done["node"].append(None if nodes is None else nodes[int(index[0])].as_py())
         return pa.table(done)
 
 

@@ -22,7 +22,8 @@ from rstar_batch.io.scored import split_runs
 from rstar_batch.model import load_tokenizer
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
-from rstar_batch.stages.score import Scorer, _check_finite, best_per_row, with_retries
+from rstar_batch.stages.score import (Scorer, _check_finite, best_per_row, node_column,
+                                      this_node, with_retries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ScoreAllPairs:
         self.queries, self.top_k, self.passages = queries, top_k, passages
         self.retries = retries
         self.fault = FaultHook.from_env()
+        self.node = this_node()
 
     def _score(self, passages: TokenTable, empty: np.ndarray, doc_ids: pa.Array
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,7 +117,8 @@ class ScoreAllPairs:
         starts = np.array([start for _, start, _, _ in runs])[run_of[source]]
         ends = np.array([end for _, _, end, _ in runs])[run_of[source]]
         return (out.append_column(C.RUN_START, pa.array(starts, pa.int64()))
-                .append_column(C.RUN_END, pa.array(ends, pa.int64())))
+                .append_column(C.RUN_END, pa.array(ends, pa.int64()))
+                .append_column(C.NODE, node_column(self.node, out.num_rows)))
 
     def _rows(self, batch: pa.Table, rows: np.ndarray, query: Any, scores: Any) -> pa.Table:
         """Output rows for corpus rows `rows`: scored against `query` or, without

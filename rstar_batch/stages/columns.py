@@ -19,6 +19,7 @@ EMPTY_PASSAGE = "_empty_passage"  # score-corpus: the passage is the empty strin
 RUN_START = "_run_start"  # score-corpus: the rows [start, end) of the chunk a top-K row
 RUN_END = "_run_end"      # was chosen from (a commit covers exactly that run)
 WINDOWS = "_windows"      # maxp: token count of each window encoding in _input_ids
+NODE = "_node"            # the Ray node whose replica scored the row (dictionary-encoded)
 SCORE = "score"
 
 # Reasons a row is not scored; each is counted in the summary.

@@ -223,6 +223,7 @@ class Score:
         self.scorer = Scorer(**scorer_kwargs)
         self.retries = retries
         self.fault = FaultHook.from_env()
+        self.node = this_node()
 
     def _score_with_retries(self, batch: pa.Table, rows: np.ndarray) -> np.ndarray:
         types = batch[C.TOKEN_TYPE_IDS] if C.TOKEN_TYPE_IDS in batch.column_names else None
@@ -251,9 +252,23 @@ class Score:
                                   if c in batch.column_names])
         valid = np.zeros(batch.num_rows, dtype=bool)
         valid[scored] = True
-        out = out.append_column(C.SCORE, pa.array(scores, pa.float32(), mask=~valid))
+        out = (out.append_column(C.SCORE, pa.array(scores, pa.float32(), mask=~valid))
+               .append_column(C.NODE, node_column(self.node, batch.num_rows)))
         assert out.num_rows == batch.num_rows, "score stage must emit every input row once"
         return out
+
+
+def this_node() -> str:
+    """The Ray node this replica runs on ("local" outside Ray): the manifest counts the
+    pairs each node scored, which shows a job used the whole cluster."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+def node_column(node: str, rows: int) -> pa.DictionaryArray:
+    """C.NODE for `rows` rows: one dictionary entry, not one string per row."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array([node]))
 
 
 def with_retries(score: Callable[[], np.ndarray], retries: int, fault: FaultHook,

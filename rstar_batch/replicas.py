@@ -1,0 +1,169 @@
+"""Where model replicas run, how many, with how many threads, and who feeds them.
+
+The plan is made once, on the driver, from the nodes the cluster has when the job
+starts: GPU replicas go one per GPU (or per fraction of one); CPU replicas take the
+CPUs each node keeps after tokenizing and I/O, one torch thread per CPU reserved,
+so that replicas Ray packs onto one node never run more threads than it has CPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import uuid
+from typing import Any, Iterator, Sequence
+
+from rstar_batch.cluster import Node
+from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.model import auto_cpu_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaPlan:
+    """Where and how many model replicas run."""
+
+    device: str
+    num_gpus: float
+    num_cpus: float  # logical CPUs each replica reserves
+    min_size: int
+    max_size: int
+    tokenizers: int  # the most CPU tokenizer actors that feed them
+    batch_rows: int  # rows (pairs) handed to a replica per call
+    dtype: str = "auto"  # float32/bfloat16/float16; auto: each GPU replica picks
+    dtype_reason: str = ""
+    threads: int = 1  # torch threads of a CPU replica: its reserved CPUs
+    placement_group: str = ""  # the named group CPU replicas are placed in, while held
+
+
+# Logical CPUs each node keeps from CPU replicas: one for a tokenizer actor, one for
+# read, write and Ray Data's tasks. Tokenizing costs ~1/40 of scoring R* on a core
+# (BENCHMARKS.md), so one tokenizer per node keeps its replicas fed.
+NODE_RESERVE_CPUS = 2
+
+# The tokenizer pool autoscales (one actor, more while blocks queue for them) up to
+# a cap. A GPU replica aims at 100,000+ pairs/s, which takes a dozen cores of
+# tokenizing. A CPU replica scoring R* needs a fraction of one, but a small model
+# needs more than one core of tokenizing per replica (benchmarks/feed.py): the pool
+# grows to two per replica only when the queue says so.
+TOKENIZERS_PER_CPU_REPLICA = 2
+TOKENIZERS_PER_GPU_REPLICA = 16
+
+# Rows per replica call. Each block costs Ray a roughly fixed few tens of ms across
+# the driver, the object store and the actors (benchmarks/feed.py: a job whose model
+# costs ~30 µs per pair scored 1M pairs in 86 s with 2048-row blocks, 45 s with
+# 32768). A GPU replica scores 32768 pairs in a fraction of a second; a CPU replica
+# scoring R* takes ~20 s for 2048, and what a kill loses grows with the block.
+CPU_BATCH_ROWS = 2048
+GPU_BATCH_ROWS = 32768
+# Rows per tokenizer call: small blocks keep the tokenizers' pipeline short (a 32768-row
+# block takes a core ~7 s to tokenize); a GPU replica's call bundles many of them.
+TOKENIZER_BATCH_ROWS = 2048
+
+
+def plan_replicas(config: RerankConfig, nodes: Sequence[Node]) -> ReplicaPlan:
+    """Place replicas on GPUs when asked or when the cluster has any, else on CPUs;
+    size the tokenizer pool to feed them (unless tokenize_workers says)."""
+    gpus = sum(n.gpus for n in nodes)
+    device = config.device if config.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
+    if device == "cuda":
+        default_max = max(1, int(gpus // config.gpus_per_replica))
+        num_gpus, num_cpus, threads = config.gpus_per_replica, config.cpus_per_replica or 1.0, 1
+    else:
+        threads, default_max = cpu_replicas(config, nodes)
+        num_gpus, num_cpus = 0.0, float(threads)
+    max_size = config.max_replicas or max(default_max, config.min_replicas)
+    # the CPUs the replicas leave, but one for reads and writes
+    spare = int(sum(n.cpus for n in nodes) - max_size * num_cpus) - 1
+    if config.tokenize_workers:
+        tokenizers = config.tokenize_workers
+    elif device == "cuda":
+        tokenizers = max(2, min(spare, TOKENIZERS_PER_GPU_REPLICA * max_size))
+    else:
+        tokenizers = max(1, min(spare, TOKENIZERS_PER_CPU_REPLICA * max_size))
+    batch_rows = config.replica_batch_rows or (
+        GPU_BATCH_ROWS if device == "cuda" else CPU_BATCH_ROWS)
+    return ReplicaPlan(device, num_gpus, num_cpus, config.min_replicas, max_size,
+                       tokenizers, batch_rows, *replica_dtype(config, device), threads)
+
+
+@contextlib.contextmanager
+def reserved(plan: ReplicaPlan) -> Iterator[ReplicaPlan]:
+    """Hold the CPUs of the plan's CPU replicas for the job: a placement group of one
+    bundle of `threads` CPUs per replica, spread over the nodes. Without it, tokenizer
+    actors and tasks take a node's scoring CPUs first and the replicas that come later
+    crowd onto whichever node has room. GPU replicas need none: GPUs are theirs alone.
+    Ray moves the bundles of a lost node to the nodes that are left or that replace it."""
+    if plan.device != "cpu":
+        yield plan
+        return
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    name = f"rstar-batch-replicas-{uuid.uuid4().hex[:12]}"
+    group = placement_group([{"CPU": float(plan.threads)}] * plan.max_size,
+                            strategy="SPREAD", name=name)
+    try:
+        yield dataclasses.replace(plan, placement_group=name)
+    finally:
+        remove_placement_group(group)
+
+
+def placement(plan: ReplicaPlan) -> dict[str, Any]:
+    """Ray remote arguments that put a replica into the plan's placement group."""
+    if not plan.placement_group:
+        return {}
+    from ray.util import get_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        get_placement_group(plan.placement_group))}
+
+
+def describe_plan(plan: ReplicaPlan) -> str:
+    """One line for the log: where, how many, in what dtype, fed by how many tokenizers."""
+    per = (f"{plan.num_gpus:g} GPU" if plan.device == "cuda"
+           else f"{plan.threads} CPU{'s' if plan.threads > 1 else ''} (torch threads)")
+    return (f"{plan.device} in {plan.dtype} ({plan.dtype_reason}); {plan.min_size}.."
+            f"{plan.max_size} replicas of {per} each, up to {plan.tokenizers} tokenizers")
+
+
+def cpu_replicas(config: RerankConfig, nodes: Sequence[Node]) -> tuple[int, int]:
+    """(threads of each CPU replica, how many fit the cluster).
+
+    Each node scores on its cores less NODE_RESERVE_CPUS (at least one core where it
+    has two CPUs). A replica takes --cpus-per-replica of them, else as many as the
+    smallest node scores on: one replica a node, each with all of its scoring cores.
+    """
+    room = [_scoring_cores(n) for n in nodes]
+    room = [r for r in room if r >= 1]
+    if config.cpus_per_replica is not None:
+        if config.cpus_per_replica != int(config.cpus_per_replica):
+            raise ConfigError(
+                f"cpus_per_replica {config.cpus_per_replica} on CPU: a CPU replica runs one "
+                "torch thread per CPU it reserves, so it must be a whole number")
+        threads = int(config.cpus_per_replica)
+    else:
+        threads = min(room, default=1)
+    return threads, max(1, sum(r // threads for r in room))
+
+
+def _scoring_cores(node: Node) -> int:
+    """Cores of `node` left to CPU replicas once tokenizing and I/O have theirs."""
+    scoring = min(node.real_cores, node.cpus - NODE_RESERVE_CPUS)
+    return int(math.floor(scoring)) if scoring >= 1 else (1 if node.cpus >= 2 else 0)
+
+
+def replica_dtype(config: RerankConfig, device: str) -> tuple[str, str]:
+    """The replicas' dtype and why. --dtype auto for CPU replicas is decided here, by
+    the driver's CPU, so that a job scores in one dtype and the manifest says which;
+    a GPU replica picks bfloat16 or float16 by its own GPU."""
+    if config.dtype != "auto":
+        return config.dtype, "--dtype"
+    if device == "cuda":
+        return "auto", "bfloat16 on GPUs that support it, else float16"
+    if config.quantize != "none":
+        return "float32", "int8 quantization starts from float32"
+    return auto_cpu_dtype()

@@ -16,15 +16,22 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-_PROBES = [
-    ("short query", "a short passage"),
-    ("query", ""),
-    ("", "passage only"),
-    ("query words " * 300, "passage words " * 10),     # the query is cut
-    ("query words " * 10, "passage words " * 300),     # the passage is cut
-    ("query words " * 300, "passage words " * 300),    # both are cut
-    ("query words " * 256, "passage " * 257),          # odd budgets and near-ties
-]
+def _probes(max_length: int) -> list[tuple[str, str]]:
+    """Pairs that meet every truncation case at `max_length`, and are no longer than
+    that takes: the tokenizers library cuts an over-long pair into windows and pairs
+    them all up, so 600 tokens a side took 20-40 s per pair at max_length 8."""
+    short = max(1, max_length // 64)  # a few words: 8 at max_length 512
+    long = max_length // 2 + 10       # "query words " is 2+ tokens: past any budget
+    return [
+        ("short query", "a short passage"),
+        ("query", ""),
+        ("", "passage only"),
+        ("query words " * long, "passage words " * short),  # the query is cut
+        ("query words " * short, "passage words " * long),  # the passage is cut
+        ("query words " * long, "passage words " * long),   # both are cut
+        # odd budgets and near-ties (512: 512 query and 257 passage tokens)
+        ("query words " * (max_length // 2), "passage " * (max_length // 2 + 1)),
+    ]
 
 
 def truncate_pair(n_query: np.ndarray, n_passage: np.ndarray,
@@ -245,13 +252,14 @@ class PairAssembler:
             return "the tokenizer has no [CLS]/[SEP] tokens"
         if "token_type_ids" not in self.tokenizer.model_input_names:
             return "the tokenizer has no token type ids"
-        queries = [q for q, _ in _PROBES]
-        passages = [p for _, p in _PROBES]
-        index = np.arange(len(_PROBES))
+        probes = _probes(self.max_length)
+        queries = [q for q, _ in probes]
+        passages = [p for _, p in probes]
+        index = np.arange(len(probes))
         empty = np.array([p == "" for p in passages])
         ids, types = self.assemble(self.tokenize(queries), self.tokenize(passages), index,
                                    index, empty)
-        for i, (q, p) in enumerate(_PROBES):
+        for i, (q, p) in enumerate(probes):
             single = self.tokenizer(q, p, truncation=True, max_length=self.max_length)
             if ids[i].as_py() != single["input_ids"] or \
                     types[i].as_py() != single["token_type_ids"]:

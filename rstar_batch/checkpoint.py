@@ -7,7 +7,7 @@ of one chunk's rows, one Parquet piece per bucket, then a commit marker whose
 name says which rows it holds:
 
     _work/plan.json                            what this output is being built from
-    _work/scored/_bucket=B/c00000012-0-4096.parquet   a run's rows of bucket B
+    _work/scored/b00003/c00000012-0-4096.parquet   a run's rows of bucket 3
     _work/commits/c00000012-0-4096.r1              committed by run 1 of the job
 
 A chunk is done when its committed runs cover all its rows. A kill loses only

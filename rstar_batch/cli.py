@@ -17,9 +17,6 @@ from typing import Any, Optional, Sequence
 
 from rstar_batch.config import ConfigError, RerankConfig, field_type
 
-log = logging.getLogger("rstar_batch")
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

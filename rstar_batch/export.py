@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from rstar_batch import checkpoint
 from rstar_batch.config import ConfigError
 from rstar_batch.io import fs as fsio
+from rstar_batch.stages.rank import group_starts
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,6 @@ def read_part(fs: pafs.FileSystem, path: str, columns: list[str]) -> pa.Table:
     table = pq.read_table(path, columns=columns, filesystem=fs)
     return table.take(pc.sort_indices(table, [("query_id", "ascending"),
                                               ("rank", "ascending")]))
-
-
-def query_starts(query_ids: pa.Array) -> np.ndarray:
-    """True where a row starts a new query (rows grouped by query)."""
-    starts = np.ones(len(query_ids), dtype=bool)
-    if len(query_ids) > 1:
-        starts[1:] = pc.not_equal(query_ids[1:], query_ids[:-1]).to_numpy(
-            zero_copy_only=False)
-    return starts
 
 
 def _order_key(values: np.ndarray) -> np.ndarray:
@@ -124,7 +116,7 @@ def _trec_lines(table: pa.Table, tag: str, path: str) -> str:
     dids = pc.cast(table["doc_id"], pa.string())
     _check_ids(qids, "query_id", path)
     _check_ids(dids, "doc_id", path)
-    starts = query_starts(qids)
+    starts = group_starts(qids)
     raw = table["score"].to_numpy()
     scores = trec_scores(raw, starts)
     changed = int(np.count_nonzero(scores != raw.astype(np.float32)))

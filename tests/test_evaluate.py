@@ -20,7 +20,8 @@ from rstar_batch import checkpoint
 from rstar_batch.cli import main
 from rstar_batch.config import ConfigError
 from rstar_batch.evaluate import evaluate, read_qrels, read_run
-from rstar_batch.export import export_trec, query_starts, trec_scores
+from rstar_batch.export import export_trec, trec_scores
+from rstar_batch.stages.rank import group_starts
 from rstar_batch.testing import make_candidates, make_qrels
 
 QRELS = """\
@@ -236,7 +237,7 @@ def test_exported_trec_run_keeps_our_order_under_trec_eval_sorting(example, tmp_
 
 def test_trec_scores_lower_only_what_would_tie():
     scores = np.array([3, 3, 2, 2, 5, 5, np.nan], np.float32)
-    starts = query_starts(pa.array(["a", "a", "a", "a", "b", "b", "b"]))
+    starts = group_starts(pa.array(["a", "a", "a", "a", "b", "b", "b"]))
     out = trec_scores(scores, starts)
     assert out[0] == 3 and out[2] == 2 and out[4] == 5
     assert all(out[i] > out[i + 1] for i in (0, 1, 2, 4, 5))

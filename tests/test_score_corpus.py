@@ -150,14 +150,28 @@ def test_block_top_k_merges_to_the_exact_top_k_with_ties():
     blocks = np.sort(rng.integers(0, 9, docs))
     q, d = np.meshgrid(np.arange(queries), np.arange(docs), indexing="ij")
     q, d = q.ravel(), d.ravel()
-    rank_in_block = np.argsort(np.argsort(doc_ids)).astype(np.int64)  # ids order globally
-    kept = block_top_k(blocks[d], q, scores[q, d], rank_in_block[d], k)
+    kept = block_top_k(blocks[d], q, scores[q, d], pa.array(doc_ids[d]), k)
     merged = rank_table(pa.table({C.QUERY_ID: q[kept], C.DOC_ID: doc_ids[d[kept]],
                                   C.SCORE: scores[q, d][kept]}), keep=[], top_k=k)
     for query in range(queries):
         full = sorted(range(docs), key=lambda i: (-scores[query, i], doc_ids[i]))[:k]
         mine = merged.filter(pa.compute.equal(merged["query_id"], query))
         assert mine["doc_id"].to_pylist() == [doc_ids[i] for i in full]
+
+
+def test_the_rank_pass_and_block_top_k_order_ties_alike():
+    """score-corpus keeps a block's top K in the order the rank pass then ranks them:
+    were their tie-breaks to differ, its top K would not be exact."""
+    rng = np.random.default_rng(1)
+    n = 400
+    query = rng.integers(0, 5, n)
+    scores = rng.choice([-0.5, 0.0, 0.5], n).astype(np.float32)
+    doc_ids = pa.array([f"d{i}" for i in rng.permutation(n)])
+    ranked = rank_table(pa.table({C.QUERY_ID: query, C.DOC_ID: doc_ids, C.SCORE: scores}),
+                        keep=[])
+    kept = block_top_k(np.zeros(n, np.int64), query, scores, doc_ids, k=n)
+    assert kept.tolist() != sorted(kept.tolist())  # ties were broken, not input order kept
+    assert ranked["doc_id"].to_pylist() == doc_ids.take(pa.array(kept)).to_pylist()
 
 
 def test_a_block_of_rejected_passages_only_is_kept_with_its_reasons(tiny_model):

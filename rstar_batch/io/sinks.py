@@ -24,9 +24,6 @@ from rstar_batch.io.scored import mark_duplicates, read_bucket
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.rank import rank_table, rejected_table
 
-MARKER = "_rstar_batch.json"
-MANIFEST = "_manifest.json"
-SUCCESS = "_SUCCESS"
 REJECTED = "_rejected"
 
 

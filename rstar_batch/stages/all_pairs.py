@@ -22,6 +22,7 @@ from rstar_batch.io.scored import split_runs
 from rstar_batch.model import load_tokenizer
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
+from rstar_batch.stages.rank import group_starts, positions_in_groups, rank_order
 from rstar_batch.stages.score import (Scorer, _check_finite, best_per_row, node_column,
                                       this_node, with_retries)
 
@@ -39,16 +40,13 @@ class QuerySet:
 
 
 def block_top_k(group: np.ndarray, query: np.ndarray, scores: np.ndarray,
-                doc_rank: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the rows to keep: per (group, query), the k best by score desc,
-    then doc rank asc (the final ranking's tie-break)."""
-    order = np.lexsort((doc_rank, -scores, query, group))
-    g, q = group[order], query[order]
-    starts = np.ones(len(order), dtype=bool)
-    starts[1:] = (g[1:] != g[:-1]) | (q[1:] != q[:-1])
-    position = np.arange(len(order))
-    first = np.maximum.accumulate(np.where(starts, position, 0))
-    return order[position - first < k]
+                doc_ids: pa.Array, k: int) -> np.ndarray:
+    """Indices of the rows to keep: per (group, query), the k first in the ranking's
+    order (rank.RANK_KEYS), the order the rank pass then merges them in."""
+    rows = pa.table({"group": group, "query": query, C.SCORE: scores, C.DOC_ID: doc_ids})
+    order = rank_order(rows, ["group", "query"])
+    starts = group_starts(group[order], query[order])
+    return order[positions_in_groups(starts) < k]
 
 
 class ScoreAllPairs:
@@ -107,9 +105,8 @@ class ScoreAllPairs:
             scores = np.zeros(0, dtype=np.float32)
         else:
             query, passage, scores = self._score(passages, empty, doc_ids)
-        doc_rank = pc.rank(doc_ids, sort_keys="ascending", tiebreaker="first").to_numpy()
-        keep = block_top_k(run_of[valid][passage], query, scores, doc_rank[passage],
-                           self.top_k)
+        keep = block_top_k(run_of[valid][passage], query, scores,
+                           doc_ids.take(pa.array(passage)), self.top_k)
         best = self._rows(batch, valid[passage[keep]], query[keep], scores[keep])
         rejected = np.setdiff1d(np.arange(batch.num_rows), valid)
         out = pa.concat_tables([best, self._rows(batch, rejected, None, None)])

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-import math
 import uuid
 from typing import Any, Iterator, Sequence
 
 from rstar_batch.cluster import Node
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.model import auto_cpu_dtype
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +149,7 @@ def cpu_replicas(config: RerankConfig, nodes: Sequence[Node]) -> tuple[int, int]
 def _scoring_cores(node: Node) -> int:
     """Cores of `node` left to CPU replicas once tokenizing and I/O have theirs."""
     scoring = min(node.real_cores, node.cpus - NODE_RESERVE_CPUS)
-    return int(math.floor(scoring)) if scoring >= 1 else (1 if node.cpus >= 2 else 0)
+    return int(scoring) if scoring >= 1 else (1 if node.cpus >= 2 else 0)
 
 
 def replica_dtype(config: RerankConfig, device: str) -> tuple[str, str]:

@@ -36,8 +36,8 @@ from rstar_batch.job import (JobSummary, Phases, ProgressLog, bucket_count,
                              on_replicas, on_tokenizers, passage_policy, rank_all,
                              run_scoring, scorer_kwargs)
 from rstar_batch.model import ModelInfo, describe_model
-from rstar_batch.replicas import (TOKENIZER_BATCH_ROWS, ReplicaPlan, describe_plan,
-                                  plan_replicas, reserved)
+from rstar_batch.replicas import (ReplicaPlan, describe_plan, plan_replicas, reserved,
+                                  tokenizer_batch_rows)
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.columns import PREPARE_REASON
 from rstar_batch.stages.normalize import Normalize
@@ -85,9 +85,9 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
         Normalize(roles["query_id"], roles["query"], roles["doc_id"], roles["passage"],
                   config.keep_columns, buckets),
         batch_format="pyarrow", batch_size=None)
-    # Blocks of one replica batch each: otherwise Ray Data bundles many small
+    # Blocks of one tokenizer call each: otherwise Ray Data bundles many small
     # blocks into one task, whose output (and so every commit) lands only at its end.
-    rows = min(replicas.batch_rows, TOKENIZER_BATCH_ROWS)
+    rows = tokenizer_batch_rows(replicas, C.PASSAGE_IDS in source.schema.names)
     ds = ds.repartition(target_num_rows_per_block=rows)
     ds = on_tokenizers(ds, Tokenize, config, model, replicas, rows, assembler)
     ds = on_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,

@@ -56,8 +56,17 @@ TOKENIZERS_PER_GPU_REPLICA = 16
 CPU_BATCH_ROWS = 2048
 GPU_BATCH_ROWS = 32768
 # Rows per tokenizer call: small blocks keep the tokenizers' pipeline short (a 32768-row
-# block takes a core ~7 s to tokenize); a GPU replica's call bundles many of them.
+# block of texts takes a core ~7 s to tokenize); a GPU replica's call bundles many of them.
 TOKENIZER_BATCH_ROWS = 2048
+
+
+def tokenizer_batch_rows(plan: "ReplicaPlan", passages_tokenized: bool) -> int:
+    """Rows per tokenizer call. With passages already tokenized (a tokenized corpus) a
+    tokenizer only tokenizes each block's few queries and assembles pairs, ~0.3 s for
+    32768 rows, so its blocks are as large as a replica's call: every block costs Ray a
+    fixed share (benchmarks/feed.py: 20% off the scoring phase of 1M id-only pairs)."""
+    return plan.batch_rows if passages_tokenized else min(plan.batch_rows,
+                                                          TOKENIZER_BATCH_ROWS)
 
 
 def plan_replicas(config: RerankConfig, nodes: Sequence[Node]) -> ReplicaPlan:

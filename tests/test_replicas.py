@@ -7,7 +7,7 @@ import pytest
 
 from rstar_batch.cluster import CORES_LABEL, Node, node_of
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.replicas import describe_plan, plan_replicas
+from rstar_batch.replicas import describe_plan, plan_replicas, tokenizer_batch_rows
 
 
 def _plan(nodes: list[Node], **kw):
@@ -75,3 +75,12 @@ def test_the_plan_is_logged_in_one_line():
     line = describe_plan(_plan([Node(cpus=16)] * 2, dtype="float32"))
     assert line == ("cpu in float32 (--dtype); 1..2 replicas of 14 CPUs (torch threads) "
                     "each, up to 3 tokenizers")
+
+
+def test_tokenizer_blocks_are_small_for_texts_and_a_whole_replica_call_for_ids():
+    gpu = _plan([Node(cpus=16, gpus=1)], replica_batch_rows=32768)
+    # texts: a 32768-row block would take a tokenizer ~7 s; ids: only queries to tokenize
+    assert tokenizer_batch_rows(gpu, passages_tokenized=False) == 2048
+    assert tokenizer_batch_rows(gpu, passages_tokenized=True) == 32768
+    cpu = _plan([Node(cpus=16)], replica_batch_rows=512)
+    assert tokenizer_batch_rows(cpu, passages_tokenized=False) == 512

@@ -225,7 +225,20 @@ def cpu_table(label: str, small: dict, run: dict) -> list[str]:
     marginal = 1e6 * (total - sum(small["cpu"].values())) / pairs
     lines.append(f"| all | {total:.1f} | {sum(small['cpu'].values()):.1f} | 100% | "
                  f"{marginal:.1f} |")
+    host = host_side_us(small, run)
+    feeds = f"~{1e6 / host:.0f}" if host > 0 else "(too few pairs to tell)"
+    lines += ["", f"Host side (every part but the model's actor and processes outside the "
+              f"job): {host:.1f} µs of CPU per pair, so one core feeds a GPU {feeds} "
+              "pairs/s."]
     return lines
+
+
+def host_side_us(small: dict, large: dict) -> float:
+    """Marginal CPU per pair of what a GPU would wait on: all but the Score actor (the
+    micro model's forward, which a GPU does) and 'other' (not the job's processes)."""
+    def host(run: dict) -> float:
+        return sum(v for k, v in run["cpu"].items() if k not in ("score", "other"))
+    return 1e6 * (host(large) - host(small)) / (large["pairs"] - small["pairs"])
 
 
 def render(raw: float, cases: list[tuple[str, dict, dict]], corpus_run: Optional[dict]) -> str:

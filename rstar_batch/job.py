@@ -90,14 +90,16 @@ def scorer_kwargs(config: RerankConfig, model: ModelInfo, replicas: ReplicaPlan
 
 
 def on_tokenizers(ds: Any, stage: type, config: RerankConfig, model: ModelInfo,
-                  replicas: ReplicaPlan, batch_rows: int, assembler: Any = None) -> Any:
+                  replicas: ReplicaPlan, batch_rows: int, assembler: Any = None,
+                  **stage_kwargs: Any) -> Any:
     """`stage` (Tokenize or TokenizePassages) as a pool of CPU tokenizer actors, one
     started and more added, up to the plan's, while blocks queue for them. An
     `assembler` the driver verified travels to them, so they load no model files."""
     import ray.data
 
     kwargs = dict(model=model, max_length=config.max_length,
-                  trust_remote_code=config.trust_remote_code, passages=passage_policy(config))
+                  trust_remote_code=config.trust_remote_code, passages=passage_policy(config),
+                  **stage_kwargs)
     if assembler is not None:
         kwargs["assembler"] = assembler
     return ds.map_batches(

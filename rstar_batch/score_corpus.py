@@ -159,14 +159,15 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
     passages = max(1, replicas.batch_rows // len(queries))
     ds = ds.repartition(target_num_rows_per_block=passages)
     if tokenized:
-        ds = ds.map_batches(PassagesFromTokens(passage_policy(config), config.max_length),
+        ds = ds.map_batches(PassagesFromTokens(passage_policy(config),
+                                               queries.passage_tokens_needed(assembler)),
                             batch_format="pyarrow", batch_size=None)
     else:
         ds = on_tokenizers(ds, TokenizePassages, config, model, replicas, passages,
-                           assembler)
+                           assembler, limit=queries.passage_tokens_needed(assembler))
     ds = on_replicas(ds, ScoreAllPairs, dict(
         queries=queries, top_k=config.top_k, passages=passage_policy(config),
-        max_length=config.max_length, **scorer_kwargs(config, model, replicas)),
+        assembler=assembler, **scorer_kwargs(config, model, replicas)),
         replicas, passages)
     return ds.map_batches(WriteRuns(out_fs, root, run), batch_size=None,
                           batch_format="pyarrow")

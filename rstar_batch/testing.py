@@ -183,8 +183,8 @@ def make_tiny_model(path: str, seed: int = 0,
     """Write a random-weight model with R*'s architecture (or `architecture`, e.g.
     MICRO_ARCHITECTURE) and a local tokenizer."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     target = Path(path)
     if (target / "config.json").exists():
@@ -198,8 +198,15 @@ def make_tiny_model(path: str, seed: int = 0,
     trainer = trainers.WordPieceTrainer(
         vocab_size=R_STAR_ARCHITECTURE["vocab_size"], special_tokens=_SPECIAL_TOKENS)
     wordpiece.train_from_iterator(_training_text(), trainer)
-    tokenizer = BertTokenizer(vocab=wordpiece.get_vocab(), do_lower_case=False,
-                              strip_accents=False, model_max_length=512)
+    cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    # BertTokenizerFast(tokenizer_object=...): the one constructor that builds BERT's
+    # tokenizer from a trained vocabulary on transformers 4.57 and 5 alike (4.57's
+    # BertTokenizer wants a vocab file; 5's ignores one)
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece, do_lower_case=False,
+                                  strip_accents=False, model_max_length=512)
     tokenizer.save_pretrained(str(target))
 
     torch.manual_seed(seed)

@@ -11,7 +11,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
 def reference_scores(model_dir: str, table: pa.Table, max_length: int = 512) -> dict:
-    """{(query_id, doc_id): sigmoid(logit)} for every row, scored one pair at a time."""
+    """{(query_id, doc_id): the model's relevance score} for every row, scored one pair
+    at a time: sigmoid of a single logit, or class 1's softmax of two."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager").eval()
@@ -20,6 +21,8 @@ def reference_scores(model_dir: str, table: pa.Table, max_length: int = 512) -> 
         for row in table.select(["query_id", "query", "doc_id", "passage"]).to_pylist():
             enc = tokenizer(row["query"], row["passage"], truncation=True,
                             max_length=max_length, return_tensors="pt")
-            logit = model(**enc).logits[0, 0]
-            scores[(row["query_id"], row["doc_id"])] = float(torch.sigmoid(logit))
+            logits = model(**enc).logits[0]
+            # one logit: its sigmoid; two (not relevant, relevant): class 1's softmax
+            score = torch.sigmoid(logits[0]) if len(logits) == 1 else logits.softmax(-1)[1]
+            scores[(row["query_id"], row["doc_id"])] = float(score)
     return scores

@@ -188,10 +188,42 @@ def test_a_block_of_rejected_passages_only_is_kept_with_its_reasons(tiny_model):
     tokens = tokenize(NormalizePassages("doc_id", "passage", [])(block))
     queries = QuerySet(pa.array([1, 2]), tokenize.assembler.tokenize(["q one", "q two"]),
                        np.zeros(2, dtype=np.int32))
-    out = ScoreAllPairs(queries, 3, PassagePolicy(), 64, model=info, device="cpu",
+    out = ScoreAllPairs(queries, 3, PassagePolicy(), tokenize.assembler, model=info, device="cpu",
                         dtype="float32")(tokens)
     assert out[C.REJECT].to_pylist() == [C.NULL_PASSAGE, C.NULL_DOC_ID]
     assert (out[C.RUN_START].to_pylist(), out[C.RUN_END].to_pylist()) == ([0, 0], [2, 2])
+
+
+def test_passages_sent_cut_to_the_replicas_pair_as_the_whole_passage_would(tiny_model):
+    # longest_first gives the budget's odd token to the longer side when both are cut:
+    # a passage cut to the budget before pairing looked shorter than a long query
+    from rstar_batch.model import describe_model
+    from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
+    from rstar_batch.stages.normalize import NormalizePassages
+    from rstar_batch.stages.pairs import PassagePolicy
+    from rstar_batch.stages.tokenize import TokenizePassages
+
+    info = describe_model(tiny_model)
+    long = "violin river engine protein galaxy harbour glacier " * 6
+    texts = {1: long, 2: long + "comet telescope", 3: "a short query"}
+    passages = {"a": long, "b": long[:120], "c": "harbour"}
+    assembler = TokenizePassages(info, 32).assembler   # a budget of 29: odd
+    queries = QuerySet(pa.array(list(texts)), assembler.tokenize(list(texts.values())),
+                       np.zeros(len(texts), dtype=np.int32))
+    tokenize = TokenizePassages(info, 32, assembler=assembler,
+                                limit=queries.passage_tokens_needed(assembler))
+    block = pa.table({"doc_id": list(passages), "passage": list(passages.values()),
+                      C.CHUNK: pa.array([0] * 3, pa.int64()),
+                      C.ROW: pa.array(range(3), pa.int32())})
+    scorer = ScoreAllPairs(queries, 3, PassagePolicy(), assembler, model=info, device="cpu",
+                           dtype="float32")
+    out = scorer(tokenize(NormalizePassages("doc_id", "passage", [])(block)))
+    pairs = [{"query_id": q, "query": text, "doc_id": d, "passage": p}
+             for q, text in texts.items() for d, p in passages.items()]
+    reference = reference_scores(tiny_model, pa.Table.from_pylist(pairs), max_length=32)
+    assert out.num_rows == len(pairs)
+    for row in out.to_pylist():
+        assert abs(row[C.SCORE] - reference[(row[C.QUERY_ID], row[C.DOC_ID])]) <= 1e-5, row
 
 
 def test_repeated_corpus_ids_are_refused_naming_them(tiny_model, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from rstar_batch.model import describe_model
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.normalize import Normalize, query_buckets
+from rstar_batch.stages.pairs import PairAssembler
 from rstar_batch.stages.rank import rank_table
 from rstar_batch.stages.score import Score, Scorer, pad_rows, plan_batches, resolve_activation
 from rstar_batch.stages.tokenize import Tokenize
@@ -225,22 +226,43 @@ def test_assembled_pairs_equal_pair_tokenization_on_random_lengths(tiny_model, m
         assert out[C.TOKEN_TYPE_IDS][i].as_py() == enc["token_type_ids"], i
 
 
-def test_a_tokenizer_with_another_pair_template_is_tokenized_pair_by_pair(tiny_model):
+def _with_template(tiny_model, pair: str):
+    """The tiny model's tokenizer with another pair template."""
     from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
 
-    stage = Tokenize(describe_model(tiny_model), max_length=64)
-    cls, sep = stage.tokenizer.cls_token_id, stage.tokenizer.sep_token_id
-    stage.tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] [SEP] $B:1 [SEP]:1",
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", pair=pair,
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    assert "differs" in stage.assembler.verify()
+    return tokenizer
+
+
+def test_a_tokenizer_with_another_pair_template_is_assembled_with_its_own(tiny_model):
+    # RoBERTa's shape (A </s></s> B) with BERT's tokens, types 1 from the second [SEP]
+    tokenizer = _with_template(tiny_model, "[CLS] $A [SEP] [SEP]:1 $B:1 [SEP]:1")
+    assembler = PairAssembler(tokenizer, max_length=16)
+    assert assembler.pair.added == 4 and assembler.verify() is None
+    queries = ["violin", "violin " * 20, "violin"]
+    passages = ["river bridge", "river", ""]
+    index = np.arange(3)
+    ids, types = assembler.assemble(assembler.tokenize(queries), assembler.tokenize(passages),
+                                    index, index, np.array([False, False, True]))
+    for i, (q, p) in enumerate(zip(queries, passages)):
+        enc = tokenizer(q, p, truncation=True, max_length=16)
+        assert (ids[i].as_py(), types[i].as_py()) == (enc["input_ids"], enc["token_type_ids"])
+
+
+def test_a_tokenizer_whose_template_cannot_be_learned_is_tokenized_pair_by_pair(tiny_model):
+    tokenizer = _with_template(tiny_model, "[CLS] $B:1 [SEP]:1 $A [SEP]")  # B before A
+    assert "not special tokens around the two texts" in PairAssembler(tokenizer, 64).verify()
     fallback = Tokenize(describe_model(tiny_model), max_length=64, assemble=False)
-    fallback.tokenizer = stage.tokenizer
+    fallback.tokenizer = tokenizer
     table = pa.table({"query_id": [1], "query": ["violin"], "doc_id": [1],
                       "passage": ["river"]})
     ids = fallback(_normalized(table))[C.INPUT_IDS][0].as_py()
-    assert ids == stage.tokenizer("violin", "river", truncation=True, max_length=64)["input_ids"]
-    assert ids.count(sep) == 3
+    assert ids == tokenizer("violin", "river", truncation=True, max_length=64)["input_ids"]
 
 
 def test_the_cls_only_last_layer_with_projected_keys_gives_the_models_own_logits(

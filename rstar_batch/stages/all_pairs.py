@@ -19,7 +19,6 @@ import pyarrow.compute as pc
 
 from rstar_batch.faults import FaultHook
 from rstar_batch.io.scored import split_runs
-from rstar_batch.model import load_tokenizer
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
 from rstar_batch.stages.rank import group_starts, positions_in_groups, rank_order
@@ -38,6 +37,17 @@ class QuerySet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def passage_tokens_needed(self, assembler: PairAssembler) -> int:
+        """How many of a passage's ids its pairs with these queries depend on.
+
+        No pair keeps more than the assembler's budget of them; past that,
+        longest_first only asks whether the passage is longer than the query (the
+        longer side gets the odd token when both are cut). One more than the budget
+        and than the longest query answers that as the whole passage would.
+        """
+        longest = int(self.tokens.lengths.max()) if len(self) else 0
+        return max(assembler.passage_limit, longest) + 1
+
 
 def block_top_k(group: np.ndarray, query: np.ndarray, scores: np.ndarray,
                 doc_ids: pa.Array, k: int) -> np.ndarray:
@@ -53,11 +63,10 @@ class ScoreAllPairs:
     """Callable class for `map_batches`: one model replica per actor."""
 
     def __init__(self, queries: QuerySet, top_k: int, passages: PassagePolicy,
-                 max_length: int, retries: int = 2, **scorer_kwargs: Any) -> None:
+                 assembler: PairAssembler, retries: int = 2, **scorer_kwargs: Any) -> None:
+        """`assembler`: the driver's, verified against the tokenizer."""
         self.scorer = Scorer(**scorer_kwargs)
-        tokenizer = load_tokenizer(scorer_kwargs["model"],
-                                   scorer_kwargs.get("trust_remote_code", False))
-        self.assembler = PairAssembler(tokenizer, max_length)
+        self.assembler = assembler
         self.queries, self.top_k, self.passages = queries, top_k, passages
         self.retries = retries
         self.fault = FaultHook.from_env()

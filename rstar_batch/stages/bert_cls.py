@@ -31,10 +31,17 @@ from typing import Any, Callable, Optional
 def cls_only_forward(model: Any, reuse_buffers: bool = False) -> Optional[Callable[..., Any]]:
     """A logits function for `model`, or None when the model is not plain BERT.
     `reuse_buffers` (CPU float32, not under torch.compile) writes the largest
-    products into buffers kept from pass to pass."""
+    products into buffers kept from pass to pass.
+
+    Chosen by the model's config, where the rewrite is proven (BERT's sequence
+    classifier with absolute positions: tests/test_stages.py); every other
+    architecture (RoBERTa, DeBERTa, ELECTRA, ModernBERT, ...) runs its own forward.
+    """
     config = model.config
-    if type(model).__name__ != "BertForSequenceClassification" or config.is_decoder or \
-            getattr(config, "position_embedding_type", "absolute") != "absolute":
+    architectures = getattr(config, "architectures", None) or ["BertForSequenceClassification"]
+    if config.model_type != "bert" or architectures != ["BertForSequenceClassification"] \
+            or config.is_decoder or not all(hasattr(model, a) for a in ("bert", "classifier")) \
+            or getattr(config, "position_embedding_type", "absolute") != "absolute":
         return None
     return ClsOnlyBert(model, reuse_buffers)
 

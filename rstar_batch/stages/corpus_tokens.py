@@ -34,9 +34,10 @@ class PassagesFromTokens:
     every row gets a null reason.
     """
 
-    def __init__(self, passages: PassagePolicy, max_length: int) -> None:
+    def __init__(self, passages: PassagePolicy, limit: int) -> None:
+        """`limit`: the passage ids pairs depend on (`QuerySet.passage_tokens_needed`)."""
         self.passages = passages
-        self.limit = None if passages.windowed else max_length - 3
+        self.limit = None if passages.windowed else limit
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = TokenTable.from_list_array(batch[tok.PASSAGE_IDS].combine_chunks())

@@ -1,17 +1,19 @@
 """Pair encodings assembled from separately tokenized texts.
 
 A query with 100 candidates is tokenized once, not 100 times: queries and
-passages are tokenized alone (no special tokens), then every pair is built as
-[CLS] query [SEP] passage [SEP] with exactly the `longest_first` truncation the
-pair tokenizer applies. `PairAssembler.verify` checks a tokenizer against its
-own pair encoding before this is used; a tokenizer with another template falls
-back to tokenizing each pair.
+passages are tokenized alone (no special tokens), then every pair is built with
+the tokenizer's own template, learned from its encoding of a probe pair
+(`[CLS] A [SEP] B [SEP]` with token types for BERT, `<s> A </s></s> B </s>`
+without for RoBERTa, ...), and exactly the `longest_first` truncation the pair
+tokenizer applies. `PairAssembler.verify` checks the result against the
+tokenizer's own pair encodings before it is used; a tokenizer whose template
+cannot be learned or does not check out is tokenized pair by pair instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -132,6 +134,11 @@ class TokenTable:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def row(self, i: int) -> list[int]:
+        """Text i's ids."""
+        start = int(self.starts[i])
+        return self.flat[start:start + int(self.lengths[i])].tolist()
+
     def to_list_array(self) -> pa.ListArray:
         """The texts' ids as a compact list<int32> array."""
         offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int32)
@@ -158,23 +165,115 @@ class TokenTable:
         return TokenTable(self.flat, self.starts[owner] + offset, lengths), first
 
 
+@dataclass(frozen=True)
+class Template:
+    """Where a tokenizer puts its special tokens around one or two texts.
+
+    `specials[i]` are the ids before text i (the last entry: after the last text),
+    `special_types[i]` their token types, `text_types[i]` text i's token type.
+    Types are all 0 when the tokenizer gives none (`with_types` False).
+    """
+
+    specials: tuple[tuple[int, ...], ...]
+    special_types: tuple[tuple[int, ...], ...]
+    text_types: tuple[int, ...]
+    with_types: bool
+
+    @property
+    def added(self) -> int:
+        """How many special tokens the template adds: max_length's share for them."""
+        return sum(len(ids) for ids in self.specials)
+
+    @classmethod
+    def learn(cls, tokenizer: Any, texts: Sequence[str], alone: Sequence[list[int]],
+              with_types: bool) -> Optional["Template"]:
+        """The template of `tokenizer(*texts)`, given each text's ids alone; None
+        unless that encoding is special tokens around exactly those ids, in order."""
+        enc = tokenizer(*texts, return_special_tokens_mask=True,
+                        return_token_type_ids=with_types, return_attention_mask=False)
+        ids, special = list(enc["input_ids"]), list(enc["special_tokens_mask"])
+        types = list(enc["token_type_ids"]) if with_types else [0] * len(ids)
+        specials, special_types, text_types, at = [], [], [], 0
+        for text in [*alone, None]:
+            start = at
+            while at < len(ids) and special[at]:
+                at += 1
+            specials.append(tuple(ids[start:at]))
+            special_types.append(tuple(types[start:at]))
+            if text is None:
+                break
+            end = at + len(text)
+            if not text or ids[at:end] != list(text) or any(special[at:end]) or \
+                    len(set(types[at:end])) != 1:
+                return None
+            text_types.append(types[at])
+            at = end
+        if at != len(ids):
+            return None
+        return cls(tuple(specials), tuple(special_types), tuple(text_types), with_types)
+
+
+# Probe texts whose template is learned: plain words, tokenized alike alone or paired.
+_TEMPLATE_PROBE = ("violin river", "the old harbour bridge")
+
+
+def learn_templates(tokenizer: Any, tokenize: Any) -> tuple[Optional[Template],
+                                                            Optional[Template], str]:
+    """(pair template, one-text template, why not) of a tokenizer: the one-text
+    template encodes a query whose passage is the empty string, as transformers
+    encodes `tokenizer(query, "")`."""
+    if not hasattr(tokenizer, "model_input_names"):
+        return None, None, "it is not a transformers tokenizer"
+    with_types = "token_type_ids" in tokenizer.model_input_names
+    alone = [tokenize([text]).row(0) for text in _TEMPLATE_PROBE]
+    try:
+        pair = Template.learn(tokenizer, _TEMPLATE_PROBE, alone, with_types)
+        single = Template.learn(tokenizer, _TEMPLATE_PROBE[:1], alone[:1], with_types)
+    except (TypeError, ValueError, KeyError) as exc:  # a tokenizer without these options
+        return None, None, f"its pair template could not be read ({exc})"
+    if pair is None or single is None:
+        return None, None, ("its pair encoding is not special tokens around the two texts' "
+                            "own ids")
+    return pair, single, ""
+
+
+def _place(ids: np.ndarray, types: Optional[np.ndarray], starts: np.ndarray,
+           tokens: tuple[int, ...], token_types: tuple[int, ...]) -> None:
+    """Write the special `tokens` (and their types) at starts, starts + 1, ..."""
+    for j, (token, kind) in enumerate(zip(tokens, token_types)):
+        ids[starts + j] = token
+        if types is not None:
+            types[starts + j] = kind
+
+
 class PairAssembler:
-    """Builds BERT-style pair encodings from per-text token ids."""
+    """Builds a tokenizer's pair encodings from per-text token ids, with its template."""
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.cls = tokenizer.cls_token_id
-        self.sep = tokenizer.sep_token_id
         self.backend = _bare_backend(tokenizer)
+        self.pair, self.single, self.why_no_template = learn_templates(tokenizer,
+                                                                       self.tokenize)
+
+    @property
+    def with_types(self) -> bool:
+        """Whether pairs carry token type ids (the tokenizer's model inputs do)."""
+        return self.pair is not None and self.pair.with_types
+
+    @property
+    def passage_limit(self) -> int:
+        """The most passage tokens any pair can keep: max_length less the specials."""
+        return self.max_length - (self.pair.added if self.pair else 0)
 
     def __getstate__(self) -> dict[str, Any]:
-        """What a tokenizer actor needs: the Rust tokenizer as JSON and the special ids,
+        """What a tokenizer actor needs: the Rust tokenizer as JSON and the templates,
         so that it neither imports transformers (nor torch) nor loads the model folder.
         Only an assembler the driver verified should travel."""
-        if self.backend is None:
-            raise TypeError("an assembler of a slow tokenizer cannot be sent to actors")
-        return {"backend": self.backend.to_str(), "cls": self.cls, "sep": self.sep,
+        if self.backend is None or self.pair is None:
+            raise TypeError("only a verified assembler of a fast tokenizer can be sent "
+                            "to actors")
+        return {"backend": self.backend.to_str(), "pair": self.pair, "single": self.single,
                 "max_length": self.max_length}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -182,7 +281,8 @@ class PairAssembler:
 
         self.tokenizer = None  # verify() runs where the tokenizer was loaded
         self.backend = Tokenizer.from_str(state["backend"])
-        self.cls, self.sep, self.max_length = state["cls"], state["sep"], state["max_length"]
+        self.pair, self.single = state["pair"], state["single"]
+        self.max_length, self.why_no_template = state["max_length"], ""
 
     def tokenize(self, texts: list[str]) -> TokenTable:
         """Each text's own token ids, without special tokens and uncut."""
@@ -199,41 +299,54 @@ class PairAssembler:
 
     def assemble(self, queries: TokenTable, passages: TokenTable, query_index: np.ndarray,
                  passage_index: np.ndarray, empty_passage: np.ndarray
-                 ) -> tuple[pa.ListArray, pa.ListArray]:
-        """(input_ids, token_type_ids) for pairs given as indices into the two tables.
+                 ) -> tuple[pa.ListArray, Optional[pa.ListArray]]:
+        """(input_ids, token_type_ids or None) for pairs given as indices into the two
+        tables.
 
         A pair whose passage is the empty string is encoded as the query alone, as
         `tokenizer(query, "")` does.
         """
+        pair, single = self.pair, self.single
+        if pair is None or single is None:
+            raise RuntimeError(f"no pair template to assemble with: {self.why_no_template}")
         nq = queries.lengths[query_index]
         np_ = np.where(empty_passage, 0, passages.lengths[passage_index])
-        kq, kp = truncate_pair(nq, np_, self.max_length - 3)
-        alone = np.minimum(nq, self.max_length - 2)
-        kq = np.where(empty_passage, alone, kq)
+        kq, kp = truncate_pair(nq, np_, self.max_length - pair.added)
+        kq = np.where(empty_passage, np.minimum(nq, self.max_length - single.added), kq)
         kp = np.where(empty_passage, 0, kp)
-        seps = np.where(empty_passage, 1, 2)
-        lengths = 1 + kq + kp + seps
+        # pair rows: specials 0, query, specials 1, passage, specials 2; one-text rows:
+        # specials 0, query, specials 1 (the one-text template's), nothing more
+        before, between = (np.where(empty_passage, len(single.specials[i]),
+                                    len(pair.specials[i])) for i in (0, 1))
+        after = np.where(empty_passage, 0, len(pair.specials[2]))
+        lengths = before + kq + between + kp + after
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        ids = np.empty(int(offsets[-1]), dtype=np.int32)
-        types = np.zeros(len(ids), dtype=np.int8)
         start = offsets[:-1].astype(np.int64)
-        ids[start] = self.cls
-        q_pos = _ragged_gather(np.arange(len(ids)), start + 1, kq)
+        ids = np.empty(int(offsets[-1]), dtype=np.int32)
+        types = np.empty(len(ids), dtype=np.int8) if pair.with_types else None
+        q_at, p_at = start + before, start + before + kq + between
+        positions = np.arange(len(ids))
+        q_pos = _ragged_gather(positions, q_at, kq)
+        p_pos = _ragged_gather(positions, p_at, kp)
         ids[q_pos] = _ragged_gather(queries.flat, queries.starts[query_index], kq)
-        ids[start + 1 + kq] = self.sep
-        p_pos = _ragged_gather(np.arange(len(ids)), start + 2 + kq, kp)
         ids[p_pos] = _ragged_gather(passages.flat, passages.starts[passage_index], kp)
-        pair = ~empty_passage
-        ids[(start + 2 + kq + kp)[pair]] = self.sep
-        second = _ragged_gather(np.arange(len(ids)), (start + 2 + kq)[pair], (kp + 1)[pair])
-        types[second] = 1
-        return (pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(types)))
+        if types is not None:
+            types[q_pos] = np.repeat(np.where(empty_passage, single.text_types[0],
+                                              pair.text_types[0]), kq)
+            types[p_pos] = pair.text_types[1]
+        for rows, template, at in ((~empty_passage, pair, (start, q_at + kq, p_at + kp)),
+                                   (empty_passage, single, (start, q_at + kq))):
+            for i, where in enumerate(at):
+                _place(ids, types, where[rows], template.specials[i],
+                       template.special_types[i])
+        id_array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
+        return id_array, (None if types is None else
+                          pa.ListArray.from_arrays(pa.array(offsets), pa.array(types)))
 
     def assemble_windows(self, queries: TokenTable, passages: TokenTable,
                          query_index: np.ndarray, passage_index: np.ndarray,
                          empty_passage: np.ndarray, window: int, stride: int
-                         ) -> tuple[pa.ListArray, pa.ListArray, np.ndarray]:
+                         ) -> tuple[pa.ListArray, Optional[pa.ListArray], np.ndarray]:
         """`assemble` with every passage split into windows, each paired with the query.
 
         Returns one encoding per window, pair i's windows consecutive, and the
@@ -248,10 +361,8 @@ class PairAssembler:
 
     def verify(self) -> Optional[str]:
         """None if assembly reproduces the tokenizer's own pair encoding, else why not."""
-        if self.cls is None or self.sep is None:
-            return "the tokenizer has no [CLS]/[SEP] tokens"
-        if "token_type_ids" not in self.tokenizer.model_input_names:
-            return "the tokenizer has no token type ids"
+        if self.pair is None:
+            return self.why_no_template
         probes = _probes(self.max_length)
         queries = [q for q, _ in probes]
         passages = [p for _, p in probes]
@@ -260,8 +371,9 @@ class PairAssembler:
         ids, types = self.assemble(self.tokenize(queries), self.tokenize(passages), index,
                                    index, empty)
         for i, (q, p) in enumerate(probes):
-            single = self.tokenizer(q, p, truncation=True, max_length=self.max_length)
-            if ids[i].as_py() != single["input_ids"] or \
-                    types[i].as_py() != single["token_type_ids"]:
-                return f"its pair encoding differs from [CLS] A [SEP] B [SEP] (probe {i})"
+            single = self.tokenizer(q, p, truncation=True, max_length=self.max_length,
+                                    return_token_type_ids=self.with_types)
+            if ids[i].as_py() != single["input_ids"] or (
+                    types is not None and types[i].as_py() != single["token_type_ids"]):
+                return f"its pair encoding differs from the learned template (probe {i})"
         return None

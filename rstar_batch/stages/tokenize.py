@@ -47,7 +47,7 @@ class Tokenize:
         self.max_length = max_length
         self.passages = passages
         if assembler is not None:
-            self.tokenizer, self.with_types, self.assembler = None, True, assembler
+            self.tokenizer, self.with_types, self.assembler = None, assembler.with_types, assembler
             return
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         self.with_types = "token_type_ids" in self.tokenizer.model_input_names
@@ -56,7 +56,8 @@ class Tokenize:
         if why_not:
             if passages.changes_passages:
                 raise ConfigError(f"--long-passages {passages.mode} and --passage-max-tokens "
-                                  f"need a BERT-style pair tokenizer, but {why_not}")
+                                  "need pairs assembled from separately tokenized texts, "
+                                  f"but {why_not}")
             log.info("tokenizing each pair whole: %s", why_not)
             self.assembler = None
 
@@ -78,7 +79,7 @@ class Tokenize:
 
     def encode_with_passage_ids(self, queries: pa.Array, passage_ids: pa.ListArray,
                                 empty: pa.Array
-                                ) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray | None]:
+                                ) -> tuple[pa.ListArray, pa.ListArray | None, pa.ListArray | None]:
         """`encode_pairs` for passages given as their own ids (a tokenized corpus):
         only the queries are tokenized; the policy cuts the ids as it cuts texts."""
         if self.assembler is None:
@@ -92,7 +93,7 @@ class Tokenize:
         return self._assemble(texts, pairs)
 
     def _assemble(self, texts: tuple[TokenTable, TokenTable], pairs: tuple[np.ndarray, ...]
-                  ) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray | None]:
+                  ) -> tuple[pa.ListArray, pa.ListArray | None, pa.ListArray | None]:
         if not self.passages.windowed:
             return (*self.assembler.assemble(*texts, *pairs), None)
         ids, types, counts = self.assembler.assemble_windows(
@@ -143,13 +144,14 @@ class Tokenize:
 class TokenizePassages:
     """score-corpus: each corpus passage tokenized alone, once per job.
 
-    The score stage pairs these ids with every query. Without maxp no pair can
-    keep more than max_length - 3 passage tokens, so only those travel on.
+    The score stage pairs these ids with every query. Without maxp a pair depends
+    on no more than `limit` of a passage's ids (`QuerySet.passage_tokens_needed`),
+    so only those travel on.
     """
 
     def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
                  passages: PassagePolicy = PassagePolicy(),
-                 assembler: PairAssembler | None = None):
+                 assembler: PairAssembler | None = None, limit: int | None = None):
         self.assembler = assembler or PairAssembler(load_tokenizer(model, trust_remote_code),
                                                     max_length)
         why_not = None if assembler else self.assembler.verify()
@@ -157,7 +159,7 @@ class TokenizePassages:
             raise ConfigError(f"score-corpus pairs separately tokenized texts, but {why_not}; "
                               "use rerank with candidate pairs for this model")
         self.passages = passages
-        self.limit = None if passages.windowed else max_length - 3
+        self.limit = None if passages.windowed else limit
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scored = pc.is_null(batch[C.REJECT]).combine_chunks()
@@ -189,15 +191,15 @@ def texts_of_rejected_only(batch: pa.Table, scored: pa.Array, columns: tuple[str
     return batch
 
 
-def group_windows(ids: pa.ListArray, types: pa.ListArray, counts: np.ndarray
-                  ) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray]:
+def group_windows(ids: pa.ListArray, types: pa.ListArray | None, counts: np.ndarray
+                  ) -> tuple[pa.ListArray, pa.ListArray | None, pa.ListArray]:
     """Per-window encodings (consecutive per pair) → one row per pair: its windows'
-    ids and types back to back, and the windows' lengths."""
+    ids and types (if any) back to back, and the windows' lengths."""
     offsets = ids.offsets.to_numpy()
     bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     rows = pa.array(offsets[bounds])
     return (pa.ListArray.from_arrays(rows, ids.values),
-            pa.ListArray.from_arrays(rows, types.values),
+            None if types is None else pa.ListArray.from_arrays(rows, types.values),
             pa.ListArray.from_arrays(pa.array(bounds), pa.array(np.diff(offsets), pa.int32())))
 
 

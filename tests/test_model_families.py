@@ -1,0 +1,96 @@
+"""Any cross-encoder a user points `--model` at scores as transformers scores it one
+pair at a time: BERT with and without token type ids, RoBERTa, XLM-RoBERTa,
+DeBERTa-v2, ELECTRA, ModernBERT and a two-logit BERT, each made locally with its
+family's own tokenizer class and pair template (rstar_batch/tiny_families.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from rstar_batch import rerank, score_corpus
+from rstar_batch.model import describe_model
+from rstar_batch.stages import columns as C
+from rstar_batch.stages.normalize import Normalize
+from rstar_batch.stages.score import Scorer
+from rstar_batch.stages.tokenize import Tokenize
+from rstar_batch.tiny_families import FAMILIES, make_family_model
+from tests.reference import reference_scores
+
+MAX_LENGTH = 32   # the long texts below are cut at this length, on either side
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("families")
+    return {family: make_family_model(family, str(root / family)) for family in FAMILIES}
+
+
+def _pairs() -> pa.Table:
+    """3 queries × 5 passages: short and long texts (either side cut), an empty
+    passage, accents and punctuation."""
+    long = "violin river engine protein galaxy harbour glacier " * 6
+    queries = ["violin festival Paris", "Café in Zürich?", long]
+    passages = ["the old harbour bridge", long, "", "naïve senate, 1999.", "comet"]
+    rows = [(q, query, d, passage) for q, query in enumerate(queries)
+            for d, passage in enumerate(passages)]
+    qid, query, did, passage = zip(*rows)
+    return pa.table({"query_id": pa.array(qid, pa.int64()), "query": list(query),
+                     "doc_id": pa.array(did, pa.int64()), "passage": list(passage)})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_assembles_its_own_pair_template_and_scores_as_transformers(
+        family_models, family):
+    path = family_models[family]
+    table = _pairs()
+    stage = Tokenize(describe_model(path), max_length=MAX_LENGTH)
+    assert stage.assembler is not None, stage.assembler   # learned and verified
+    out = stage(Normalize("query_id", "query", "doc_id", "passage", [], 1)(table))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    has_types = "token_type_ids" in tokenizer.model_input_names
+    assert (C.TOKEN_TYPE_IDS in out.column_names) == has_types
+    for i, row in enumerate(table.to_pylist()):
+        enc = tokenizer(row["query"], row["passage"], truncation=True, max_length=MAX_LENGTH)
+        assert out[C.INPUT_IDS][i].as_py() == enc["input_ids"], (family, i)
+        if has_types:
+            assert out[C.TOKEN_TYPE_IDS][i].as_py() == enc["token_type_ids"], (family, i)
+    types = out[C.TOKEN_TYPE_IDS] if has_types else None
+    scores = Scorer(describe_model(path), dtype="float32").score(out[C.INPUT_IDS], types)
+    reference = reference_scores(path, table, max_length=MAX_LENGTH)
+    want = np.array([reference[(r["query_id"], r["doc_id"])] for r in table.to_pylist()])
+    assert np.abs(scores - want).max() <= TOL, family
+    assert want.std() > 1e-3, "the model's scores hardly differ: the check would be weak"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_reranks_and_scores_a_corpus_as_transformers_does(
+        ray_local, family_models, family, tmp_path):
+    path, table = family_models[family], _pairs()
+    reference = reference_scores(path, table, max_length=MAX_LENGTH)
+    candidates = str(tmp_path / "candidates.parquet")
+    pq.write_table(table, candidates)
+    common = dict(model=path, max_length=MAX_LENGTH, dtype="float32")
+
+    rerank(candidates=[candidates], output=str(tmp_path / "reranked"), **common)
+    ranked = pq.read_table(str(tmp_path / "reranked")).to_pylist()
+    assert len(ranked) == table.num_rows
+    for row in ranked:
+        assert abs(row["score"] - reference[(row["query_id"], row["doc_id"])]) <= TOL
+
+    corpus, queries = str(tmp_path / "corpus.parquet"), str(tmp_path / "queries.parquet")
+    passages = table.num_rows // len(set(table["query_id"].to_pylist()))
+    pq.write_table(table.select(["doc_id", "passage"]).slice(0, passages), corpus)
+    pq.write_table(table.select(["query_id", "query"]).take(
+        list(range(0, table.num_rows, passages))), queries)
+    score_corpus(corpus=corpus, queries=queries, output=str(tmp_path / "corpus-scored"),
+                 top_k=table.num_rows, **common)
+    scored = pq.read_table(str(tmp_path / "corpus-scored")).to_pylist()
+    assert len(scored) == table.num_rows   # every query × every passage: the table's pairs
+    for row in scored:
+        assert abs(row["score"] - reference[(row["query_id"], row["doc_id"])]) <= TOL

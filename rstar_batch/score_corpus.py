@@ -41,13 +41,14 @@ from rstar_batch.job import (JobSummary, ProgressLog, bucket_count, check_all_co
                              check_rejected, finish_job, job_plan, on_replicas,
                              on_tokenizers, passage_policy, rank_all, run_scoring,
                              scorer_kwargs)
-from rstar_batch.model import describe_model
+from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
 from rstar_batch.replicas import describe_plan, plan_replicas, reserved
 from rstar_batch.stages import columns as C
 from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
 from rstar_batch.stages.corpus_tokens import PassagesFromTokens
 from rstar_batch.stages.normalize import NormalizePassages, query_buckets, stable_hash
 from rstar_batch.stages.score import resolve_activation
+from rstar_batch.stages.pairs import PairAssembler
 from rstar_batch.stages.tokenize import TokenizePassages
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,7 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
     activation = resolve_activation(config.score_activation, model.num_labels)
     tokenized = open_tokenized(config.corpus, model, config.max_length,
                                config.trust_remote_code) is not None
-    tokenize = TokenizePassages(model, config.max_length, config.trust_remote_code,
-                                passage_policy(config))  # checks the tokenizer here
+    assembler, whole = _pair_assembler(config, model)   # checks the tokenizer here
     corpus, doc_id = _corpus_files(config, tokenized)
     query_files = inspect_candidates([config.queries], {"query_id": config.query_id_column,
                                                         "query": config.query_column}, [])
@@ -86,8 +86,9 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
         log.info("output '%s' already holds this finished job; nothing to do", config.output)
         return dataclasses.replace(JobSummary.from_dict(opened.finished["summary"]),
                                    already_done=True)
-    queries = QuerySet(valid["query_id"].combine_chunks(), tokenize.assembler.tokenize(
-        valid["query"].to_pylist()), query_buckets(valid["query_id"], plan["buckets"]))
+    queries = QuerySet(valid["query_id"].combine_chunks(), assembler.tokenize(
+        valid["query"].to_pylist()), query_buckets(valid["query_id"], plan["buckets"]),
+        texts=valid["query"].combine_chunks() if whole else None)
     nq = len(queries)
 
     with ray_session(config.address):
@@ -102,7 +103,7 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
             with reserved(replicas) as replicas:
                 run_scoring(build_corpus_plan(config, corpus, model, queries, replicas, pending,
                                               out_fs, root, opened.run, tokenized,
-                                              tokenize.assembler),
+                                              None if whole else assembler),
                             progress_log, nq)
         progress = checkpoint.read_progress(out_fs, root)
         check_all_committed(progress, chunks)
@@ -125,6 +126,23 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
     return summary
 
 
+def _pair_assembler(config: RerankConfig, model: ModelInfo) -> tuple[PairAssembler, bool]:
+    """The assembler of the job's tokenizer, and whether pairs must be tokenized whole
+    instead: its pair template could not be learned or did not check out (slower;
+    then passages cannot be cut, nor windowed, before pairing)."""
+    assembler = PairAssembler(load_tokenizer(model, config.trust_remote_code),
+                              config.max_length)
+    why_not = assembler.verify()
+    if why_not is None:
+        return assembler, False
+    if passage_policy(config).changes_passages:
+        raise ConfigError(f"--long-passages {config.long_passages} and --passage-max-tokens "
+                          "need pairs assembled from separately tokenized texts, but for "
+                          f"model '{model.source}' {why_not}")
+    log.info("tokenizing each pair whole (slower): for model '%s' %s", model.source, why_not)
+    return assembler, True
+
+
 def _corpus_files(config: RerankConfig, tokenized: bool) -> tuple[CandidateFiles, str]:
     """The corpus's files and its doc id column (a tokenized corpus's is its own)."""
     if not tokenized:
@@ -143,7 +161,8 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
                       out_fs: Any, root: str, run: int, tokenized: bool = False,
                       assembler: Any = None) -> Any:
     """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit
-    (a tokenized corpus: read → fit its ids → score → commit)."""
+    (a tokenized corpus: read → fit its ids → score → commit; no `assembler`, for a
+    tokenizer without a learnable pair template: read → normalize → score → commit)."""
     import ray.data
 
     tasks = plan_read_tasks(chunks, corpus.paths, corpus.row_groups)
@@ -162,12 +181,14 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
         ds = ds.map_batches(PassagesFromTokens(passage_policy(config),
                                                queries.passage_tokens_needed(assembler)),
                             batch_format="pyarrow", batch_size=None)
-    else:
+    elif assembler is not None:
         ds = on_tokenizers(ds, TokenizePassages, config, model, replicas, passages,
                            assembler, limit=queries.passage_tokens_needed(assembler))
+    # else: no pair template; the replicas tokenize each pair whole from the texts
     ds = on_replicas(ds, ScoreAllPairs, dict(
         queries=queries, top_k=config.top_k, passages=passage_policy(config),
-        assembler=assembler, **scorer_kwargs(config, model, replicas)),
+        assembler=assembler, max_length=config.max_length,
+        **scorer_kwargs(config, model, replicas)),
         replicas, passages)
     return ds.map_batches(WriteRuns(out_fs, root, run), batch_size=None,
                           batch_format="pyarrow")

@@ -5,6 +5,9 @@ family's own tokenizer class and pair template (rstar_batch/tiny_families.py).""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +20,7 @@ from rstar_batch.stages import columns as C
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.score import Scorer
 from rstar_batch.stages.tokenize import Tokenize
-from rstar_batch.tiny_families import FAMILIES, make_family_model
+from rstar_batch.tiny_families import FAMILIES, make_family_model, save_tokenizer
 from tests.reference import reference_scores
 
 MAX_LENGTH = 32   # the long texts below are cut at this length, on either side
@@ -67,11 +70,37 @@ def test_each_family_assembles_its_own_pair_template_and_scores_as_transformers(
     assert want.std() > 1e-3, "the model's scores hardly differ: the check would be weak"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_reranks_and_scores_a_corpus_as_transformers_does(
-        ray_local, family_models, family, tmp_path):
-    path, table = family_models[family], _pairs()
+@pytest.fixture(scope="module")
+def unlearnable_model(tiny_model, tmp_path_factory) -> str:
+    """The tiny model with a tokenizer that puts the passage before the query: no
+    special tokens around (query, passage) describe its pairs."""
+    from tokenizers.processors import TemplateProcessing
+
+    from transformers import PreTrainedTokenizerFast
+
+    path = str(tmp_path_factory.mktemp("unlearnable") / "model")
+    shutil.copytree(tiny_model, path)
+    bert = AutoTokenizer.from_pretrained(path)
+    backend = bert.backend_tokenizer
+    backend.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $B:1 [SEP]:1 $A [SEP]",
+        special_tokens=[("[CLS]", bert.cls_token_id), ("[SEP]", bert.sep_token_id)])
+    # the generic class keeps a tokenizer.json's post-processor (BERT's rebuilds its own)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        if os.path.exists(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+    save_tokenizer(PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=512,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"]), path)
+    return path
+
+
+def _every_command_scores_as_transformers(path: str, tmp_path) -> None:
+    """rerank and score-corpus (every query × every passage) on `_pairs()` equal the
+    one-pair reference."""
+    table = _pairs()
     reference = reference_scores(path, table, max_length=MAX_LENGTH)
     candidates = str(tmp_path / "candidates.parquet")
     pq.write_table(table, candidates)
@@ -94,3 +123,41 @@ def test_each_family_reranks_and_scores_a_corpus_as_transformers_does(
     assert len(scored) == table.num_rows   # every query × every passage: the table's pairs
     for row in scored:
         assert abs(row["score"] - reference[(row["query_id"], row["doc_id"])]) <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_reranks_and_scores_a_corpus_as_transformers_does(
+        ray_local, family_models, family, tmp_path):
+    _every_command_scores_as_transformers(family_models[family], tmp_path)
+
+
+def test_pairs_of_a_tokenizer_without_a_learnable_template_are_tokenized_whole(
+        unlearnable_model):
+    from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
+    from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
+
+    tokenizer = AutoTokenizer.from_pretrained(unlearnable_model)
+    assembler = PairAssembler(tokenizer, MAX_LENGTH)
+    assert "not special tokens around the two texts" in assembler.verify()
+    table = _pairs()
+    texts = table["query"].combine_chunks().take([0, 5, 10])
+    queries = QuerySet(pa.array([0, 1, 2]), assembler.tokenize(texts.to_pylist()),
+                       np.zeros(3, dtype=np.int32), texts=texts)
+    block = pa.table({C.CHUNK: pa.array([0] * 5, pa.int64()),
+                      C.ROW: pa.array(range(5), pa.int32()),
+                      C.DOC_ID: table["doc_id"].slice(0, 5),
+                      C.PASSAGE: table["passage"].slice(0, 5),
+                      C.REJECT: pa.nulls(5, pa.string())})
+    out = ScoreAllPairs(queries, 5, PassagePolicy(), None, MAX_LENGTH,
+                        model=describe_model(unlearnable_model), dtype="float32")(block)
+    reference = reference_scores(unlearnable_model, table, max_length=MAX_LENGTH)
+    assert out.num_rows == table.num_rows
+    for row in out.to_pylist():
+        assert abs(row[C.SCORE] - reference[(row[C.QUERY_ID], row[C.DOC_ID])]) <= TOL
+
+
+@pytest.mark.slow
+def test_a_tokenizer_without_a_learnable_template_still_runs_every_command(
+        ray_local, unlearnable_model, tmp_path):
+    _every_command_scores_as_transformers(unlearnable_model, tmp_path)

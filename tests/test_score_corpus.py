@@ -188,8 +188,8 @@ def test_a_block_of_rejected_passages_only_is_kept_with_its_reasons(tiny_model):
     tokens = tokenize(NormalizePassages("doc_id", "passage", [])(block))
     queries = QuerySet(pa.array([1, 2]), tokenize.assembler.tokenize(["q one", "q two"]),
                        np.zeros(2, dtype=np.int32))
-    out = ScoreAllPairs(queries, 3, PassagePolicy(), tokenize.assembler, model=info, device="cpu",
-                        dtype="float32")(tokens)
+    out = ScoreAllPairs(queries, 3, PassagePolicy(), tokenize.assembler, 64, model=info,
+                        device="cpu", dtype="float32")(tokens)
     assert out[C.REJECT].to_pylist() == [C.NULL_PASSAGE, C.NULL_DOC_ID]
     assert (out[C.RUN_START].to_pylist(), out[C.RUN_END].to_pylist()) == ([0, 0], [2, 2])
 
@@ -215,8 +215,8 @@ def test_passages_sent_cut_to_the_replicas_pair_as_the_whole_passage_would(tiny_
     block = pa.table({"doc_id": list(passages), "passage": list(passages.values()),
                       C.CHUNK: pa.array([0] * 3, pa.int64()),
                       C.ROW: pa.array(range(3), pa.int32())})
-    scorer = ScoreAllPairs(queries, 3, PassagePolicy(), assembler, model=info, device="cpu",
-                           dtype="float32")
+    scorer = ScoreAllPairs(queries, 3, PassagePolicy(), assembler, 32, model=info,
+                           device="cpu", dtype="float32")
     out = scorer(tokenize(NormalizePassages("doc_id", "passage", [])(block)))
     pairs = [{"query_id": q, "query": text, "doc_id": d, "passage": p}
              for q, text in texts.items() for d, p in passages.items()]

@@ -11,7 +11,7 @@ in the global top K is then in its run's top K, so merging runs is exact.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -24,15 +24,18 @@ from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
 from rstar_batch.stages.rank import group_starts, positions_in_groups, rank_order
 from rstar_batch.stages.score import (Scorer, _check_finite, best_per_row, node_column,
                                       this_node, with_retries)
+from rstar_batch.stages.tokenize import Tokenize, texts_of_rejected_only
 
 
 @dataclasses.dataclass(frozen=True)
 class QuerySet:
-    """The job's valid queries: ids, texts' token ids, and each one's output bucket."""
+    """The job's valid queries: ids, texts' token ids, each one's output bucket, and
+    the texts themselves where pairs are tokenized whole (no pair template)."""
 
     ids: pa.Array
     tokens: TokenTable
     buckets: np.ndarray
+    texts: Optional[pa.Array] = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -60,19 +63,27 @@ def block_top_k(group: np.ndarray, query: np.ndarray, scores: np.ndarray,
 
 
 class ScoreAllPairs:
-    """Callable class for `map_batches`: one model replica per actor."""
+    """Callable class for `map_batches`: one model replica per actor.
+
+    Pairs are assembled from the passages' ids with the driver's verified
+    `assembler`; without one (a tokenizer whose pair template could not be learned)
+    blocks carry passage texts and each pair is tokenized whole, as rerank does.
+    """
 
     def __init__(self, queries: QuerySet, top_k: int, passages: PassagePolicy,
-                 assembler: PairAssembler, retries: int = 2, **scorer_kwargs: Any) -> None:
-        """`assembler`: the driver's, verified against the tokenizer."""
+                 assembler: Optional[PairAssembler], max_length: int, retries: int = 2,
+                 **scorer_kwargs: Any) -> None:
         self.scorer = Scorer(**scorer_kwargs)
         self.assembler = assembler
+        self.whole = None if assembler else Tokenize(
+            scorer_kwargs["model"], max_length, scorer_kwargs.get("trust_remote_code", False),
+            assemble=False)
         self.queries, self.top_k, self.passages = queries, top_k, passages
         self.retries = retries
         self.fault = FaultHook.from_env()
         self.node = this_node()
 
-    def _score(self, passages: TokenTable, empty: np.ndarray, doc_ids: pa.Array
+    def _score(self, passages: Any, empty: Optional[np.ndarray], doc_ids: pa.Array
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(query index, passage index, score) of every query × passage pair."""
         nq, npas = len(self.queries), len(passages)
@@ -80,7 +91,11 @@ class ScoreAllPairs:
         passage = np.repeat(np.arange(npas), nq)
 
         def score() -> np.ndarray:
-            if not self.passages.windowed:
+            if self.whole is not None:
+                ids, types, _ = self.whole.encode_pairs(self.queries.texts.take(query),
+                                                        passages.take(passage))
+                scores = self.scorer.score(ids, types)
+            elif not self.passages.windowed:
                 ids, types = self.assembler.assemble(self.queries.tokens, passages, query,
                                                      passage, empty[passage])
                 scores = self.scorer.score(ids, types)
@@ -106,9 +121,14 @@ class ScoreAllPairs:
         valid = np.flatnonzero(pc.is_null(batch[C.REJECT]).to_numpy(zero_copy_only=False))
         take = pa.array(valid)
         doc_ids = batch[C.DOC_ID].combine_chunks().take(take)
-        passages = TokenTable.from_list_array(batch[C.PASSAGE_IDS].combine_chunks().take(take))
-        empty = batch[C.EMPTY_PASSAGE].combine_chunks().take(take).to_numpy(
-            zero_copy_only=False)
+        if self.whole is not None:   # texts: the pairs are tokenized whole
+            passages, empty = batch[C.PASSAGE].combine_chunks().take(take), None
+            batch = texts_of_rejected_only(batch, pc.is_null(batch[C.REJECT]), (C.PASSAGE,))
+        else:
+            passages = TokenTable.from_list_array(
+                batch[C.PASSAGE_IDS].combine_chunks().take(take))
+            empty = batch[C.EMPTY_PASSAGE].combine_chunks().take(take).to_numpy(
+                zero_copy_only=False)
         if len(valid) == 0:  # a block of rejected rows only
             query = passage = np.zeros(0, dtype=np.int64)
             scores = np.zeros(0, dtype=np.float32)
@@ -130,7 +150,7 @@ class ScoreAllPairs:
         """Output rows for corpus rows `rows`: scored against `query` or, without
         queries, the rejected corpus rows themselves."""
         picked = batch.take(pa.array(rows, pa.int64())).drop_columns(
-            [C.PASSAGE_IDS, C.EMPTY_PASSAGE])
+            [c for c in (C.PASSAGE_IDS, C.EMPTY_PASSAGE) if c in batch.column_names])
         n = len(rows)
         if query is None:
             qids = pa.nulls(n, self.queries.ids.type)

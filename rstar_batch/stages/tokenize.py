@@ -154,10 +154,6 @@ class TokenizePassages:
                  assembler: PairAssembler | None = None, limit: int | None = None):
         self.assembler = assembler or PairAssembler(load_tokenizer(model, trust_remote_code),
                                                     max_length)
-        why_not = None if assembler else self.assembler.verify()
-        if why_not:
-            raise ConfigError(f"score-corpus pairs separately tokenized texts, but {why_not}; "
-                              "use rerank with candidate pairs for this model")
         self.passages = passages
         self.limit = None if passages.windowed else limit
 

@@ -179,11 +179,17 @@ def fit_passages(tokens: TokenTable, policy: PassagePolicy, limit: int | None) -
 
 def texts_of_rejected_only(batch: pa.Table, scored: pa.Array, columns: tuple[str, ...]
                            ) -> pa.Table:
-    """Texts are kept for the rejected-rows table only: scored rows travel on as ids."""
+    """Texts are kept for the rejected-rows table only: scored rows travel on as ids.
+
+    A take with null indices, not `pc.if_else`: on pyarrow 17-18 if_else of a sliced
+    string column gave an array that Ray's pickling of blocks could not cut to size
+    ("buffer slice would exceed buffer length"); a take builds a compact one."""
+    keep = np.arange(batch.num_rows)
+    mask = pc.fill_null(scored, False).to_numpy(zero_copy_only=False)
+    index = pa.array(keep, pa.int64(), mask=mask)
     for column in columns:
         batch = batch.set_column(batch.schema.get_field_index(column), column,
-                                 pc.if_else(scored, pa.scalar(None, batch[column].type),
-                                            batch[column]))
+                                 batch[column].combine_chunks().take(index))
     return batch
 
 

@@ -49,7 +49,7 @@ from rstar_batch.stages.corpus_tokens import PassagesFromTokens
 from rstar_batch.stages.normalize import NormalizePassages, query_buckets, stable_hash
 from rstar_batch.stages.score import resolve_activation
 from rstar_batch.stages.pairs import PairAssembler
-from rstar_batch.stages.tokenize import TokenizePassages
+from rstar_batch.stages.tokenize import TokenizePassages, fall_back_to_whole_pairs
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +133,9 @@ def _pair_assembler(config: RerankConfig, model: ModelInfo) -> tuple[PairAssembl
     assembler = PairAssembler(load_tokenizer(model, config.trust_remote_code),
                               config.max_length)
     why_not = assembler.verify()
-    if why_not is None:
-        return assembler, False
-    if passage_policy(config).changes_passages:
-        raise ConfigError(f"--long-passages {config.long_passages} and --passage-max-tokens "
-                          "need pairs assembled from separately tokenized texts, but for "
-                          f"model '{model.source}' {why_not}")
-    log.info("tokenizing each pair whole (slower): for model '%s' %s", model.source, why_not)
-    return assembler, True
+    if why_not:
+        fall_back_to_whole_pairs(passage_policy(config), f"for model '{model.source}' {why_not}")
+    return assembler, why_not is not None
 
 
 def _corpus_files(config: RerankConfig, tokenized: bool) -> tuple[CandidateFiles, str]:

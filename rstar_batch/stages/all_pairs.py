@@ -118,12 +118,13 @@ class ScoreAllPairs:
         runs = split_runs(chunks, rows)
         for r, (_, _, _, index) in enumerate(runs):
             run_of[index] = r
-        valid = np.flatnonzero(pc.is_null(batch[C.REJECT]).to_numpy(zero_copy_only=False))
+        scored = pc.is_null(batch[C.REJECT]).combine_chunks()
+        valid = np.flatnonzero(scored.to_numpy(zero_copy_only=False))
         take = pa.array(valid)
         doc_ids = batch[C.DOC_ID].combine_chunks().take(take)
         if self.whole is not None:   # texts: the pairs are tokenized whole
             passages, empty = batch[C.PASSAGE].combine_chunks().take(take), None
-            batch = texts_of_rejected_only(batch, pc.is_null(batch[C.REJECT]), (C.PASSAGE,))
+            batch = texts_of_rejected_only(batch, scored, (C.PASSAGE,))
         else:
             passages = TokenTable.from_list_array(
                 batch[C.PASSAGE_IDS].combine_chunks().take(take))

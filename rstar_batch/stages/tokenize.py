@@ -47,18 +47,15 @@ class Tokenize:
         self.max_length = max_length
         self.passages = passages
         if assembler is not None:
-            self.tokenizer, self.with_types, self.assembler = None, assembler.with_types, assembler
+            self.tokenizer, self.assembler = None, assembler
+            self.with_types = assembler.with_types
             return
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         self.with_types = "token_type_ids" in self.tokenizer.model_input_names
         self.assembler = PairAssembler(self.tokenizer, max_length) if assemble else None
         why_not = self.assembler.verify() if self.assembler else "not asked to assemble"
         if why_not:
-            if passages.changes_passages:
-                raise ConfigError(f"--long-passages {passages.mode} and --passage-max-tokens "
-                                  "need pairs assembled from separately tokenized texts, "
-                                  f"but {why_not}")
-            log.info("tokenizing each pair whole: %s", why_not)
+            fall_back_to_whole_pairs(passages, why_not)
             self.assembler = None
 
     def encode_pairs(self, queries: pa.Array, passages: pa.Array
@@ -139,6 +136,16 @@ class Tokenize:
             out = out.append_column(C.WINDOWS,
                                     _scatter(windows, index, batch.num_rows, pa.int32()))
         return out
+
+
+def fall_back_to_whole_pairs(passages: PassagePolicy, why_not: str) -> None:
+    """Pairs will be tokenized whole, each by the tokenizer, because they cannot be
+    assembled (`why_not`): logged once, or refused where the passage policy cuts or
+    windows passages before pairing, which needs their own ids."""
+    if passages.changes_passages:
+        raise ConfigError(f"--long-passages {passages.mode} and --passage-max-tokens need "
+                          f"pairs assembled from separately tokenized texts, but {why_not}")
+    log.info("tokenizing each pair whole (slower): %s", why_not)
 
 
 class TokenizePassages:

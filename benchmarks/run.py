@@ -16,7 +16,7 @@ Methods, all on the same pairs, model and device:
   (d) the whole `rstar-batch rerank` job, read to write, on an embedded local Ray
   (e) the whole `rstar-batch score-corpus` job over as many pairs (20 queries × a corpus)
 plus our scorer with the model's own forward instead of the [CLS]-only last layer
-(stages/bert_cls.py), and its options (int8 quantization, torch.compile), each with
+(bert_cls.py), and its options (int8 quantization, torch.compile), each with
 its score drift against (c). The in-process methods take turns in --rounds rounds and
 each reports its median round. Results are appended to BENCHMARKS.md with the machine and versions.
 """
@@ -43,8 +43,8 @@ from gpu_busy import GpuBusy  # noqa: E402
 from metrics import drift  # noqa: E402
 
 from rstar_batch import RerankConfig, rerank, score_corpus  # noqa: E402
+from rstar_batch.base import columns as C  # noqa: E402
 from rstar_batch.model import auto_cpu_dtype, cpu_flags, describe_model  # noqa: E402
-from rstar_batch.stages import columns as C  # noqa: E402
 from rstar_batch.stages.normalize import Normalize  # noqa: E402
 from rstar_batch.stages.score import Scorer  # noqa: E402
 from rstar_batch.stages.tokenize import Tokenize  # noqa: E402

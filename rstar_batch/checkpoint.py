@@ -28,9 +28,8 @@ from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
+from rstar_batch.base import fs as fsio
 from rstar_batch.config import RerankConfig
-from rstar_batch.io import fs as fsio
-from rstar_batch.io.sources import CandidateFiles
 
 MARKER = "_rstar_batch.json"
 MANIFEST = "_manifest.json"
@@ -121,13 +120,6 @@ def config_key(config: RerankConfig) -> dict[str, Any]:
 def digest(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-def fingerprint_inputs(source: CandidateFiles) -> dict[str, Any]:
-    """Paths, sizes and versions (ETag or modification time) of the input: changes when
-    the input does."""
-    files = fsio.file_versions(source.filesystem, source.paths)
-    return {"files": files, "rows": source.file_rows, "digest": digest(files)}
 
 
 def describe_changes(old: dict, new: dict) -> list[str]:

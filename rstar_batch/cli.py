@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 from rstar_batch.config import ConfigError, RerankConfig, field_type
 
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -297,7 +298,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_length_bias(args: argparse.Namespace) -> int:
-    from rstar_batch.io import fs as fsio
+    from rstar_batch.base import fs as fsio
     from rstar_batch.length_bias import length_bias, plot_length_bias
 
     report = length_bias(args.output, args.candidates, doc_id_column=args.doc_id_column,
@@ -345,7 +346,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from rstar_batch.checkpoint import OutputError
     from rstar_batch.io.sources import InputError
     from rstar_batch.model import ModelUnavailableError
-    from rstar_batch.job import TooManyRejectedError
+    from rstar_batch.summary import TooManyRejectedError
 
     return (ConfigError, InputError, OutputError, ModelUnavailableError, TooManyRejectedError)
 

@@ -27,9 +27,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rstar_batch import checkpoint
+from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError
 from rstar_batch.export import ranked_parts, read_part
-from rstar_batch.io import fs as fsio
 from rstar_batch.io.convert import FORMATS, read_text
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rstar_batch import checkpoint
+from rstar_batch.base import fs as fsio
+from rstar_batch.base.order import group_starts
 from rstar_batch.config import ConfigError
-from rstar_batch.io import fs as fsio
-from rstar_batch.stages.rank import group_starts
 
 log = logging.getLogger(__name__)
 

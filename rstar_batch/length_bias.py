@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError
 from rstar_batch.export import RANKED_COLUMNS, ranked_parts, read_part
-from rstar_batch.io import fs as fsio
 from rstar_batch.io.sources import InputError, inspect_candidates
 
 log = logging.getLogger(__name__)

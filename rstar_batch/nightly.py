@@ -20,8 +20,8 @@ import time
 from typing import Any, Optional, Sequence
 
 from rstar_batch import cli
+from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.io import fs as fsio
 
 log = logging.getLogger(__name__)
 

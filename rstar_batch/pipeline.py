@@ -15,35 +15,31 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rstar_batch import checkpoint
-from rstar_batch.cluster import live_nodes, ray_session
+from rstar_batch import checkpoint, driver
+from rstar_batch.base import columns as C
+from rstar_batch.base import fs as fsio
+from rstar_batch.base.columns import PREPARE_REASON
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.io import fs as fsio
 from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
 from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, prepare_nested
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
-from rstar_batch.io.tokenized import inspect_tokenized, open_tokenized
-from rstar_batch.job import (JobSummary, Phases, ProgressLog, bucket_count,
-                             check_all_committed, check_rejected, finish_job, job_plan,
-                             on_replicas, on_tokenizers, passage_policy, rank_all,
-                             run_scoring, scorer_kwargs)
-from rstar_batch.model import ModelInfo, describe_model
-from rstar_batch.replicas import (ReplicaPlan, describe_plan, plan_replicas, reserved,
-                                  tokenizer_batch_rows)
-from rstar_batch.stages import columns as C
-from rstar_batch.stages.columns import PREPARE_REASON
+from rstar_batch.io.tokenized import inspect_tokenized, open_tokenized, pairing_clause
+from rstar_batch.manifest import bucket_count, job_plan
+from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
+from rstar_batch.replicas import (ReplicaPlan, describe_plan, on_replicas, on_tokenizers,
+                                  scorer_kwargs, tokenizer_batch_rows)
 from rstar_batch.stages.normalize import Normalize
-from rstar_batch.stages.pairs import PairAssembler
+from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
 from rstar_batch.stages.score import Score, resolve_activation
-from rstar_batch.stages.tokenize import Tokenize
+from rstar_batch.stages.tokenize import Tokenize, checked_assembler
+from rstar_batch.summary import JobSummary, merge_rejected
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +55,6 @@ def _check_keep(config: RerankConfig) -> None:
     if clash:
         raise ConfigError(f"keep_columns {sorted(clash)}: ids are always in the output "
                           "as query_id and doc_id")
-
-
-def check_tokenizer(config: RerankConfig, model: ModelInfo) -> Optional[PairAssembler]:
-    """The tokenizer checked on the driver, before Ray starts: the pair assembler the
-    tokenizer actors will use (None: they tokenize each pair whole). Fails if the
-    tokenizer cannot cut passages as asked."""
-    return Tokenize(model, config.max_length, config.trust_remote_code,
-                    passages=passage_policy(config)).assembler
 
 
 def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo,
@@ -188,84 +176,79 @@ def rerank(config: Optional[RerankConfig] = None, **fields: Any) -> JobSummary:
     Works inside an already-initialised Ray program or starts its own.
     Rerunning the same job resumes it; a finished job is a no-op.
     """
-    config = (config or RerankConfig()).replace(**fields)
-    config.validate_required()
-    _check_keep(config)
-    started, phases = time.time(), Phases()
-    model = describe_model(config.model, config.revision, config.trust_remote_code)
-    activation = resolve_activation(config.score_activation, model.num_labels)
-    assembler = check_tokenizer(config, model)
-    # A tokenized corpus (tokenize-corpus's output) gives passages as ids: checked here.
-    tokenized = open_tokenized(config.corpus, model, config.max_length,
-                               config.trust_remote_code) is not None
-    spec = JoinSpec(config.query_id_column, config.query_column, config.doc_id_column,
-                    config.passage_column, config.keep_columns, tokenized)
-    inputs = check_inputs(config, spec)
-    out_fs, root = fsio.resolve(config.output)
-    plan = job_plan(config, [s for s in (inputs.candidates, inputs.corpus, inputs.queries)
-                             if s is not None], model)
-    opened = checkpoint.open_job(out_fs, root, config.output, plan,
-                                 overwrite=config.overwrite, restart=config.restart)
-    if opened.finished:
-        summary = JobSummary.from_dict(opened.finished["summary"])
-        log.info("output '%s' already holds this finished job; nothing to do", config.output)
-        return dataclasses.replace(summary, already_done=True)
-
-    with ray_session(config.address):
-        source = inputs.candidates
-        if inputs.joined or inputs.nested:
-            source = _prepared_candidates(inputs, spec, config, out_fs, root)
-            plan = _plan_for_prepared(plan, config, source, out_fs, root)
-        chunks = checkpoint.plan_chunks(source.file_rows, config.checkpoint_rows)
-        done = checkpoint.read_progress(out_fs, root).done_chunks(chunks)
-        pending = [c for c in chunks if c.id not in done]
-        progress_log = ProgressLog(source.num_rows, sum(c.rows for c in chunks if c.id in done))
-        if done:
-            log.info("resuming run %d: %d of %d chunks already done, %d pairs left",
-                     opened.run, len(done), len(chunks), source.num_rows - progress_log.done)
-        replicas = plan_replicas(config, live_nodes())
-        phases.mark("startup")
-        if pending:
-            log.info("scoring %d pairs with %s on %s", sum(c.rows for c in pending),
-                     model.source, describe_plan(replicas))
-            with reserved(replicas) as replicas:
-                run_scoring(build_scoring_plan(config, source, model, replicas, plan["buckets"],
-                                               pending, out_fs, root, opened.run, assembler),
-                            progress_log)
-        phases.mark("scoring")
-        progress = checkpoint.read_progress(out_fs, root)
-        check_all_committed(progress, chunks)
-        parts = rank_all(out_fs, root, config, progress)
-        phases.mark("rank")
-
-    runs = progress.rows_by_run
-    summary = _summarise(config.output, source.num_rows, parts, runs.get(opened.run, 0),
-                         time.time() - started)
-    check_rejected(summary, config)
-    finish_job(out_fs, root, config, summary, plan, {
-        "pairs_scored_per_run": {str(k): v for k, v in sorted(runs.items())},
-        "model": dataclasses.asdict(model), "activation": activation,
-        "input": {"files": len(inputs.candidates.paths), "rows": source.num_rows,
-                  "bytes": inputs.candidates.total_bytes,
-                  "fingerprint": plan["input"]["digest"],
-                  "skipped_files": inputs.candidates.skipped},
-        "replicas": dataclasses.asdict(replicas), "pairs_by_node": progress_log.by_node,
-        "seconds_by_phase": phases.seconds})
-    return summary
+    return driver.run(RerankJob((config or RerankConfig()).replace(**fields)))
 
 
-def _summarise(output: str, pairs: int, parts: list[dict], this_run: int,
-               seconds: float) -> JobSummary:
-    rows = sum(p["rows"] for p in parts)
-    if rows != pairs:
-        raise RuntimeError(f"exactly-once check failed: the input has {pairs} rows but "
-                           f"{rows} came out of scoring; the output is incomplete")
-    rejected: dict[str, int] = {}
-    for part in parts:
-        for reason, count in part["rejected"].items():
-            rejected[reason] = rejected.get(reason, 0) + count
-    return JobSummary(output=output, pairs=pairs,
-                      scored=sum(p["scored"] for p in parts),
-                      written=sum(p["written"] for p in parts), pairs_this_run=this_run,
-                      queries=sum(p["queries"] for p in parts), rejected=rejected,
-                      seconds=round(seconds, 3))
+class RerankJob(driver.Job):
+    """rerank's parts of the one driver: candidate files (texts joined on or nested
+    rows flattened first), pass 1 read → normalize → tokenize → score → commit."""
+
+    command = "rerank"
+
+    def __init__(self, config: RerankConfig) -> None:
+        config.validate_required()
+        _check_keep(config)
+        super().__init__(config)
+
+    def check(self) -> dict:
+        config = self.config
+        self.model = describe_model(config.model, config.revision, config.trust_remote_code)
+        self.activation = resolve_activation(config.score_activation, self.model.num_labels)
+        tokenizer = load_tokenizer(self.model, config.trust_remote_code)
+        # A tokenized corpus (tokenize-corpus's output) gives passages as ids: checked here.
+        tokenized = open_tokenized(config.corpus, self.model, tokenizer) is not None
+        # The assembler the tokenizer actors use; None: they tokenize each pair whole.
+        assembler, why_not = checked_assembler(
+            tokenizer, self.model.source, config.max_length, PassagePolicy.of(config),
+            pairing_clause(config.corpus) if tokenized else None)
+        self.assembler = None if why_not else assembler
+        self.spec = JoinSpec(config.query_id_column, config.query_column,
+                             config.doc_id_column, config.passage_column,
+                             config.keep_columns, tokenized)
+        self.inputs = check_inputs(config, self.spec)
+        self.source = self.inputs.candidates
+        sources = [s for s in (self.inputs.candidates, self.inputs.corpus,
+                               self.inputs.queries) if s is not None]
+        return job_plan(config, sources, self.model.fingerprint)
+
+    def chunks(self) -> list[checkpoint.Chunk]:
+        if self.inputs.joined or self.inputs.nested:
+            self.source = _prepared_candidates(self.inputs, self.spec, self.config, self.fs,
+                                               self.root)
+            self.plan = _plan_for_prepared(self.plan, self.config, self.source, self.fs,
+                                           self.root)
+        return checkpoint.plan_chunks(self.source.file_rows, self.config.checkpoint_rows)
+
+    def describe(self, pending: list[checkpoint.Chunk], replicas: ReplicaPlan) -> str:
+        return (f"scoring {sum(c.rows for c in pending)} pairs with {self.model.source} on "
+                f"{describe_plan(replicas)}")
+
+    def scoring_pass(self, replicas: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
+        return build_scoring_plan(self.config, self.source, self.model, replicas,
+                                  self.plan["buckets"], pending, self.fs, self.root, self.run,
+                                  self.assembler)
+
+    def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
+        pairs = self.source.num_rows
+        rows = sum(p["rows"] for p in parts)
+        if rows != pairs:
+            raise RuntimeError(f"exactly-once check failed: the input has {pairs} rows but "
+                               f"{rows} came out of scoring; the output is incomplete")
+        return JobSummary(output=self.config.output, pairs=pairs,
+                          scored=sum(p["scored"] for p in parts),
+                          written=sum(p["written"] for p in parts),
+                          pairs_this_run=rows_this_run,
+                          queries=sum(p["queries"] for p in parts),
+                          rejected=merge_rejected(p["rejected"] for p in parts),
+                          seconds=round(seconds, 3))
+
+    def details(self, replicas: ReplicaPlan, progress: checkpoint.Progress) -> dict[str, Any]:
+        candidates = self.inputs.candidates
+        return {
+            "pairs_scored_per_run": {str(k): v for k, v in sorted(progress.rows_by_run.items())},
+            "model": dataclasses.asdict(self.model), "activation": self.activation,
+            "input": {"files": len(candidates.paths), "rows": self.source.num_rows,
+                      "bytes": candidates.total_bytes,
+                      "fingerprint": self.plan["input"]["digest"],
+                      "skipped_files": candidates.skipped},
+            "replicas": dataclasses.asdict(replicas)}

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 from rstar_batch.cluster import Node
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.model import auto_cpu_dtype
+from rstar_batch.stages.pairs import PassagePolicy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,3 +173,45 @@ def replica_dtype(config: RerankConfig, device: str) -> tuple[str, str]:
     if config.quantize != "none":
         return "float32", "int8 quantization starts from float32"
     return auto_cpu_dtype()
+
+
+def scorer_kwargs(config: RerankConfig, model: Any, plan: ReplicaPlan) -> dict[str, Any]:
+    """Constructor arguments of a model replica (and its retries)."""
+    return dict(model=model, device=plan.device, dtype=plan.dtype,
+                activation=config.score_activation, batch_tokens=config.batch_tokens,
+                max_batch_pairs=config.max_batch_pairs, cpu_threads=plan.threads,
+                trust_remote_code=config.trust_remote_code, retries=config.batch_retries,
+                quantize=config.quantize, compile=config.compile)
+
+
+def on_tokenizers(ds: Any, stage: type, config: RerankConfig, model: Any, plan: ReplicaPlan,
+                  batch_rows: int, assembler: Any = None, **stage_kwargs: Any) -> Any:
+    """`stage` (Tokenize, TokenizePassages, TokenizeWhole) as a pool of CPU tokenizer
+    actors, one started and more added, up to the plan's, while blocks queue for them.
+    An `assembler` the driver verified travels to them, so they load no model files."""
+    import ray.data
+
+    kwargs = dict(model=model, max_length=config.max_length,
+                  trust_remote_code=config.trust_remote_code,
+                  passages=PassagePolicy.of(config), **stage_kwargs)
+    if assembler is not None:
+        kwargs["assembler"] = assembler
+    return ds.map_batches(
+        stage, fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.tokenizers),
+        batch_size=batch_rows, batch_format="pyarrow", num_cpus=1)
+
+
+def on_replicas(ds: Any, stage: type, kwargs: dict[str, Any], plan: ReplicaPlan,
+                batch_rows: int) -> Any:
+    """`stage` as a pool of model replicas, as many as the plan allows."""
+    import ray.data
+
+    return ds.map_batches(
+        stage, fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(
+            min_size=plan.min_size, max_size=plan.max_size,
+            # Two batches per replica keep a GPU fed while bounding what a kill loses.
+            max_tasks_in_flight_per_actor=2),
+        batch_size=batch_rows, batch_format="pyarrow",
+        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None, **placement(plan))

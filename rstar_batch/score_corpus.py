@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from typing import Any, Optional
 
 import numpy as np
@@ -28,28 +27,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rstar_batch import checkpoint
-from rstar_batch.cluster import live_nodes, ray_session
+from rstar_batch import checkpoint, driver
+from rstar_batch.base import columns as C
+from rstar_batch.base import fs as fsio
+from rstar_batch.base.ids import id_buckets, stable_hash
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.io import fs as fsio
-from rstar_batch.io import sinks
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
-from rstar_batch.io.tokenized import DOC_ID, inspect_tokenized, open_tokenized
-from rstar_batch.job import (JobSummary, ProgressLog, bucket_count, check_all_committed,
-                             check_rejected, finish_job, job_plan, on_replicas,
-                             on_tokenizers, passage_policy, rank_all, run_scoring,
-                             scorer_kwargs)
-from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
-from rstar_batch.replicas import describe_plan, plan_replicas, reserved
-from rstar_batch.stages import columns as C
+from rstar_batch.io.tokenized import DOC_ID, inspect_tokenized, open_tokenized, pairing_clause
+from rstar_batch.manifest import bucket_count, job_plan
+from rstar_batch.model import describe_model, load_tokenizer
+from rstar_batch.replicas import (ReplicaPlan, describe_plan, on_replicas, on_tokenizers,
+                                  scorer_kwargs)
 from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
 from rstar_batch.stages.corpus_tokens import PassagesFromTokens
-from rstar_batch.stages.normalize import NormalizePassages, query_buckets, stable_hash
+from rstar_batch.stages.normalize import NormalizePassages
+from rstar_batch.stages.pairs import PassagePolicy
 from rstar_batch.stages.score import resolve_activation
-from rstar_batch.stages.pairs import PairAssembler
-from rstar_batch.stages.tokenize import TokenizePassages, fall_back_to_whole_pairs
+from rstar_batch.stages.tokenize import TokenizePassages, checked_assembler
+from rstar_batch.summary import JobSummary, merge_rejected
 
 log = logging.getLogger(__name__)
 
@@ -62,80 +59,89 @@ def score_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> JobSum
     Takes the same config as `rerank` (queries, corpus, output and top_k set;
     no candidates). Rerunning resumes; a finished job is a no-op.
     """
-    config = (config or RerankConfig()).replace(**fields)
-    config.validate_for_corpus()
-    started = time.time()
-    model = describe_model(config.model, config.revision, config.trust_remote_code)
-    activation = resolve_activation(config.score_activation, model.num_labels)
-    tokenized = open_tokenized(config.corpus, model, config.max_length,
-                               config.trust_remote_code) is not None
-    assembler, whole = _pair_assembler(config, model)   # checks the tokenizer here
-    corpus, doc_id = _corpus_files(config, tokenized)
-    query_files = inspect_candidates([config.queries], {"query_id": config.query_id_column,
-                                                        "query": config.query_column}, [])
-    check_unique_doc_ids(corpus, doc_id)
-    valid, rejected = read_queries(query_files, config, corpus.schema.field(doc_id).type)
-    out_fs, root = fsio.resolve(config.output)
-    rows_per_chunk = max(1, math.ceil(config.checkpoint_rows / valid.num_rows))
-    chunks = checkpoint.plan_chunks(corpus.file_rows, rows_per_chunk)
-    plan = corpus_plan(config, corpus, query_files, model, valid.num_rows, len(chunks),
-                       rows_per_chunk)
-    opened = checkpoint.open_job(out_fs, root, config.output, plan,
-                                 overwrite=config.overwrite, restart=config.restart)
-    if opened.finished:
-        log.info("output '%s' already holds this finished job; nothing to do", config.output)
-        return dataclasses.replace(JobSummary.from_dict(opened.finished["summary"]),
-                                   already_done=True)
-    queries = QuerySet(valid["query_id"].combine_chunks(), assembler.tokenize(
-        valid["query"].to_pylist()), query_buckets(valid["query_id"], plan["buckets"]),
-        texts=valid["query"].combine_chunks() if whole else None)
-    nq = len(queries)
-
-    with ray_session(config.address):
-        done = checkpoint.read_progress(out_fs, root).done_chunks(chunks)
-        pending = [c for c in chunks if c.id not in done]
-        already = sum(c.rows for c in chunks if c.id in done)
-        progress_log = ProgressLog(corpus.num_rows * nq, already * nq)
-        replicas = plan_replicas(config, live_nodes())
-        if pending:
-            log.info("scoring %d queries × %d passages with %s on %s", nq,
-                     corpus.num_rows - already, model.source, describe_plan(replicas))
-            with reserved(replicas) as replicas:
-                run_scoring(build_corpus_plan(config, corpus, model, queries, replicas, pending,
-                                              out_fs, root, opened.run, tokenized,
-                                              None if whole else assembler),
-                            progress_log, nq)
-        progress = checkpoint.read_progress(out_fs, root)
-        check_all_committed(progress, chunks)
-        if rejected.num_rows:
-            fsio.write_table(out_fs, fsio.join(root, sinks.REJECTED, QUERIES_REJECTED),
-                             rejected)
-        parts = rank_all(out_fs, root, config, progress)
-
-    runs = progress.rows_by_run
-    summary = summarise(config, corpus.num_rows, nq, parts, rejected,
-                        runs.get(opened.run, 0) * nq, time.time() - started)
-    check_rejected(summary, config, rows=corpus.num_rows + query_files.num_rows)
-    finish_job(out_fs, root, config, summary, plan, {
-        "command": "score-corpus",
-        "passages_scored_per_run": {str(k): v for k, v in sorted(runs.items())},
-        "model": dataclasses.asdict(model), "activation": activation,
-        "input": {"corpus_files": len(corpus.paths), "corpus_rows": corpus.num_rows,
-                  "queries": query_files.num_rows, "fingerprint": plan["input"]["digest"]},
-        "replicas": dataclasses.asdict(replicas), "pairs_by_node": progress_log.by_node})
-    return summary
+    return driver.run(ScoreCorpusJob((config or RerankConfig()).replace(**fields)))
 
 
-def _pair_assembler(config: RerankConfig, model: ModelInfo) -> tuple[PairAssembler, bool]:
-    """The assembler of the job's tokenizer, and whether pairs must be tokenized whole
-    instead: its pair template could not be learned or did not check out (slower;
-    then passages cannot be cut, nor windowed, before pairing)."""
-    assembler = PairAssembler(load_tokenizer(model, config.trust_remote_code),
-                              config.max_length)
-    why_not = assembler.verify()
-    if why_not:
-        fall_back_to_whole_pairs(passage_policy(config), f"for model '{model.source}' {why_not}")
-    return assembler, why_not is not None
+class ScoreCorpusJob(driver.Job):
+    """score-corpus's parts of the one driver: queries read and tokenized on the driver,
+    pass 1 over corpus chunks scoring all queries × each block, keeping top K."""
+
+    command = "score-corpus"
+
+    def __init__(self, config: RerankConfig) -> None:
+        config.validate_for_corpus()
+        super().__init__(config)
+
+    def check(self) -> dict:
+        config = self.config
+        self.model = model = describe_model(config.model, config.revision,
+                                            config.trust_remote_code)
+        self.activation = resolve_activation(config.score_activation, model.num_labels)
+        tokenizer = load_tokenizer(model, config.trust_remote_code)
+        self.tokenized = open_tokenized(config.corpus, model, tokenizer) is not None
+        # whole: no pair template; the replicas tokenize each pair from the texts
+        self.assembler, why_not = checked_assembler(
+            tokenizer, model.source, config.max_length, PassagePolicy.of(config),
+            pairing_clause(config.corpus) if self.tokenized else None)
+        self.whole = why_not is not None
+        self.corpus, doc_id = _corpus_files(config, self.tokenized)
+        self.query_files = inspect_candidates(
+            [config.queries], {"query_id": config.query_id_column,
+                               "query": config.query_column}, [])
+        check_unique_doc_ids(self.corpus, doc_id)
+        self.valid, self.rejected = read_queries(self.query_files, config,
+                                                 self.corpus.schema.field(doc_id).type)
+        rows_per_chunk = max(1, math.ceil(config.checkpoint_rows / self.valid.num_rows))
+        self.all_chunks = checkpoint.plan_chunks(self.corpus.file_rows, rows_per_chunk)
+        return corpus_plan(config, self.corpus, self.query_files, model, self.valid.num_rows,
+                           len(self.all_chunks), rows_per_chunk)
+
+    @property
+    def pairs_per_row(self) -> int:
+        return self.valid.num_rows
+
+    @property
+    def rejectable_rows(self) -> int:
+        return self.corpus.num_rows + self.query_files.num_rows
+
+    def chunks(self) -> list[checkpoint.Chunk]:
+        valid = self.valid
+        self.queries = QuerySet(
+            valid["query_id"].combine_chunks(),
+            self.assembler.tokenize(valid["query"].to_pylist()),
+            id_buckets(valid["query_id"], self.plan["buckets"]),
+            texts=valid["query"].combine_chunks() if self.whole else None)
+        return self.all_chunks
+
+    def describe(self, pending: list[checkpoint.Chunk], replicas: ReplicaPlan) -> str:
+        return (f"scoring {len(self.queries)} queries × {sum(c.rows for c in pending)} "
+                f"passages with {self.model.source} on {describe_plan(replicas)}")
+
+    def scoring_pass(self, replicas: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
+        return build_corpus_plan(self.config, self.corpus, self.model, self.queries, replicas,
+                                 pending, self.fs, self.root, self.run, self.tokenized,
+                                 None if self.whole else self.assembler)
+
+    def second_pass(self, progress: checkpoint.Progress) -> list[dict]:
+        if self.rejected.num_rows:
+            fsio.write_table(self.fs, fsio.join(self.root, checkpoint.REJECTED, QUERIES_REJECTED),
+                             self.rejected)
+        return super().second_pass(progress)
+
+    def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
+        return summarise(self.config, self.corpus.num_rows, len(self.queries), parts,
+                         self.rejected, rows_this_run * len(self.queries), seconds)
+
+    def details(self, replicas: ReplicaPlan, progress: checkpoint.Progress) -> dict[str, Any]:
+        return {
+            "passages_scored_per_run": {str(k): v
+                                        for k, v in sorted(progress.rows_by_run.items())},
+            "model": dataclasses.asdict(self.model), "activation": self.activation,
+            "input": {"corpus_files": len(self.corpus.paths),
+                      "corpus_rows": self.corpus.num_rows,
+                      "queries": self.query_files.num_rows,
+                      "fingerprint": self.plan["input"]["digest"]},
+            "replicas": dataclasses.asdict(replicas)}
 
 
 def _corpus_files(config: RerankConfig, tokenized: bool) -> tuple[CandidateFiles, str]:
@@ -173,7 +179,7 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
     passages = max(1, replicas.batch_rows // len(queries))
     ds = ds.repartition(target_num_rows_per_block=passages)
     if tokenized:
-        ds = ds.map_batches(PassagesFromTokens(passage_policy(config),
+        ds = ds.map_batches(PassagesFromTokens(PassagePolicy.of(config),
                                                queries.passage_tokens_needed(assembler)),
                             batch_format="pyarrow", batch_size=None)
     elif assembler is not None:
@@ -181,7 +187,7 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
                            assembler, limit=queries.passage_tokens_needed(assembler))
     # else: no pair template; the replicas tokenize each pair whole from the texts
     ds = on_replicas(ds, ScoreAllPairs, dict(
-        queries=queries, top_k=config.top_k, passages=passage_policy(config),
+        queries=queries, top_k=config.top_k, passages=PassagePolicy.of(config),
         assembler=assembler, max_length=config.max_length,
         **scorer_kwargs(config, model, replicas)),
         replicas, passages)
@@ -196,7 +202,7 @@ def corpus_plan(config: RerankConfig, corpus: CandidateFiles, query_files: Candi
     Buckets are sized by the rows the rank pass merges: each chunk gives up to
     K rows per query.
     """
-    plan = job_plan(config, [corpus, query_files], model)
+    plan = job_plan(config, [corpus, query_files], model.fingerprint)
     merged = queries * min(config.top_k, rows_per_chunk) * chunks
     buckets = bucket_count(config, merged, most=min(queries, 4096))
     return {**plan, "command": "score-corpus", "pairs_per_row": queries,
@@ -263,13 +269,9 @@ def _hashes(corpus: CandidateFiles, path: str, column: str) -> tuple[pa.Array, n
 def summarise(config: RerankConfig, corpus_rows: int, queries: int, parts: list[dict],
               rejected_queries: pa.Table, this_run: int, seconds: float) -> JobSummary:
     """The job's counts, after checking every query got exactly its top K."""
-    rejected: dict[str, int] = {}
-    for part in parts:
-        for reason, count in part["rejected"].items():
-            rejected[reason] = rejected.get(reason, 0) + count
-    if rejected_queries.num_rows:
-        for row in pc.value_counts(rejected_queries["reason"]).to_pylist():
-            rejected[row["values"]] = rejected.get(row["values"], 0) + row["counts"]
+    by_reason = ({r["values"]: r["counts"]}
+                 for r in pc.value_counts(rejected_queries["reason"]).to_pylist())
+    rejected = merge_rejected((p["rejected"] for p in parts), by_reason)
     passages = corpus_rows - sum(p["rows"] - p["scored"] for p in parts)
     written = sum(p["written"] for p in parts)
     expected = queries * min(config.top_k, passages)

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Optional
 
 from rstar_batch import checkpoint
-from rstar_batch.io import fs as fsio
+from rstar_batch.base import fs as fsio
 
 
 @dataclasses.dataclass(frozen=True)

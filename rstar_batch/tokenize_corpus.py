@@ -17,26 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Any, Optional
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rstar_batch import checkpoint
-from rstar_batch.cluster import ray_session
+from rstar_batch import checkpoint, driver
+from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.io import fs as fsio
 from rstar_batch.io import tokenized as tok
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.sources import CandidateFiles, inspect_candidates
-from rstar_batch.job import (JobSummary, ProgressLog, check_all_committed, check_rejected,
-                             finish_job, on_tokenizers, run_scoring)
 from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
-from rstar_batch.replicas import TOKENIZER_BATCH_ROWS, ReplicaPlan
+from rstar_batch.replicas import TOKENIZER_BATCH_ROWS, ReplicaPlan, on_tokenizers
 from rstar_batch.stages.corpus_tokens import TokenizeWhole
 from rstar_batch.stages.normalize import NormalizePassages
-from rstar_batch.stages.pairs import PairAssembler
+from rstar_batch.stages.pairs import PassagePolicy
+from rstar_batch.stages.tokenize import checked_assembler
+from rstar_batch.summary import JobSummary
 
 log = logging.getLogger(__name__)
 
@@ -50,67 +48,84 @@ def tokenize_corpus(config: Optional[RerankConfig] = None, **fields: Any) -> Job
     Takes the one `RerankConfig` (corpus, output and model set). Rerunning
     resumes; a finished output is a no-op. The summary counts passages as pairs.
     """
-    config = (config or RerankConfig()).replace(**fields)
-    _validate(config)
-    started = time.time()
-    model = describe_model(config.model, config.revision, config.trust_remote_code)
-    fingerprint = _check_tokenizer(config, model)
-    corpus = inspect_candidates([config.corpus], {"doc_id": config.doc_id_column,
-                                                  "passage": config.passage_column}, [])
-    out_fs, root = fsio.resolve(config.output)
-    chunks = checkpoint.plan_chunks(corpus.file_rows, config.checkpoint_rows)
-    plan = _plan(config, corpus, fingerprint)
-    opened = checkpoint.open_job(out_fs, root, config.output, plan,
-                                 overwrite=config.overwrite, restart=config.restart)
-    if opened.finished:
-        log.info("output '%s' already holds this tokenized corpus; nothing to do",
-                 config.output)
-        return dataclasses.replace(JobSummary.from_dict(opened.finished["summary"]),
-                                   already_done=True)
+    return driver.run(TokenizeCorpusJob((config or RerankConfig()).replace(**fields)))
 
-    with ray_session(config.address):
+
+class TokenizeCorpusJob(driver.Job):
+    """tokenize-corpus's parts of the one driver: a pass of CPU tokenizers (no model
+    replicas) that writes T's files itself, no rank pass, T's metadata at the end."""
+
+    command = "tokenize-corpus"
+    phases = ("startup", "tokenize", "check")
+
+    def __init__(self, config: RerankConfig) -> None:
+        _validate(config)
+        super().__init__(config)
+
+    def check(self) -> dict:
+        config = self.config
+        self.model = describe_model(config.model, config.revision, config.trust_remote_code)
+        self.fingerprint = _check_tokenizer(config, self.model)
+        self.corpus = inspect_candidates([config.corpus], {"doc_id": config.doc_id_column,
+                                                           "passage": config.passage_column},
+                                         [])
+        return _plan(config, self.corpus, self.fingerprint)
+
+    def chunks(self) -> list[checkpoint.Chunk]:
+        return checkpoint.plan_chunks(self.corpus.file_rows, self.config.checkpoint_rows)
+
+    def replicas(self) -> ReplicaPlan:
+        """The tokenizer pool, sized like a replica plan with no replicas."""
         import ray
 
-        done = checkpoint.read_progress(out_fs, root).done_chunks(chunks)
-        pending = [c for c in chunks if c.id not in done]
-        if tok.drop_chunks(out_fs, root, {c.id for c in pending}):
-            log.info("deleted the partly written chunks of an earlier run")
-        progress_log = ProgressLog(corpus.num_rows, sum(c.rows for c in chunks if c.id in done))
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        pool = ReplicaPlan("cpu", 0.0, 1.0, 1, 1, config.tokenize_workers or max(1, cpus - 1),
-                           config.replica_batch_rows or TOKENIZER_BATCH_ROWS)
-        if pending:
-            log.info("tokenizing %d passages with %s's tokenizer (%d chunks, up to %d "
-                     "tokenizers)", sum(c.rows for c in pending), model.source, len(pending),
-                     pool.tokenizers)
-            run_scoring(_build_plan(config, corpus, model, pool, pending, out_fs, root,
-                                    opened.run), progress_log)
-        progress = checkpoint.read_progress(out_fs, root)
-        check_all_committed(progress, chunks)
+        return ReplicaPlan("cpu", 0.0, 1.0, 1, 1,
+                           self.config.tokenize_workers or max(1, cpus - 1),
+                           self.config.replica_batch_rows or TOKENIZER_BATCH_ROWS)
+
+    reserve = staticmethod(driver.no_reservation)
+
+    def describe(self, pending: list[checkpoint.Chunk], pool: ReplicaPlan) -> str:
+        return (f"tokenizing {sum(c.rows for c in pending)} passages with "
+                f"{self.model.source}'s tokenizer ({len(pending)} chunks, up to "
+                f"{pool.tokenizers} tokenizers)")
+
+    def scoring_pass(self, pool: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
+        if tok.drop_chunks(self.fs, self.root, {c.id for c in pending}):
+            log.info("deleted the partly written chunks of an earlier run")
+        return _build_plan(self.config, self.corpus, self.model, pool, pending, self.fs,
+                           self.root, self.run)
+
+    def second_pass(self, progress: checkpoint.Progress) -> list[dict]:
+        """No ranking: check that no chunk was written twice in overlapping pieces."""
         overlapping = tok.overlapping_chunks(progress)
         if overlapping:
-            tok.drop_chunks(out_fs, root, overlapping)
+            tok.drop_chunks(self.fs, self.root, overlapping)
             raise RuntimeError(f"{len(overlapping)} chunk(s) were written twice in pieces "
                                "that overlap (a retried batch); they were deleted: rerun the "
                                "same command to redo them")
+        return []
 
-    summary = _summarise(config, corpus, out_fs, root, progress, opened.run, started)
-    check_rejected(summary, config)
-    fsio.write_json(out_fs, fsio.join(root, tok.METADATA), {
-        "format_version": tok.FORMAT_VERSION, "tokenizer": fingerprint,
-        "model": {"source": model.source, "revision": model.revision,
-                  "fingerprint": model.fingerprint},
-        "rows": summary.written, "rejected": summary.rejected,
-        "columns": {"doc_id": tok.DOC_ID, "passage_ids": tok.PASSAGE_IDS,
-                    "empty_passage": tok.EMPTY_PASSAGE},
-        "source": {"corpus": config.corpus, "doc_id_column": config.doc_id_column,
-                   "passage_column": config.passage_column,
-                   "fingerprint": plan["input"]["digest"]}})
-    finish_job(out_fs, root, config, summary, plan, {
-        "command": "tokenize-corpus", "model": dataclasses.asdict(model),
-        "input": {"files": len(corpus.paths), "rows": corpus.num_rows,
-                  "fingerprint": plan["input"]["digest"]}})
-    return summary
+    def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
+        return _summarise(self.config, self.corpus, self.fs, self.root, rows_this_run, seconds)
+
+    def before_success(self, summary: JobSummary) -> None:
+        config = self.config
+        fsio.write_json(self.fs, fsio.join(self.root, tok.METADATA), {
+            "format_version": tok.FORMAT_VERSION, "tokenizer": self.fingerprint,
+            "model": {"source": self.model.source, "revision": self.model.revision,
+                      "fingerprint": self.model.fingerprint},
+            "rows": summary.written, "rejected": summary.rejected,
+            "columns": {"doc_id": tok.DOC_ID, "passage_ids": tok.PASSAGE_IDS,
+                        "empty_passage": tok.EMPTY_PASSAGE},
+            "source": {"corpus": config.corpus, "doc_id_column": config.doc_id_column,
+                       "passage_column": config.passage_column,
+                       "fingerprint": self.plan["input"]["digest"]}})
+
+    def details(self, pool: ReplicaPlan, progress: checkpoint.Progress) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model),
+                "input": {"files": len(self.corpus.paths), "rows": self.corpus.num_rows,
+                          "fingerprint": self.plan["input"]["digest"]}}
 
 
 def _validate(config: RerankConfig) -> None:
@@ -126,10 +141,9 @@ def _check_tokenizer(config: RerankConfig, model: ModelInfo) -> dict[str, Any]:
     """The tokenizer's fingerprint, once it is known that jobs can pair its ids."""
     tokenizer = load_tokenizer(model, config.trust_remote_code)
     fingerprint = tok.tokenizer_fingerprint(tokenizer)  # before any encoding: see its doc
-    why_not = PairAssembler(tokenizer, config.max_length).verify()
-    if why_not:
-        raise ConfigError(f"model '{model.source}': jobs pair a tokenized corpus's ids with "
-                          f"separately tokenized queries, but {why_not}; use the text corpus")
+    checked_assembler(tokenizer, model.source, config.max_length, PassagePolicy(),
+                      "tokenize-corpus writes passage ids that jobs pair with separately "
+                      "tokenized queries")
     return fingerprint
 
 
@@ -138,7 +152,7 @@ def _plan(config: RerankConfig, corpus: CandidateFiles, fingerprint: dict) -> di
     model's weights, decides the ids, so its fingerprint stands for the model."""
     key = {name: getattr(config, name) for name in _KEY_FIELDS}
     key["format_version"] = tok.FORMAT_VERSION
-    prints = checkpoint.fingerprint_inputs(corpus)
+    prints = corpus.fingerprint()
     return {"command": "tokenize-corpus", "config": key, "config_hash": checkpoint.digest(key),
             "model_fingerprint": fingerprint["digest"], "input": prints,
             "total_rows": corpus.num_rows, "buckets": 1}
@@ -168,7 +182,7 @@ def _build_plan(config: RerankConfig, corpus: CandidateFiles, model: ModelInfo,
 
 
 def _summarise(config: RerankConfig, corpus: CandidateFiles, fs: Any, root: str,
-               progress: checkpoint.Progress, run: int, started: float) -> JobSummary:
+               this_run: int, seconds: float) -> JobSummary:
     """Counts from T's files: what every run together wrote."""
     written = sum(pq.ParquetFile(p, filesystem=fs).metadata.num_rows
                   for p in fsio.parquet_files(fs, root))
@@ -181,8 +195,8 @@ def _summarise(config: RerankConfig, corpus: CandidateFiles, fs: Any, root: str,
         raise RuntimeError(f"exactly-once check failed: the corpus has {corpus.num_rows} rows "
                            f"but {written} were written and {sum(rejected.values())} rejected")
     return JobSummary(output=config.output, pairs=corpus.num_rows, scored=written,
-                      written=written, pairs_this_run=progress.rows_by_run.get(run, 0),
-                      queries=0, rejected=rejected, seconds=round(time.time() - started, 3))
+                      written=written, pairs_this_run=this_run,
+                      queries=0, rejected=rejected, seconds=round(seconds, 3))
 
 
 def summary_line(summary: JobSummary) -> str:

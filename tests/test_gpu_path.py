@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rstar_batch.cluster import Node
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.model import resolve_device, resolve_dtype
-from rstar_batch.cluster import Node
 from rstar_batch.replicas import plan_replicas
 
 
@@ -66,8 +66,8 @@ def test_the_cls_only_last_layer_is_as_close_to_float32_as_the_models_forward(ti
     forwards round differently, so each is held to float32, not to the other."""
     import numpy as np
 
+    from rstar_batch.base import columns as C
     from rstar_batch.model import describe_model
-    from rstar_batch.stages import columns as C
     from rstar_batch.stages.normalize import Normalize
     from rstar_batch.stages.score import Scorer
     from rstar_batch.stages.tokenize import Tokenize

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
+from rstar_batch.base import columns as C
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.model import describe_model
-from rstar_batch.stages import columns as C
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.pairs import PassagePolicy, TokenTable
 from rstar_batch.stages.score import Score

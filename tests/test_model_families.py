@@ -5,6 +5,7 @@ family's own tokenizer class and pair template (rstar_batch/tiny_families.py).""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -12,11 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from transformers import AutoTokenizer
 
-from rstar_batch import rerank, score_corpus
+from rstar_batch import ConfigError, rerank, score_corpus, tokenize_corpus
+from rstar_batch.base import columns as C
+from rstar_batch.io import tokenized as tok
 from rstar_batch.model import describe_model
-from rstar_batch.stages import columns as C
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.score import Scorer
 from rstar_batch.stages.tokenize import Tokenize
@@ -75,7 +78,6 @@ def unlearnable_model(tiny_model, tmp_path_factory) -> str:
     """The tiny model with a tokenizer that puts the passage before the query: no
     special tokens around (query, passage) describe its pairs."""
     from tokenizers.processors import TemplateProcessing
-
     from transformers import PreTrainedTokenizerFast
 
     path = str(tmp_path_factory.mktemp("unlearnable") / "model")
@@ -161,3 +163,32 @@ def test_pairs_of_a_tokenizer_without_a_learnable_template_are_tokenized_whole(
 def test_a_tokenizer_without_a_learnable_template_still_runs_every_command(
         ray_local, unlearnable_model, tmp_path):
     _every_command_scores_as_transformers(unlearnable_model, tmp_path)
+
+
+def test_what_needs_a_passages_own_ids_refuses_a_tokenizer_without_a_template(
+        unlearnable_model, tiny_model, tmp_path):
+    """tokenize-corpus, a tokenized corpus and passage cuts refuse it before Ray starts
+    (no Ray here), each saying why; plain rerank and score-corpus accept it (above)."""
+    table = _pairs()
+    candidates, corpus = str(tmp_path / "candidates.parquet"), str(tmp_path / "corpus.parquet")
+    pq.write_table(table, candidates)
+    pq.write_table(table.select(["doc_id", "passage"]), corpus)
+    common = dict(model=unlearnable_model, max_length=MAX_LENGTH)
+    with pytest.raises(ConfigError, match="tokenize-corpus writes passage ids .* not special"):
+        tokenize_corpus(corpus=corpus, output=str(tmp_path / "t"), **common)
+    with pytest.raises(ConfigError, match="--long-passages maxp .* not special tokens"):
+        rerank(candidates=[candidates], output=str(tmp_path / "r"), long_passages="maxp",
+               window=16, stride=8, **common)
+    # A tokenized corpus of this very tokenizer (written by hand: tokenize-corpus refuses)
+    tokenized = str(tmp_path / "tokenized")
+    os.makedirs(tokenized)
+    with open(os.path.join(tokenized, tok.METADATA), "w") as meta:
+        json.dump({"format_version": tok.FORMAT_VERSION, "model": {"source": "by hand"},
+                   "tokenizer": tok.tokenizer_fingerprint(
+                       AutoTokenizer.from_pretrained(unlearnable_model))}, meta)
+    open(os.path.join(tokenized, "_SUCCESS"), "w").close()
+    for job in (rerank, score_corpus):
+        with pytest.raises(ConfigError, match=f"tokenized corpus '{tokenized}': .* not special"):
+            job(candidates=[candidates] if job is rerank else [], corpus=tokenized,
+                queries=candidates, top_k=3, output=str(tmp_path / job.__name__), **common)
+    assert not ray.is_initialized()

@@ -11,7 +11,7 @@ import pytest
 
 import rstar_batch
 from rstar_batch.io.sources import InputError
-from rstar_batch.job import TooManyRejectedError
+from rstar_batch.summary import TooManyRejectedError
 
 pytestmark = pytest.mark.slow
 

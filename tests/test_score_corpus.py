@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from rstar_batch import RerankConfig, score_corpus
+from rstar_batch.base import columns as C
 from rstar_batch.io.sources import InputError
 from rstar_batch.stages.all_pairs import block_top_k
 from rstar_batch.stages.rank import rank_table
-from rstar_batch.stages import columns as C
 from rstar_batch.testing import make_candidates
 from tests.jobs import Job, committed_rows, run
 from tests.reference import reference_scores

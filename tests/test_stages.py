@@ -6,9 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from rstar_batch.base import columns as C
+from rstar_batch.base.ids import id_buckets
 from rstar_batch.model import describe_model
-from rstar_batch.stages import columns as C
-from rstar_batch.stages.normalize import Normalize, query_buckets
+from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.pairs import PairAssembler
 from rstar_batch.stages.rank import rank_table
 from rstar_batch.stages.score import Score, Scorer, pad_rows, plan_batches, resolve_activation
@@ -32,13 +33,13 @@ def test_normalize_flags_each_null_field_and_keeps_the_row():
                                          C.NULL_DOC_ID, C.NULL_PASSAGE]
 
 
-def test_query_buckets_are_stable_and_keep_a_query_together():
+def test_id_buckets_are_stable_and_keep_a_query_together():
     ids = pa.array(["q1", "q2", "q1", "q3"] * 50)
-    first, again = query_buckets(ids, 7), query_buckets(ids, 7)
+    first, again = id_buckets(ids, 7), id_buckets(ids, 7)
     assert (first == again).all()
     assert len(set(first[::4])) == 1  # every "q1" row in one bucket
     assert set(np.unique(first)) <= set(range(7))
-    ints = query_buckets(pa.array(np.arange(1000)), 8)
+    ints = id_buckets(pa.array(np.arange(1000)), 8)
     assert len(np.unique(ints)) == 8  # spreads over all buckets
 
 
@@ -152,7 +153,7 @@ def test_the_cls_only_last_layer_gives_the_models_own_logits(tiny_model, edge_ca
 def test_models_other_than_plain_bert_keep_their_own_forward():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from rstar_batch.stages.bert_cls import cls_only_forward
+    from rstar_batch.bert_cls import cls_only_forward
 
     small = DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=1))
@@ -269,7 +270,7 @@ def test_the_cls_only_last_layer_with_projected_keys_gives_the_models_own_logits
         tiny_model, edge_cases, monkeypatch):
     """Int8 keys and values hold packed weights, so that last layer projects them;
     the same path on float32 weights must give the model's own logits too."""
-    from rstar_batch.stages.bert_cls import ClsOnlyBert
+    from rstar_batch.bert_cls import ClsOnlyBert
 
     tokens = _tokenized(tiny_model, edge_cases)
     ids, types = (tokens[C.INPUT_IDS].combine_chunks(),
@@ -290,7 +291,7 @@ def test_the_cls_only_last_layer_with_projected_keys_gives_the_models_own_logits
 
 
 def test_int8_scoring_takes_the_projected_last_layer(tiny_model, edge_cases, monkeypatch):
-    from rstar_batch.stages.bert_cls import ClsOnlyBert
+    from rstar_batch.bert_cls import ClsOnlyBert
 
     tokens = _tokenized(tiny_model, edge_cases)
     ids, types = (tokens[C.INPUT_IDS].combine_chunks(),
@@ -314,7 +315,7 @@ def test_reused_buffers_give_the_same_logits_across_pass_shapes(tiny_model):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from rstar_batch.stages.bert_cls import ClsOnlyBert
+    from rstar_batch.bert_cls import ClsOnlyBert
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model).eval()
     reused, fresh = ClsOnlyBert(model, reuse_buffers=True), ClsOnlyBert(model)

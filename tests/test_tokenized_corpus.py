@@ -16,8 +16,8 @@ from transformers import AutoTokenizer
 
 import rstar_batch
 from rstar_batch import ConfigError
+from rstar_batch.base import columns as C
 from rstar_batch.model import describe_model
-from rstar_batch.stages import columns as C
 from rstar_batch.stages.pairs import PassagePolicy
 from rstar_batch.stages.tokenize import Tokenize
 from rstar_batch.testing import make_candidates

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError
-from rstar_batch.io import fs as fsio
 
 log = logging.getLogger(__name__)
 

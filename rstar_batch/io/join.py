@@ -30,12 +30,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rstar_batch import checkpoint
-from rstar_batch.io import fs as fsio
+from rstar_batch.base import columns as C
+from rstar_batch.base import fs as fsio
+from rstar_batch.base.columns import PREPARE_REASON
+from rstar_batch.base.ids import id_buckets
 from rstar_batch.io import tokenized as tok
 from rstar_batch.io.sources import CandidateFiles
-from rstar_batch.stages import columns as C
-from rstar_batch.stages.columns import PREPARE_REASON
-from rstar_batch.stages.normalize import query_buckets
 
 CORPUS_BUCKET_BYTES = 256 << 20   # compressed corpus Parquet per join task
 RUN_BUCKET_ROWS = 1_000_000       # candidates per join task (held in its memory)
@@ -76,7 +76,7 @@ class _Bucketize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return batch.append_column(
-            _BUCKET, pa.array(query_buckets(batch[self.doc_id], self.buckets)))
+            _BUCKET, pa.array(id_buckets(batch[self.doc_id], self.buckets)))
 
 
 def _split(source: CandidateFiles, columns: list[str], doc_id: str, buckets: int,

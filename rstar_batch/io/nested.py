@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from rstar_batch import checkpoint
-from rstar_batch.io import fs as fsio
-from rstar_batch.io.sources import CandidateFiles, InputError, _is_id, _is_text
+from rstar_batch.base import fs as fsio
+from rstar_batch.io.sources import CandidateFiles, InputError, is_id_type, is_text_type
 
 
 def _struct_fields(t: pa.DataType) -> Optional[pa.StructType]:
@@ -49,7 +49,7 @@ def check_nested(path: str, schema: pa.Schema, column: str, doc_id: str, passage
                  keep: list[str]) -> None:
     """The struct must hold the doc id and passage; kept columns must exist somewhere."""
     struct = _struct_fields(schema.field(column).type)
-    for name, ok, kind in [(doc_id, _is_id, "an integer or string"), (passage, _is_text,
+    for name, ok, kind in [(doc_id, is_id_type, "an integer or string"), (passage, is_text_type,
                                                                        "a string")]:
         at = struct.get_field_index(name)
         if at < 0:

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from rstar_batch.base import columns as C
 from rstar_batch.checkpoint import Chunk
-from rstar_batch.stages import columns as C
 
 READ_TASK_ROWS = 65536
 STREAM_BATCH_ROWS = 8192

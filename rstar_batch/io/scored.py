@@ -17,36 +17,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rstar_batch import checkpoint
-from rstar_batch.io import fs as fsio
-from rstar_batch.stages import columns as C
-from rstar_batch.stages.normalize import fill_null_ids
+from rstar_batch.base import columns as C
+from rstar_batch.base import fs as fsio
+from rstar_batch.base.ids import fill_null_ids
+from rstar_batch.base.runs import named_runs, split_runs
 
 
 def bucket_dir(root: str, bucket: int) -> str:
     return fsio.join(checkpoint.scored_dir(root), f"b{bucket:05d}")
-
-
-def split_runs(chunks: np.ndarray, rows: np.ndarray) -> list[tuple[int, int, int, np.ndarray]]:
-    """(chunk, start, end, indices) for each run of consecutive rows of one chunk."""
-    order = np.lexsort((rows, chunks))
-    c, r = chunks[order], rows[order]
-    breaks = np.flatnonzero((np.diff(c) != 0) | (np.diff(r) != 1)) + 1
-    runs = []
-    for part in np.split(np.arange(len(order)), breaks):
-        if len(part):
-            first, last = part[0], part[-1]
-            runs.append((int(c[first]), int(r[first]), int(r[last]) + 1, order[part]))
-    return runs
-
-
-def named_runs(chunks: np.ndarray, starts: np.ndarray, ends: np.ndarray
-               ) -> list[tuple[int, int, int, np.ndarray]]:
-    """(chunk, start, end, indices) for rows that name their run themselves."""
-    keys = np.stack([chunks, starts, ends], axis=1)
-    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    order = np.argsort(inverse.reshape(-1), kind="stable")
-    groups = np.split(order, np.cumsum(np.bincount(inverse.reshape(-1)))[:-1])
-    return [(int(c), int(s), int(e), rows) for (c, s, e), rows in zip(unique, groups)]
 
 
 class WriteRuns:

@@ -1,4 +1,4 @@
-"""The output folder's layout and the rank pass's files.
+"""The output folder's layout.
 
     OUTPUT/
       part-00000.parquet …   ranked rows; every row of a query in exactly one file
@@ -14,43 +14,6 @@ folder skip them and see only the ranked Parquet.
 
 from __future__ import annotations
 
-from typing import Optional
-
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
-
-from rstar_batch.io import fs as fsio
-from rstar_batch.io.scored import mark_duplicates, read_bucket
-from rstar_batch.stages import columns as C
-from rstar_batch.stages.rank import rank_table, rejected_table
-
-REJECTED = "_rejected"
-
 
 def ranked_name(bucket: int) -> str:
     return f"part-{bucket:05d}.parquet"
-
-
-def rank_bucket(fs: pafs.FileSystem, root: str, bucket: int, files: list[str],
-                keep: list[str], top_k: Optional[int]) -> dict:
-    """Rank one bucket's scored rows into its output file; return its counts.
-
-    The file name depends only on the bucket, so running this twice writes the
-    same file twice rather than a duplicate.
-    """
-    table = mark_duplicates(read_bucket(fs, files)).drop_columns([C.CHUNK, C.ROW])
-    rejected = pc.is_valid(table[C.REJECT])
-    valid = table.filter(pc.invert(rejected))
-    ranked = rank_table(valid, keep, top_k)
-    fsio.write_table(fs, fsio.join(root, ranked_name(bucket)), ranked)
-    bad = table.filter(rejected)
-    reasons: dict[str, int] = {}
-    if bad.num_rows:
-        fsio.write_table(fs, fsio.join(root, REJECTED, ranked_name(bucket)),
-                         rejected_table(bad, keep))
-        for row in pc.value_counts(bad[C.REJECT]).to_pylist():
-            reasons[row["values"]] = row["counts"]
-    return {
-        "rows": table.num_rows, "scored": valid.num_rows, "written": ranked.num_rows,
-        "queries": len(pc.unique(valid[C.QUERY_ID])), "rejected": reasons,
-    }

@@ -11,12 +11,14 @@ import glob as globlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rstar_batch.io import fs as fsio
+from rstar_batch import checkpoint
+from rstar_batch.base import fs as fsio
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,12 @@ class CandidateFiles:
     file_rows: list[int]        # rows of each file, in `paths` order
     row_groups: list[list[int]]  # rows of each row group of each file
     skipped: list[dict]         # unreadable files left out (--on-bad-file skip)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Paths, sizes and versions (ETag or modification time) of the files: changes
+        when the input does."""
+        files = fsio.file_versions(self.filesystem, self.paths)
+        return {"files": files, "rows": self.file_rows, "digest": checkpoint.digest(files)}
 
 
 def _expand_one(fs: pafs.FileSystem, uri: str, path: str) -> list[str]:
@@ -87,13 +95,13 @@ def _footer(fs: pafs.FileSystem, path: str) -> tuple[str, pa.Schema, int, int, l
                          ) from None
 
 
-def _is_text(t: pa.DataType) -> bool:
+def is_text_type(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or (
         hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
 
 
-def _is_id(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or _is_text(t)
+def is_id_type(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or is_text_type(t)
 
 
 def check_schema(path: str, schema: pa.Schema, roles: dict[str, str], keep: list[str]) -> None:
@@ -103,8 +111,8 @@ def check_schema(path: str, schema: pa.Schema, roles: dict[str, str], keep: list
             raise InputError(
                 f"candidates file '{path}' has no {role} column '{column}' (it has: "
                 f"{', '.join(schema.names)}); map yours with --{role.replace('_', '-')}-column")
-        kind, ok = ("an integer or string", _is_id) if role.endswith("_id") else (
-            "a string", _is_text)
+        kind, ok = ("an integer or string", is_id_type) if role.endswith("_id") else (
+            "a string", is_text_type)
         column_type = schema.field(column).type
         if not ok(column_type):
             raise InputError(f"column '{column}' ({role}) in candidates file '{path}' is "

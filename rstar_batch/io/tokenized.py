@@ -26,20 +26,19 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from rstar_batch import checkpoint
+from rstar_batch.base import columns as C
+from rstar_batch.base import fs as fsio
+from rstar_batch.base.runs import split_runs
 from rstar_batch.config import ConfigError
 from rstar_batch.faults import FaultHook
-from rstar_batch.io import fs as fsio
-from rstar_batch.io.scored import split_runs
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
-from rstar_batch.model import ModelInfo, load_tokenizer
-from rstar_batch.stages import columns as C
-from rstar_batch.stages.pairs import PairAssembler
+from rstar_batch.model import ModelInfo
 
 FORMAT_VERSION = 1
 METADATA = "_tokenized_corpus.json"
-DOC_ID = "doc_id"
-PASSAGE_IDS = "passage_ids"
-EMPTY_PASSAGE = "empty_passage"
+DOC_ID = C.TOKENIZED_DOC_ID
+PASSAGE_IDS = C.TOKENIZED_PASSAGE_IDS
+EMPTY_PASSAGE = C.TOKENIZED_EMPTY_PASSAGE
 COLUMNS = (DOC_ID, PASSAGE_IDS, EMPTY_PASSAGE)
 REJECTED = checkpoint.REJECTED
 
@@ -98,18 +97,16 @@ def inspect_tokenized(uri: str) -> CandidateFiles:
     return files
 
 
-def open_tokenized(uri: Optional[str], model: ModelInfo, max_length: int,
-                   trust_remote_code: bool) -> Optional[dict[str, Any]]:
+def open_tokenized(uri: Optional[str], model: ModelInfo, tokenizer: Any
+                   ) -> Optional[dict[str, Any]]:
     """T's metadata, checked for this job (on the driver), or None when `uri` is a
-    text corpus (or not given).
-
-    Refuses T when its tokenizer is not the job's model's, and when that tokenizer's
-    pairs cannot be assembled from separate ids (the only way T's ids are used).
+    text corpus (or not given). Refuses T when its tokenizer is not the job's model's
+    `tokenizer`. (Whether that tokenizer's pairs can be assembled from separate ids,
+    the only way T's ids are used, the job checks: stages/tokenize.checked_assembler.)
     """
     meta = read_metadata(uri) if uri else None
     if meta is None:
         return None
-    tokenizer = load_tokenizer(model, trust_remote_code)
     mine = tokenizer_fingerprint(tokenizer)
     theirs = meta["tokenizer"]
     if mine["digest"] != theirs["digest"]:
@@ -118,12 +115,12 @@ def open_tokenized(uri: Optional[str], model: ModelInfo, max_length: int,
             f"(tokenizer {theirs['digest']}), but this job's model '{model.source}' has "
             f"another tokenizer ({mine['digest']}); tokenize the corpus for it with "
             f"`rstar-batch tokenize-corpus --model {model.source}` or pass the text corpus")
-    why_not = PairAssembler(tokenizer, max_length).verify()
-    if why_not:
-        raise ConfigError(f"tokenized corpus '{uri}': its ids are paired with queries "
-                          f"separately tokenized, but for model '{model.source}' {why_not}; "
-                          "pass the text corpus instead")
     return meta
+
+
+def pairing_clause(uri: str) -> str:
+    """Why a job reading tokenized corpus `uri` needs pairs assembled from its ids."""
+    return f"tokenized corpus '{uri}': its ids are paired with separately tokenized queries"
 
 
 # -- writing T (tokenize-corpus's sink) -----------------------------------------------

@@ -17,13 +17,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rstar_batch.base import columns as C
+from rstar_batch.base.order import group_starts, positions_in_groups, rank_order
+from rstar_batch.base.runs import split_runs
 from rstar_batch.faults import FaultHook
-from rstar_batch.io.scored import split_runs
-from rstar_batch.stages import columns as C
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
-from rstar_batch.stages.rank import group_starts, positions_in_groups, rank_order
-from rstar_batch.stages.score import (Scorer, _check_finite, best_per_row, node_column,
-                                      this_node, with_retries)
+from rstar_batch.stages.score import (Scorer, best_per_row, check_finite, node_column, this_node,
+                                      with_retries)
 from rstar_batch.stages.tokenize import Tokenize, texts_of_rejected_only
 
 
@@ -104,7 +104,7 @@ class ScoreAllPairs:
                     self.queries.tokens, passages, query, passage, empty[passage],
                     self.passages.window, self.passages.stride)
                 scores = best_per_row(self.scorer.score(ids, types), counts)
-            _check_finite(scores, lambda i: (self.queries.ids[int(query[i])],
+            check_finite(scores, lambda i: (self.queries.ids[int(query[i])],
                                              doc_ids[int(passage[i])]))
             return scores
 

@@ -1,4 +1,4 @@
-"""Stages around a tokenized corpus (io/tokenized.py).
+"""Stages around a tokenized corpus (its format: io/tokenized.py).
 
 `TokenizeWhole` is tokenize-corpus's tokenizer actor: `TokenizePassages` with no
 cut, so the ids serve any later max_length or passage policy. `PassagesFromTokens`
@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from rstar_batch.io import tokenized as tok
+from rstar_batch.base import columns as C
 from rstar_batch.model import ModelInfo
-from rstar_batch.stages import columns as C
 from rstar_batch.stages.pairs import PassagePolicy, TokenTable
 from rstar_batch.stages.tokenize import TokenizePassages, fit_passages
 
@@ -40,10 +39,10 @@ class PassagesFromTokens:
         self.limit = None if passages.windowed else limit
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = TokenTable.from_list_array(batch[tok.PASSAGE_IDS].combine_chunks())
+        ids = TokenTable.from_list_array(batch[C.TOKENIZED_PASSAGE_IDS].combine_chunks())
         n = batch.num_rows
         return pa.table({
-            C.CHUNK: batch[C.CHUNK], C.ROW: batch[C.ROW], C.DOC_ID: batch[tok.DOC_ID],
+            C.CHUNK: batch[C.CHUNK], C.ROW: batch[C.ROW], C.DOC_ID: batch[C.TOKENIZED_DOC_ID],
             C.PASSAGE: pa.nulls(n, pa.string()), C.REJECT: pa.nulls(n, pa.string()),
             C.PASSAGE_IDS: fit_passages(ids, self.passages, self.limit).to_list_array(),
-            C.EMPTY_PASSAGE: batch[tok.EMPTY_PASSAGE]})
+            C.EMPTY_PASSAGE: batch[C.TOKENIZED_EMPTY_PASSAGE]})

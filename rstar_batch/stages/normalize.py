@@ -7,36 +7,12 @@ Each row also gets the bucket (output file) its query belongs to.
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rstar_batch.stages import columns as C
-from rstar_batch.stages.columns import PREPARE_REASON
-
-
-def fill_null_ids(ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """Null ids as 0 or "" (by type), for hashing and grouping: a row with a null id
-    is rejected, yet it still needs a bucket."""
-    if not ids.null_count:
-        return ids
-    return pc.fill_null(ids, pa.scalar(0 if pa.types.is_integer(ids.type) else "", ids.type))
-
-
-def stable_hash(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A 64-bit hash per id, the same in every process and run; a null hashes as
-    0 or "" does."""
-    values = fill_null_ids(ids).to_numpy(zero_copy_only=False)
-    values = values.astype(np.int64) if values.dtype.kind in "iu" else values.astype(object)
-    return pd.util.hash_array(values, categorize=False)
-
-
-def query_buckets(query_ids: pa.ChunkedArray | pa.Array, num_buckets: int) -> np.ndarray:
-    """A stable bucket per query id, the same in every process and run."""
-    if num_buckets == 1:
-        return np.zeros(len(query_ids), dtype=np.int32)
-    return (stable_hash(query_ids) % np.uint64(num_buckets)).astype(np.int32)
+from rstar_batch.base import columns as C
+from rstar_batch.base.columns import PREPARE_REASON
+from rstar_batch.base.ids import id_buckets
 
 
 class Normalize:
@@ -67,7 +43,7 @@ class Normalize:
             if PREPARE_REASON in batch.column_names:
                 found = pc.and_(found, pc.is_null(batch[PREPARE_REASON]))
             reason = pc.if_else(found, pa.scalar(why), reason)
-        buckets = query_buckets(cols[C.QUERY_ID], self.num_buckets)
+        buckets = id_buckets(cols[C.QUERY_ID], self.num_buckets)
         tags = {k: batch[k] for k in (C.CHUNK, C.ROW) if k in batch.column_names}
         out = {**tags, **cols, **ids, **{k: batch[k] for k in self.keep},
                C.REJECT: reason, C.BUCKET: pa.array(buckets, pa.int32())}

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
+
 def _probes(max_length: int) -> list[tuple[str, str]]:
     """Pairs that meet every truncation case at `max_length`, and are no longer than
     that takes: the tokenizers library cuts an over-long pair into windows and pairs
@@ -89,6 +90,12 @@ class PassagePolicy:
     max_tokens: Optional[int] = None
     window: int = 384
     stride: int = 192
+
+    @classmethod
+    def of(cls, config: Any) -> "PassagePolicy":
+        """The policy a job's config asks for."""
+        return cls(config.long_passages, config.passage_max_tokens, config.window,
+                   config.stride)
 
     @property
     def windowed(self) -> bool:

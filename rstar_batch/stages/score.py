@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rstar_batch.base import columns as C
+from rstar_batch.bert_cls import cls_only_forward
 from rstar_batch.faults import FaultHook
 from rstar_batch.model import ModelInfo, load_replica, sleep_idle_threads
-from rstar_batch.stages.bert_cls import cls_only_forward
-from rstar_batch.stages import columns as C
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class Score:
         def score() -> np.ndarray:
             scores = (self.scorer.score(ids, types) if windows is None
                       else best_window_scores(self.scorer, ids, types, windows))
-            _check_finite(scores, lambda i: (batch[C.QUERY_ID][int(rows[i])],
+            check_finite(scores, lambda i: (batch[C.QUERY_ID][int(rows[i])],
                                              batch[C.DOC_ID][int(rows[i])]))
             return scores
 
@@ -290,7 +290,7 @@ def with_retries(score: Callable[[], np.ndarray], retries: int, fault: FaultHook
     raise AssertionError("unreachable")
 
 
-def _check_finite(scores: np.ndarray, pair: Callable[[int], tuple[Any, Any]]) -> None:
+def check_finite(scores: np.ndarray, pair: Callable[[int], tuple[Any, Any]]) -> None:
     bad = np.flatnonzero(~np.isfinite(scores))
     if len(bad):
         query_id, doc_id = pair(int(bad[0]))

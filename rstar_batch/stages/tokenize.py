@@ -14,14 +14,15 @@ texts of scored rows are dropped here, so only token ids travel to the GPUs.
 from __future__ import annotations
 
 import logging
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rstar_batch.base import columns as C
 from rstar_batch.config import ConfigError
 from rstar_batch.model import ModelInfo, load_tokenizer
-from rstar_batch.stages import columns as C
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,26 @@ class Tokenize:
             out = out.append_column(C.WINDOWS,
                                     _scatter(windows, index, batch.num_rows, pa.int32()))
         return out
+
+
+def checked_assembler(tokenizer: Any, model_source: str, max_length: int,
+                      passages: PassagePolicy, needs_ids: Optional[str] = None
+                      ) -> tuple[PairAssembler, Optional[str]]:
+    """The job's pair assembler, checked on the driver before Ray starts, and why its
+    pairs cannot be assembled from separately tokenized texts (None: they can).
+
+    Where they cannot, pairs are tokenized whole (logged once), unless the job needs
+    the passages' own ids: `needs_ids` (why: a tokenized corpus, tokenize-corpus) and
+    passage policies that cut or window passages are refused with the reason.
+    """
+    assembler = PairAssembler(tokenizer, max_length)
+    why_not = assembler.verify()
+    if why_not:
+        why_not = f"for model '{model_source}' {why_not}"
+        if needs_ids:
+            raise ConfigError(f"{needs_ids}, but {why_not}; use the text corpus instead")
+        fall_back_to_whole_pairs(passages, why_not)
+    return assembler, why_not
 
 
 def fall_back_to_whole_pairs(passages: PassagePolicy, why_not: str) -> None:

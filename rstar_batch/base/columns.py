@@ -22,6 +22,11 @@ WINDOWS = "_windows"      # maxp: token count of each window encoding in _input_
 NODE = "_node"            # the Ray node whose replica scored the row (dictionary-encoded)
 SCORE = "score"
 
+# A tokenized corpus's own columns (tokenize-corpus's output; io/tokenized.py).
+TOKENIZED_DOC_ID = "doc_id"
+TOKENIZED_PASSAGE_IDS = "passage_ids"
+TOKENIZED_EMPTY_PASSAGE = "empty_passage"
+
 # Reasons a row is not scored; each is counted in the summary.
 NULL_QUERY_ID = "null_query_id"
 NULL_DOC_ID = "null_doc_id"

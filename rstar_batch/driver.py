@@ -1,0 +1,192 @@
+"""The one driver every job runs through: open or resume the output, start Ray, run
+the job's streaming pass over its pending chunks, check every chunk committed, run
+its second pass, summarise, check, write the manifest.
+
+A job (rerank in pipeline.py, score_corpus.py, tokenize_corpus.py) subclasses `Job`
+and supplies only what differs: its checks and plan, its chunks, its pass-1 plan,
+its second pass and its summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Any, ContextManager, Optional
+
+from rstar_batch import checkpoint
+from rstar_batch.base import fs as fsio
+from rstar_batch.cluster import live_nodes, ray_session
+from rstar_batch.config import RerankConfig
+from rstar_batch.manifest import finish_job
+from rstar_batch.rank_pass import rank_all
+from rstar_batch.replicas import ReplicaPlan, plan_replicas, reserved
+from rstar_batch.summary import JobSummary, check_all_committed, check_rejected
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0
+
+
+class Job:
+    """One job's own parts. `run(job)` calls them in order:
+
+    before Ray: `check()` (the config and inputs; returns the plan a resume must match);
+    in Ray: `chunks()`, `replicas()`, `scoring_pass()` over the pending chunks,
+    `second_pass()` (rerank's rank pass unless overridden); after: `summarise()`,
+    `before_success()`, `details()` for the manifest.
+    """
+
+    command = ""
+    # the manifest's phase names: start-up, the streaming pass, the second pass
+    phases = ("startup", "scoring", "rank")
+
+    def __init__(self, config: RerankConfig) -> None:
+        self.config = config
+        self.fs, self.root = fsio.resolve(config.output)
+        self.plan: dict = {}
+        self.run = 0  # this run's number, once the output is opened
+
+    @property
+    def pairs_per_row(self) -> int:
+        """Pairs one row of the pass stands for (score-corpus: one per query)."""
+        return 1
+
+    @property
+    def rejectable_rows(self) -> Optional[int]:
+        """Rows --max-rejected-fraction is a fraction of (None: the summary's pairs)."""
+        return None
+
+    def check(self) -> dict:
+        raise NotImplementedError
+
+    def chunks(self) -> list[checkpoint.Chunk]:
+        """Pass 1's chunks (in Ray: rerank prepares joined or nested inputs first)."""
+        raise NotImplementedError
+
+    def replicas(self) -> ReplicaPlan:
+        return plan_replicas(self.config, live_nodes())
+
+    def reserve(self, plan: ReplicaPlan) -> ContextManager[ReplicaPlan]:
+        return reserved(plan)
+
+    def describe(self, pending: list[checkpoint.Chunk], plan: ReplicaPlan) -> str:
+        """The log line that starts the pass."""
+        raise NotImplementedError
+
+    def scoring_pass(self, plan: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
+        """Pass 1 over the pending chunks as a lazy Ray Data dataset of commits."""
+        raise NotImplementedError
+
+    def second_pass(self, progress: checkpoint.Progress) -> list[dict]:
+        return rank_all(self.fs, self.root, self.config, progress)
+
+    def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
+        raise NotImplementedError
+
+    def before_success(self, summary: JobSummary) -> None:
+        """What the job writes once its summary checks out, before the manifest."""
+
+    def details(self, plan: ReplicaPlan, progress: checkpoint.Progress) -> dict[str, Any]:
+        """The manifest's job-specific fields."""
+        return {}
+
+
+def run(job: Job) -> JobSummary:
+    """Run `job` to the end, resuming what an earlier run of it committed."""
+    config = job.config
+    started, phases = time.time(), Phases(job.phases)
+    job.plan = job.check()
+    opened = checkpoint.open_job(job.fs, job.root, config.output, job.plan,
+                                 overwrite=config.overwrite, restart=config.restart)
+    if opened.finished:
+        log.info("output '%s' already holds this finished job; nothing to do", config.output)
+        return dataclasses.replace(JobSummary.from_dict(opened.finished["summary"]),
+                                   already_done=True)
+    job.run = opened.run
+
+    with ray_session(config.address):
+        chunks = job.chunks()
+        done = checkpoint.read_progress(job.fs, job.root).done_chunks(chunks)
+        pending = [c for c in chunks if c.id not in done]
+        per_row = job.pairs_per_row
+        progress_log = ProgressLog(sum(c.rows for c in chunks) * per_row,
+                                   sum(c.rows for c in chunks if c.id in done) * per_row)
+        if done:
+            log.info("resuming run %d: %d of %d chunks already done, %d pairs left",
+                     opened.run, len(done), len(chunks),
+                     progress_log.total - progress_log.done)
+        replicas = job.replicas()
+        phases.mark()
+        if pending:
+            log.info(job.describe(pending, replicas))
+            with job.reserve(replicas) as held:
+                run_scoring(job.scoring_pass(held, pending), progress_log, per_row)
+        phases.mark()
+        progress = checkpoint.read_progress(job.fs, job.root)
+        check_all_committed(progress, chunks)
+        parts = job.second_pass(progress)
+        phases.mark()
+
+    summary = job.summarise(parts, progress.rows_by_run.get(opened.run, 0),
+                            time.time() - started)
+    check_rejected(summary, config, rows=job.rejectable_rows)
+    job.before_success(summary)
+    finish_job(job.fs, job.root, config, summary, job.plan, {
+        "command": job.command, **job.details(replicas, progress),
+        "pairs_by_node": progress_log.by_node, "seconds_by_phase": phases.seconds})
+    return summary
+
+
+def no_reservation(plan: ReplicaPlan) -> ContextManager[ReplicaPlan]:
+    """For jobs whose pass holds no model replicas."""
+    return contextlib.nullcontext(plan)
+
+
+class Phases:
+    """Wall seconds of a job's phases, in the order named, for the manifest."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names, self.seconds = list(names), {}
+        self.last = time.monotonic()
+
+    def mark(self) -> None:
+        """The current phase ends now; the next one starts."""
+        now = time.monotonic()
+        self.seconds[self.names[len(self.seconds)]] = round(now - self.last, 3)
+        self.last = now
+
+
+class ProgressLog:
+    """A periodic log line: pairs done of total, pairs/s, ETA."""
+
+    def __init__(self, total: int, already: int) -> None:
+        self.total, self.done, self.started_with = total, already, already
+        self.started = self.last = time.monotonic()
+        self.by_node: dict[str, int] = {}  # pairs each Ray node's replicas scored
+
+    def add(self, rows: int, node: Optional[str] = None) -> None:
+        self.done += rows
+        if node is not None:
+            self.by_node[node] = self.by_node.get(node, 0) + rows
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            rate = (self.done - self.started_with) / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("progress: %d/%d pairs (%.1f%%), %.1f pairs/s, ETA %.0f s", self.done,
+                     self.total, 100.0 * self.done / self.total, rate, eta)
+
+
+def run_scoring(plan: Any, progress: ProgressLog, pairs_per_row: int = 1) -> int:
+    """Execute pass 1, consuming the commits as they land; return rows committed."""
+    rows = 0
+    for batch in plan.iter_batches(batch_size=None, batch_format="pyarrow"):
+        nodes = (batch["node"].to_pylist() if "node" in batch.column_names
+                 else [None] * batch.num_rows)
+        for start, end, node in zip(batch["start"].to_pylist(), batch["end"].to_pylist(),
+                                    nodes):
+            rows += end - start
+            progress.add((end - start) * pairs_per_row, node)
+    return rows

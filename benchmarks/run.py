@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 from gpu_busy import GpuBusy  # noqa: E402
 from metrics import drift  # noqa: E402
 
-from rstar_batch import RerankConfig, rerank, score_corpus  # noqa: E402
+from rstar_batch import Columns, RerankConfig, rerank, score_corpus  # noqa: E402
 from rstar_batch.base import columns as C  # noqa: E402
 from rstar_batch.model import auto_cpu_dtype, cpu_flags, describe_model  # noqa: E402
 from rstar_batch.stages.normalize import Normalize  # noqa: E402
@@ -123,7 +123,7 @@ def ours(model: str, table: pa.Table, device: str, dtype: str, **options):
     info = describe_model(model)
     tokenize = Tokenize(info, max_length=512)
     scorer = Scorer(info, device=device, dtype=dtype, **options)
-    normalize = Normalize("query_id", "query", "doc_id", "passage", [], 1)
+    normalize = Normalize(Columns(), 1)
     warm = tokenize(normalize(table.slice(0, 64)))
     scorer.score(warm[C.INPUT_IDS].combine_chunks(), warm[C.TOKEN_TYPE_IDS].combine_chunks())
 

@@ -29,6 +29,24 @@ class ConfigError(ValueError):
     """A configuration value or file a user must fix."""
 
 
+@dataclass(frozen=True)
+class Columns:
+    """The input's column for each role, and the columns kept: made once from the config
+    (`RerankConfig.columns`) for every reader and stage that maps the user's names."""
+
+    query_id: str = "query_id"
+    query: str = "query"
+    doc_id: str = "doc_id"
+    passage: str = "passage"
+    keep: tuple[str, ...] = ()
+
+    ROLES = ("query_id", "query", "doc_id", "passage")
+
+    def roles(self, *names: str) -> dict[str, str]:
+        """{role: the input's column} for the roles named (all four by default)."""
+        return {role: getattr(self, role) for role in names or self.ROLES}
+
+
 def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
     meta = {"help": help, "group": group, **extra}
     if isinstance(default, list):
@@ -206,6 +224,16 @@ class RerankConfig:
         clash = {"score", "rank"} & set(self.keep_columns)
         if clash:
             raise ConfigError(f"keep_columns cannot include output columns {sorted(clash)}")
+        clash = {"query_id", "doc_id", self.query_id_column, self.doc_id_column} & set(
+            self.keep_columns)
+        if clash:
+            raise ConfigError(f"keep_columns {sorted(clash)}: ids are always in the output "
+                              "as query_id and doc_id")
+
+    @property
+    def columns(self) -> Columns:
+        return Columns(self.query_id_column, self.query_column, self.doc_id_column,
+                       self.passage_column, tuple(self.keep_columns))
 
     def validate_required(self) -> None:
         """Raise if a field the job cannot run without is empty."""
@@ -264,6 +292,21 @@ class RerankConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def resolve_activation(activation: str, num_labels: int) -> str:
+    """The score activation for a model with `num_labels` logits: 'auto' → sigmoid for
+    one logit, softmax (class 1) for two; checked on the driver before Ray starts."""
+    if activation != "auto":
+        if activation == "softmax" and num_labels < 2:
+            raise ConfigError("score_activation 'softmax' needs a model with two or more "
+                              f"labels; this one has {num_labels}")
+        return activation
+    if num_labels == 1:
+        return "sigmoid"
+    if num_labels == 2:
+        return "softmax"
+    raise ConfigError(f"the model has {num_labels} labels; set score_activation explicitly")
 
 
 def field_type(f: dataclasses.Field) -> tuple[Any, bool]:

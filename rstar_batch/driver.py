@@ -9,6 +9,7 @@ its second pass and its summary.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import logging
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 30.0
 
 
-class Job:
+class Job(abc.ABC):
     """One job's own parts. `run(job)` calls them in order:
 
     before Ray: `check()` (the config and inputs; returns the plan a resume must match);
@@ -58,12 +59,13 @@ class Job:
         """Rows --max-rejected-fraction is a fraction of (None: the summary's pairs)."""
         return None
 
+    @abc.abstractmethod
     def check(self) -> dict:
-        raise NotImplementedError
+        """Check the config and the inputs; return the plan a resume must match."""
 
+    @abc.abstractmethod
     def chunks(self) -> list[checkpoint.Chunk]:
         """Pass 1's chunks (in Ray: rerank prepares joined or nested inputs first)."""
-        raise NotImplementedError
 
     def replicas(self) -> ReplicaPlan:
         return plan_replicas(self.config, live_nodes())
@@ -71,19 +73,20 @@ class Job:
     def reserve(self, plan: ReplicaPlan) -> ContextManager[ReplicaPlan]:
         return reserved(plan)
 
+    @abc.abstractmethod
     def describe(self, pending: list[checkpoint.Chunk], plan: ReplicaPlan) -> str:
         """The log line that starts the pass."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def scoring_pass(self, plan: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
         """Pass 1 over the pending chunks as a lazy Ray Data dataset of commits."""
-        raise NotImplementedError
 
     def second_pass(self, progress: checkpoint.Progress) -> list[dict]:
         return rank_all(self.fs, self.root, self.config, progress)
 
+    @abc.abstractmethod
     def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
-        raise NotImplementedError
+        """The job's counts, after checking it wrote every row exactly once."""
 
     def before_success(self, summary: JobSummary) -> None:
         """What the job writes once its summary checks out, before the manifest."""
@@ -121,8 +124,9 @@ def run(job: Job) -> JobSummary:
         phases.mark()
         if pending:
             log.info(job.describe(pending, replicas))
-            with job.reserve(replicas) as held:
-                run_scoring(job.scoring_pass(held, pending), progress_log, per_row)
+            # the manifest records the plan as held (its placement group's name)
+            with job.reserve(replicas) as replicas:
+                run_scoring(job.scoring_pass(replicas, pending), progress_log, per_row)
         phases.mark()
         progress = checkpoint.read_progress(job.fs, job.root)
         check_all_committed(progress, chunks)

@@ -24,7 +24,7 @@ from rstar_batch import checkpoint, driver
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.columns import PREPARE_REASON
-from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.config import ConfigError, RerankConfig, resolve_activation
 from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
 from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, prepare_nested
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
@@ -37,24 +37,11 @@ from rstar_batch.replicas import (ReplicaPlan, describe_plan, on_replicas, on_to
                                   scorer_kwargs, tokenizer_batch_rows)
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
-from rstar_batch.stages.score import Score, resolve_activation
+from rstar_batch.stages.score import Score
 from rstar_batch.stages.tokenize import Tokenize, checked_assembler
 from rstar_batch.summary import JobSummary, merge_rejected
 
 log = logging.getLogger(__name__)
-
-
-def _roles(config: RerankConfig) -> dict[str, str]:
-    return {"query_id": config.query_id_column, "query": config.query_column,
-            "doc_id": config.doc_id_column, "passage": config.passage_column}
-
-
-def _check_keep(config: RerankConfig) -> None:
-    clash = {"query_id", "doc_id", config.query_id_column, config.doc_id_column} & set(
-        config.keep_columns)
-    if clash:
-        raise ConfigError(f"keep_columns {sorted(clash)}: ids are always in the output "
-                          "as query_id and doc_id")
 
 
 def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo,
@@ -64,14 +51,12 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
     """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit."""
     import ray.data
 
-    roles = _roles(config)
     tasks = plan_read_tasks(chunks, source.paths, source.row_groups)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(ReadChunks(source.filesystem, source.schema.names),
                         batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(
-        Normalize(roles["query_id"], roles["query"], roles["doc_id"], roles["passage"],
-                  config.keep_columns, buckets),
+        Normalize(config.columns, buckets),
         batch_format="pyarrow", batch_size=None)
     # Blocks of one tokenizer call each: otherwise Ray Data bundles many small
     # blocks into one task, whose output (and so every commit) lands only at its end.
@@ -104,21 +89,18 @@ def check_inputs(config: RerankConfig, spec: JoinSpec) -> Inputs:
     if config.corpus and spec.tokenized:
         corpus = inspect_tokenized(config.corpus)
     elif config.corpus:
-        corpus = inspect_candidates([config.corpus], {"doc_id": spec.doc_id,
-                                                      "passage": spec.passage}, [])
+        corpus = inspect_candidates([config.corpus], spec.roles("doc_id", "passage"), [])
     if config.queries:
-        queries = inspect_candidates([config.queries], {"query_id": spec.query_id,
-                                                        "query": spec.query}, [])
+        queries = inspect_candidates([config.queries], spec.roles("query_id", "query"), [])
     nested = _nested_column(config, spec)
     if nested:
         if corpus or queries:
             raise ConfigError("nested candidates carry their own texts; drop --corpus and "
                               "--queries")
         candidates = inspect_candidates(
-            config.candidates, {"query_id": spec.query_id, "query": spec.query}, [],
+            config.candidates, spec.roles("query_id", "query"), [],
             on_bad_file=config.on_bad_file, optional=(nested, *config.keep_columns))
-        check_nested(candidates.paths[0], candidates.schema, nested, spec.doc_id,
-                     spec.passage, config.keep_columns)
+        check_nested(candidates.paths[0], candidates.schema, nested, spec)
         return Inputs(candidates, nested=nested)
     roles = run_roles(spec, corpus is not None, queries is not None)
     candidates = inspect_candidates(config.candidates, roles, config.keep_columns,
@@ -140,10 +122,8 @@ def _prepared_candidates(inputs: Inputs, spec: JoinSpec, config: RerankConfig, f
                          root: str) -> CandidateFiles:
     """Flatten nested candidates or join texts on, once per job, under _work/prepared/."""
     if inputs.nested:
-        prepare_nested(inputs.candidates, Flatten(inputs.nested, spec.query_id, spec.query,
-                                                  spec.doc_id, spec.passage, spec.keep),
-                       fs, root)
-        return inspect_candidates([checkpoint.prepared_dir(config.output)], _roles(config),
+        prepare_nested(inputs.candidates, Flatten(inputs.nested, spec), fs, root)
+        return inspect_candidates([checkpoint.prepared_dir(config.output)], spec.roles(),
                                   config.keep_columns)
     return _joined_candidates(inputs, spec, config, fs, root)
 
@@ -153,7 +133,7 @@ def _joined_candidates(inputs: Inputs, spec: JoinSpec, config: RerankConfig, fs:
     """Candidates with their texts joined on (under _work/prepared/, once per job)."""
     prepare_joined(inputs.candidates, inputs.corpus, inputs.queries, spec, fs, root)
     # read back by URI (the output's scheme), not by the filesystem's own path
-    return inspect_candidates([checkpoint.prepared_dir(config.output)], _roles(config),
+    return inspect_candidates([checkpoint.prepared_dir(config.output)], spec.roles(),
                               config.keep_columns,
                               optional=(PREPARE_REASON, C.PASSAGE_IDS, C.EMPTY_PASSAGE))
 
@@ -187,7 +167,6 @@ class RerankJob(driver.Job):
 
     def __init__(self, config: RerankConfig) -> None:
         config.validate_required()
-        _check_keep(config)
         super().__init__(config)
 
     def check(self) -> dict:
@@ -202,9 +181,7 @@ class RerankJob(driver.Job):
             tokenizer, self.model.source, config.max_length, PassagePolicy.of(config),
             pairing_clause(config.corpus) if tokenized else None)
         self.assembler = None if why_not else assembler
-        self.spec = JoinSpec(config.query_id_column, config.query_column,
-                             config.doc_id_column, config.passage_column,
-                             config.keep_columns, tokenized)
+        self.spec = JoinSpec.of(config.columns, tokenized)
         self.inputs = check_inputs(config, self.spec)
         self.source = self.inputs.candidates
         sources = [s for s in (self.inputs.candidates, self.inputs.corpus,

@@ -75,6 +75,11 @@ def plan_replicas(config: RerankConfig, nodes: Sequence[Node]) -> ReplicaPlan:
     size the tokenizer pool to feed them (unless tokenize_workers says)."""
     gpus = sum(n.gpus for n in nodes)
     device = config.device if config.device != "auto" else ("cuda" if gpus >= 1 else "cpu")
+    if device == "cuda" and config.quantize == "int8":
+        # config.py refuses int8 with --device cuda; here --device auto found GPUs
+        raise ConfigError(f"quantize int8 is for float32 CPU replicas, but the cluster has "
+                          f"{gpus:g} GPU(s), which --device auto uses: add --device cpu or "
+                          "drop --quantize")
     if device == "cuda":
         default_max = max(1, int(gpus // config.gpus_per_replica))
         num_gpus, num_cpus, threads = config.gpus_per_replica, config.cpus_per_replica or 1.0, 1

@@ -31,7 +31,7 @@ from rstar_batch import checkpoint, driver
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.ids import id_buckets, stable_hash
-from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.config import ConfigError, RerankConfig, resolve_activation
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
@@ -44,7 +44,6 @@ from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
 from rstar_batch.stages.corpus_tokens import PassagesFromTokens
 from rstar_batch.stages.normalize import NormalizePassages
 from rstar_batch.stages.pairs import PassagePolicy
-from rstar_batch.stages.score import resolve_activation
 from rstar_batch.stages.tokenize import TokenizePassages, checked_assembler
 from rstar_batch.summary import JobSummary, merge_rejected
 
@@ -86,8 +85,7 @@ class ScoreCorpusJob(driver.Job):
         self.whole = why_not is not None
         self.corpus, doc_id = _corpus_files(config, self.tokenized)
         self.query_files = inspect_candidates(
-            [config.queries], {"query_id": config.query_id_column,
-                               "query": config.query_column}, [])
+            [config.queries], config.columns.roles("query_id", "query"), [])
         check_unique_doc_ids(self.corpus, doc_id)
         self.valid, self.rejected = read_queries(self.query_files, config,
                                                  self.corpus.schema.field(doc_id).type)
@@ -147,8 +145,7 @@ class ScoreCorpusJob(driver.Job):
 def _corpus_files(config: RerankConfig, tokenized: bool) -> tuple[CandidateFiles, str]:
     """The corpus's files and its doc id column (a tokenized corpus's is its own)."""
     if not tokenized:
-        return inspect_candidates([config.corpus], {"doc_id": config.doc_id_column,
-                                                    "passage": config.passage_column},
+        return inspect_candidates([config.corpus], config.columns.roles("doc_id", "passage"),
                                   config.keep_columns), config.doc_id_column
     if config.keep_columns:
         raise ConfigError(f"tokenized corpus '{config.corpus}' holds only doc ids and "
@@ -171,8 +168,7 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
     ds = ds.map_batches(ReadChunks(corpus.filesystem, corpus.schema.names),
                         batch_size=1, batch_format="pyarrow")
     if not tokenized:
-        ds = ds.map_batches(NormalizePassages(config.doc_id_column, config.passage_column,
-                                              config.keep_columns),
+        ds = ds.map_batches(NormalizePassages(config.columns),
                             batch_format="pyarrow", batch_size=None)
     # A replica call scores about the plan's batch rows of pairs: that many / |queries|
     # passages.

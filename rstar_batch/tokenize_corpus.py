@@ -66,9 +66,8 @@ class TokenizeCorpusJob(driver.Job):
         config = self.config
         self.model = describe_model(config.model, config.revision, config.trust_remote_code)
         self.fingerprint = _check_tokenizer(config, self.model)
-        self.corpus = inspect_candidates([config.corpus], {"doc_id": config.doc_id_column,
-                                                           "passage": config.passage_column},
-                                         [])
+        self.corpus = inspect_candidates([config.corpus],
+                                         config.columns.roles("doc_id", "passage"), [])
         return _plan(config, self.corpus, self.fingerprint)
 
     def chunks(self) -> list[checkpoint.Chunk]:
@@ -169,7 +168,7 @@ def _build_plan(config: RerankConfig, corpus: CandidateFiles, model: ModelInfo,
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(ReadChunks(corpus.filesystem, corpus.schema.names),
                         batch_size=1, batch_format="pyarrow")
-    ds = ds.map_batches(NormalizePassages(config.doc_id_column, config.passage_column, []),
+    ds = ds.map_batches(NormalizePassages(dataclasses.replace(config.columns, keep=())),
                         batch_format="pyarrow", batch_size=None)
     ds = on_tokenizers(ds, TokenizeWhole, config, model, pool, pool.batch_rows)
     # Writers are actors (as many as tokenizers, half a CPU each): a writer's batches

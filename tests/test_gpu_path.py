@@ -66,6 +66,7 @@ def test_the_cls_only_last_layer_is_as_close_to_float32_as_the_models_forward(ti
     forwards round differently, so each is held to float32, not to the other."""
     import numpy as np
 
+    from rstar_batch import Columns
     from rstar_batch.base import columns as C
     from rstar_batch.model import describe_model
     from rstar_batch.stages.normalize import Normalize
@@ -74,8 +75,8 @@ def test_the_cls_only_last_layer_is_as_close_to_float32_as_the_models_forward(ti
     from rstar_batch.testing import make_candidates
 
     info = describe_model(tiny_model)
-    tokens = Tokenize(info, max_length=512)(Normalize("query_id", "query", "doc_id", "passage",
-                                                      [], 1)(make_candidates(3, 20, seed=5)))
+    tokens = Tokenize(info, max_length=512)(Normalize(Columns(), 1)(
+        make_candidates(3, 20, seed=5)))
     ids, types = (tokens[C.INPUT_IDS].combine_chunks(), tokens[C.TOKEN_TYPE_IDS].combine_chunks())
     reference = Scorer(info, dtype="float32", activation="none",
                        full_forward=True).score(ids, types)

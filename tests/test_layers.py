@@ -17,7 +17,7 @@ LAYERS = [
     {"model", "bert_cls", "faults", "checkpoint", "cluster"},  # what stages and io stand on
     {"io", "stages"},                                         # the pipeline's steps
     {"replicas", "summary", "manifest", "rank_pass", "driver", "pipeline", "score_corpus",
-     "tokenize_corpus", "length_bias", "evaluate", "export", "status", "testing",
+     "tokenize_corpus", "dataset", "length_bias", "evaluate", "export", "status", "testing",
      "tiny_families"},                                        # jobs and tools
     {"cli", "nightly", "demo", "__main__", "__init__"},       # entry points
 ]

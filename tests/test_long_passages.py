@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rstar_batch.base import columns as C
-from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.config import Columns, ConfigError, RerankConfig
 from rstar_batch.model import describe_model
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.pairs import PassagePolicy, TokenTable
@@ -79,7 +79,7 @@ def _expand(table: pa.Table, windows_of) -> tuple[pa.Table, list]:
 
 def _ours(tiny_model: str, table: pa.Table, policy: PassagePolicy) -> np.ndarray:
     info = describe_model(tiny_model)
-    batch = Normalize("query_id", "query", "doc_id", "passage", [], 1)(table)
+    batch = Normalize(Columns(), 1)(table)
     batch = Tokenize(info, max_length=MAX_LENGTH, passages=policy)(batch)
     # a small token budget: windows of different rows share and split passes
     out = Score(model=info, device="cpu", dtype="float32", batch_tokens=300)(batch)

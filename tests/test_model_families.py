@@ -13,10 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from transformers import AutoTokenizer
 
-from rstar_batch import ConfigError, rerank, score_corpus, tokenize_corpus
+from rstar_batch import Columns, ConfigError, rerank, score_corpus, tokenize_corpus
 from rstar_batch.base import columns as C
 from rstar_batch.io import tokenized as tok
 from rstar_batch.model import describe_model
@@ -56,7 +55,7 @@ def test_each_family_assembles_its_own_pair_template_and_scores_as_transformers(
     table = _pairs()
     stage = Tokenize(describe_model(path), max_length=MAX_LENGTH)
     assert stage.assembler is not None, stage.assembler   # learned and verified
-    out = stage(Normalize("query_id", "query", "doc_id", "passage", [], 1)(table))
+    out = stage(Normalize(Columns(), 1)(table))
     tokenizer = AutoTokenizer.from_pretrained(path)
     has_types = "token_type_ids" in tokenizer.model_input_names
     assert (C.TOKEN_TYPE_IDS in out.column_names) == has_types
@@ -167,8 +166,9 @@ def test_a_tokenizer_without_a_learnable_template_still_runs_every_command(
 
 def test_what_needs_a_passages_own_ids_refuses_a_tokenizer_without_a_template(
         unlearnable_model, tiny_model, tmp_path):
-    """tokenize-corpus, a tokenized corpus and passage cuts refuse it before Ray starts
-    (no Ray here), each saying why; plain rerank and score-corpus accept it (above)."""
+    """tokenize-corpus, a tokenized corpus and passage cuts refuse it on the driver, before
+    Ray starts (this test starts none), each saying why; plain rerank and score-corpus
+    accept it (above)."""
     table = _pairs()
     candidates, corpus = str(tmp_path / "candidates.parquet"), str(tmp_path / "corpus.parquet")
     pq.write_table(table, candidates)
@@ -191,4 +191,3 @@ def test_what_needs_a_passages_own_ids_refuses_a_tokenizer_without_a_template(
         with pytest.raises(ConfigError, match=f"tokenized corpus '{tokenized}': .* not special"):
             job(candidates=[candidates] if job is rerank else [], corpus=tokenized,
                 queries=candidates, top_k=3, output=str(tmp_path / job.__name__), **common)
-    assert not ray.is_initialized()

@@ -84,3 +84,11 @@ def test_tokenizer_blocks_are_small_for_texts_and_a_whole_replica_call_for_ids()
     assert tokenizer_batch_rows(gpu, passages_tokenized=True) == 32768
     cpu = _plan([Node(cpus=16)], replica_batch_rows=512)
     assert tokenizer_batch_rows(cpu, passages_tokenized=False) == 512
+
+
+def test_int8_is_refused_before_scoring_when_device_auto_finds_gpus():
+    with pytest.raises(ConfigError, match="1 GPU.*--device cpu"):
+        _plan([Node(cpus=16, gpus=1)], quantize="int8")
+    assert _plan([Node(cpus=16, gpus=1)], quantize="int8", device="cpu").device == "cpu"
+    with pytest.raises(ConfigError, match="int8"):   # --device cuda: at once, in config
+        RerankConfig(quantize="int8", device="cuda")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rstar_batch import RerankConfig, score_corpus
+from rstar_batch import Columns, RerankConfig, score_corpus
 from rstar_batch.base import columns as C
 from rstar_batch.io.sources import InputError
 from rstar_batch.stages.all_pairs import block_top_k
@@ -185,7 +185,7 @@ def test_a_block_of_rejected_passages_only_is_kept_with_its_reasons(tiny_model):
     block = pa.table({"doc_id": ["a", None], "passage": pa.array([None, "p"], pa.string()),
                       C.CHUNK: pa.array([4, 4], pa.int64()), C.ROW: pa.array([0, 1], pa.int32())})
     tokenize = TokenizePassages(info, 64)
-    tokens = tokenize(NormalizePassages("doc_id", "passage", [])(block))
+    tokens = tokenize(NormalizePassages(Columns())(block))
     queries = QuerySet(pa.array([1, 2]), tokenize.assembler.tokenize(["q one", "q two"]),
                        np.zeros(2, dtype=np.int32))
     out = ScoreAllPairs(queries, 3, PassagePolicy(), tokenize.assembler, 64, model=info,
@@ -217,7 +217,7 @@ def test_passages_sent_cut_to_the_replicas_pair_as_the_whole_passage_would(tiny_
                       C.ROW: pa.array(range(3), pa.int32())})
     scorer = ScoreAllPairs(queries, 3, PassagePolicy(), assembler, 32, model=info,
                            device="cpu", dtype="float32")
-    out = scorer(tokenize(NormalizePassages("doc_id", "passage", [])(block)))
+    out = scorer(tokenize(NormalizePassages(Columns())(block)))
     pairs = [{"query_id": q, "query": text, "doc_id": d, "passage": p}
              for q, text in texts.items() for d, p in passages.items()]
     reference = reference_scores(tiny_model, pa.Table.from_pylist(pairs), max_length=32)

@@ -19,6 +19,7 @@ passage text column is null (in the rejected rows too).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -34,6 +35,7 @@ from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.columns import PREPARE_REASON
 from rstar_batch.base.ids import id_buckets
+from rstar_batch.config import Columns
 from rstar_batch.io import tokenized as tok
 from rstar_batch.io.sources import CandidateFiles
 
@@ -46,15 +48,15 @@ _PASSAGE_TYPES = (pa.string(), pa.list_(pa.int32()), pa.bool_())
 
 
 @dataclass(frozen=True)
-class JoinSpec:
-    """Column names of the run, the corpus and the queries (the job's own names)."""
+class JoinSpec(Columns):
+    """The job's columns (the run, the corpus and the queries use the same names), and
+    whether the corpus is a tokenized corpus: ids, not texts."""
 
-    query_id: str
-    query: str
-    doc_id: str
-    passage: str
-    keep: list[str]
-    tokenized: bool = False   # the corpus is a tokenized corpus: ids, not texts
+    tokenized: bool = False
+
+    @classmethod
+    def of(cls, columns: Columns, tokenized: bool) -> "JoinSpec":
+        return cls(**dataclasses.asdict(columns), tokenized=tokenized)
 
     @property
     def corpus_columns(self) -> list[str]:
@@ -215,8 +217,7 @@ def _query_texts(queries: CandidateFiles, spec: JoinSpec) -> pa.Table:
 
 def run_roles(spec: JoinSpec, corpus: bool, queries: bool) -> dict[str, Any]:
     """The roles the run itself must have when texts come from the corpus/queries."""
-    roles = {"query_id": spec.query_id, "query": spec.query, "doc_id": spec.doc_id,
-             "passage": spec.passage}
+    roles = spec.roles()
     if corpus:
         roles.pop("passage")
     if queries:

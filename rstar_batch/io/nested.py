@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 
 from rstar_batch import checkpoint
 from rstar_batch.base import fs as fsio
+from rstar_batch.config import Columns
 from rstar_batch.io.sources import CandidateFiles, InputError, is_id_type, is_text_type
 
 
@@ -45,12 +46,11 @@ def find_nested_column(schema: pa.Schema, path: str, doc_id: str,
     return found[0] if found else None
 
 
-def check_nested(path: str, schema: pa.Schema, column: str, doc_id: str, passage: str,
-                 keep: list[str]) -> None:
+def check_nested(path: str, schema: pa.Schema, column: str, columns: Columns) -> None:
     """The struct must hold the doc id and passage; kept columns must exist somewhere."""
     struct = _struct_fields(schema.field(column).type)
-    for name, ok, kind in [(doc_id, is_id_type, "an integer or string"), (passage, is_text_type,
-                                                                       "a string")]:
+    for name, ok, kind in [(columns.doc_id, is_id_type, "an integer or string"),
+                           (columns.passage, is_text_type, "a string")]:
         at = struct.get_field_index(name)
         if at < 0:
             raise InputError(f"nested column '{column}' in candidates file '{path}' has no "
@@ -58,7 +58,7 @@ def check_nested(path: str, schema: pa.Schema, column: str, doc_id: str, passage
         if not ok(struct.field(at).type):
             raise InputError(f"field '{name}' of nested column '{column}' in '{path}' is "
                              f"{struct.field(at).type}; it must be {kind}")
-    for name in keep:
+    for name in columns.keep:
         if struct.get_field_index(name) < 0 and name not in schema.names:
             raise InputError(f"keep column '{name}' is neither a field of '{column}' nor a "
                              f"column of candidates file '{path}'")
@@ -67,10 +67,9 @@ def check_nested(path: str, schema: pa.Schema, column: str, doc_id: str, passage
 class Flatten:
     """`map_batches` function: one output row per candidate of each query row."""
 
-    def __init__(self, column: str, query_id: str, query: str, doc_id: str, passage: str,
-                 keep: list[str]) -> None:
-        self.column, self.query_id, self.query = column, query_id, query
-        self.doc_id, self.passage, self.keep = doc_id, passage, keep
+    def __init__(self, column: str, columns: Columns) -> None:
+        self.column, self.query_id, self.query = column, columns.query_id, columns.query
+        self.doc_id, self.passage, self.keep = columns.doc_id, columns.passage, columns.keep
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         lists = batch[self.column].combine_chunks()

@@ -21,6 +21,7 @@ from rstar_batch.base import columns as C
 from rstar_batch.base.order import group_starts, positions_in_groups, rank_order
 from rstar_batch.base.runs import split_runs
 from rstar_batch.faults import FaultHook
+from rstar_batch.stages.contract import Stage
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
 from rstar_batch.stages.score import (Scorer, best_per_row, check_finite, node_column, this_node,
                                       with_retries)
@@ -62,13 +63,18 @@ def block_top_k(group: np.ndarray, query: np.ndarray, scores: np.ndarray,
     return order[positions_in_groups(starts) < k]
 
 
-class ScoreAllPairs:
+class ScoreAllPairs(Stage):
     """Callable class for `map_batches`: one model replica per actor.
 
     Pairs are assembled from the passages' ids with the driver's verified
     `assembler`; without one (a tokenizer whose pair template could not be learned)
     blocks carry passage texts and each pair is tokenized whole, as rerank does.
+    It keeps each run's top K per query and every rejected row: rows are selected, so
+    exactly-once is the job's check (every query gets exactly min(K, passages) rows).
     """
+
+    writes = (C.QUERY_ID, C.SCORE, C.BUCKET, C.RUN_START, C.RUN_END, C.NODE)
+    one_row_per_row = False
 
     def __init__(self, queries: QuerySet, top_k: int, passages: PassagePolicy,
                  assembler: Optional[PairAssembler], max_length: int, retries: int = 2,
@@ -79,6 +85,8 @@ class ScoreAllPairs:
             scorer_kwargs["model"], max_length, scorer_kwargs.get("trust_remote_code", False),
             assemble=False)
         self.queries, self.top_k, self.passages = queries, top_k, passages
+        self.reads = (C.CHUNK, C.ROW, C.DOC_ID, C.REJECT,
+                      *((C.PASSAGE,) if assembler is None else (C.PASSAGE_IDS, C.EMPTY_PASSAGE)))
         self.retries = retries
         self.fault = FaultHook.from_env()
         self.node = this_node()
@@ -112,7 +120,7 @@ class ScoreAllPairs:
             (self.queries.ids[int(q)], doc_ids[int(p)]) for q, p in zip(query[:5], passage[:5])])
         return query, passage, scores
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         chunks, rows = batch[C.CHUNK].to_numpy(), batch[C.ROW].to_numpy()
         run_of = np.empty(batch.num_rows, dtype=np.int64)
         runs = split_runs(chunks, rows)

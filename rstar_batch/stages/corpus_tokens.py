@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from rstar_batch.base import columns as C
 from rstar_batch.model import ModelInfo
+from rstar_batch.stages.contract import Stage
 from rstar_batch.stages.pairs import PassagePolicy, TokenTable
 from rstar_batch.stages.tokenize import TokenizePassages, fit_passages
 
@@ -26,19 +27,23 @@ class TokenizeWhole(TokenizePassages):
         self.limit = None
 
 
-class PassagesFromTokens:
+class PassagesFromTokens(Stage):
     """`map_batches` function: chunks of T → the rows `ScoreAllPairs` takes.
 
     T holds only scorable passages (its rejected rows stayed in T/_rejected/), so
     every row gets a null reason.
     """
 
+    reads = (C.CHUNK, C.ROW, C.TOKENIZED_DOC_ID, C.TOKENIZED_PASSAGE_IDS,
+             C.TOKENIZED_EMPTY_PASSAGE)
+    writes = (C.CHUNK, C.ROW, C.DOC_ID, C.PASSAGE, C.REJECT, C.PASSAGE_IDS, C.EMPTY_PASSAGE)
+
     def __init__(self, passages: PassagePolicy, limit: int) -> None:
         """`limit`: the passage ids pairs depend on (`QuerySet.passage_tokens_needed`)."""
         self.passages = passages
         self.limit = None if passages.windowed else limit
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         ids = TokenTable.from_list_array(batch[C.TOKENIZED_PASSAGE_IDS].combine_chunks())
         n = batch.num_rows
         return pa.table({

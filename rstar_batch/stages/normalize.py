@@ -13,22 +13,23 @@ import pyarrow.compute as pc
 from rstar_batch.base import columns as C
 from rstar_batch.base.columns import PREPARE_REASON
 from rstar_batch.base.ids import id_buckets
+from rstar_batch.config import Columns
+from rstar_batch.stages.contract import Stage
 
 
-class Normalize:
+class Normalize(Stage):
     """Rename the four input columns, keep the listed ones, add reason and bucket."""
 
-    def __init__(self, query_id: str, query: str, doc_id: str, passage: str,
-                 keep: list[str], num_buckets: int) -> None:
-        self.mapping = {query_id: C.QUERY_ID, query: C.QUERY, doc_id: C.DOC_ID,
-                        passage: C.PASSAGE}
-        self.keep = list(keep)
+    writes = (C.QUERY_ID, C.QUERY, C.DOC_ID, C.PASSAGE, C.REJECT, C.BUCKET)
+
+    def __init__(self, columns: Columns, num_buckets: int) -> None:
+        self.mapping = {columns.query_id: C.QUERY_ID, columns.query: C.QUERY,
+                        columns.doc_id: C.DOC_ID, columns.passage: C.PASSAGE}
+        self.keep = list(columns.keep)
+        self.reads = (*self.mapping, *self.keep)
         self.num_buckets = num_buckets
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        missing = [c for c in [*self.mapping, *self.keep] if c not in batch.column_names]
-        if missing:
-            raise KeyError(f"input batch lacks column(s) {missing}")
+    def process(self, batch: pa.Table) -> pa.Table:
         cols = {new: batch[old] for old, new in self.mapping.items()}
         # Joined with a tokenized corpus: the passage is its ids, and its text is null.
         ids = {k: batch[k] for k in (C.PASSAGE_IDS, C.EMPTY_PASSAGE) if k in batch.column_names}
@@ -50,14 +51,17 @@ class Normalize:
         return pa.table(out)
 
 
-class NormalizePassages:
+class NormalizePassages(Stage):
     """score-corpus: rename a corpus's id and passage columns, flag unscorable rows."""
 
-    def __init__(self, doc_id: str, passage: str, keep: list[str]) -> None:
-        self.mapping = {doc_id: C.DOC_ID, passage: C.PASSAGE}
-        self.keep = list(keep)
+    writes = (C.CHUNK, C.ROW, C.DOC_ID, C.PASSAGE, C.REJECT)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __init__(self, columns: Columns) -> None:
+        self.mapping = {columns.doc_id: C.DOC_ID, columns.passage: C.PASSAGE}
+        self.keep = list(columns.keep)
+        self.reads = (C.CHUNK, C.ROW, *self.mapping, *self.keep)
+
+    def process(self, batch: pa.Table) -> pa.Table:
         reason = pa.nulls(batch.num_rows, pa.string())
         for old, why in [(self._old(C.PASSAGE), C.NULL_PASSAGE),
                          (self._old(C.DOC_ID), C.NULL_DOC_ID)]:

@@ -18,23 +18,12 @@ import pyarrow.compute as pc
 
 from rstar_batch.base import columns as C
 from rstar_batch.bert_cls import cls_only_forward
+from rstar_batch.config import resolve_activation
 from rstar_batch.faults import FaultHook
 from rstar_batch.model import ModelInfo, load_replica, sleep_idle_threads
+from rstar_batch.stages.contract import Stage
 
 log = logging.getLogger(__name__)
-
-
-def resolve_activation(activation: str, num_labels: int) -> str:
-    """'auto' → sigmoid for one logit, softmax (class 1) for two."""
-    if activation != "auto":
-        if activation == "softmax" and num_labels < 2:
-            raise ValueError("score_activation 'softmax' needs a model with two or more labels")
-        return activation
-    if num_labels == 1:
-        return "sigmoid"
-    if num_labels == 2:
-        return "softmax"
-    raise ValueError(f"the model has {num_labels} labels; set score_activation explicitly")
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int, max_pairs: int,
@@ -212,12 +201,15 @@ class BatchFailedError(RuntimeError):
     """A batch failed every retry; names the pairs it held."""
 
 
-class Score:
+class Score(Stage):
     """Callable class for `map_batches`: one model replica per actor.
 
     A batch whose scoring raises is retried `retries` times on the same replica;
     a replica that dies is restarted by Ray and its batch retried there.
     """
+
+    reads = (C.QUERY_ID, C.DOC_ID, C.REJECT, C.INPUT_IDS)
+    writes = (C.SCORE, C.NODE)
 
     def __init__(self, retries: int = 2, **scorer_kwargs: Any) -> None:
         self.scorer = Scorer(**scorer_kwargs)
@@ -243,7 +235,7 @@ class Score:
         return with_retries(score, self.retries, self.fault, len(rows), lambda: [
             (batch[C.QUERY_ID][int(i)], batch[C.DOC_ID][int(i)]) for i in rows[:5]])
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         scored = np.flatnonzero(pc.is_null(batch[C.REJECT]).to_numpy(zero_copy_only=False))
         scores = np.full(batch.num_rows, np.nan, dtype=np.float32)
         if len(scored):
@@ -254,7 +246,6 @@ class Score:
         valid[scored] = True
         out = (out.append_column(C.SCORE, pa.array(scores, pa.float32(), mask=~valid))
                .append_column(C.NODE, node_column(self.node, batch.num_rows)))
-        assert out.num_rows == batch.num_rows, "score stage must emit every input row once"
         return out
 
 

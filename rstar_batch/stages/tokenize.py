@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from rstar_batch.base import columns as C
 from rstar_batch.config import ConfigError
 from rstar_batch.model import ModelInfo, load_tokenizer
+from rstar_batch.stages.contract import Stage
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,13 @@ def list_array(rows: list[list[int]], value_type: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, value_type))
 
 
-class Tokenize:
+class Tokenize(Stage):
     """Callable class for `map_batches`: loads the tokenizer once per actor, or takes
     the driver's verified `assembler` (then transformers is never imported here)."""
+
+    # a tokenized corpus's rows also carry C.PASSAGE_IDS and C.EMPTY_PASSAGE
+    reads = (C.QUERY, C.PASSAGE, C.REJECT)
+    writes = (C.INPUT_IDS,)
 
     def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
                  assemble: bool = True, passages: PassagePolicy = PassagePolicy(),
@@ -116,7 +121,7 @@ class Tokenize:
                     rows[i] = alone[key][j]
         return enc
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         scored = pc.is_null(batch[C.REJECT]).combine_chunks()
         index = pa.array(np.flatnonzero(scored.to_numpy(zero_copy_only=False)))
         queries = batch[C.QUERY].combine_chunks().take(index)
@@ -169,13 +174,16 @@ def fall_back_to_whole_pairs(passages: PassagePolicy, why_not: str) -> None:
     log.info("tokenizing each pair whole (slower): %s", why_not)
 
 
-class TokenizePassages:
+class TokenizePassages(Stage):
     """score-corpus: each corpus passage tokenized alone, once per job.
 
     The score stage pairs these ids with every query. Without maxp a pair depends
     on no more than `limit` of a passage's ids (`QuerySet.passage_tokens_needed`),
     so only those travel on.
     """
+
+    reads = (C.PASSAGE, C.REJECT)
+    writes = (C.PASSAGE_IDS, C.EMPTY_PASSAGE)
 
     def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
                  passages: PassagePolicy = PassagePolicy(),
@@ -185,7 +193,7 @@ class TokenizePassages:
         self.passages = passages
         self.limit = None if passages.windowed else limit
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         scored = pc.is_null(batch[C.REJECT]).combine_chunks()
         index = pa.array(np.flatnonzero(scored.to_numpy(zero_copy_only=False)))
         texts = batch[C.PASSAGE].combine_chunks().take(index)

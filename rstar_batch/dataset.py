@@ -1,0 +1,97 @@
+"""Scoring as a building block: a Ray Dataset of pairs in, the same rows with scores out.
+
+For pipelines that already hold their candidates as a `ray.data.Dataset` (a retrieval
+step upstream, a write downstream) and want no files, checkpoints or output folder:
+rerank's pass-1 stages (normalize → tokenize → score, each checking its contract) as
+lazy `map_batches` on the caller's dataset, and with `ranked=True` a group-by-query
+rank. The caller's Ray runs it when the dataset is consumed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rstar_batch.base import columns as C
+from rstar_batch.cluster import live_nodes
+from rstar_batch.config import RerankConfig, resolve_activation
+from rstar_batch.model import describe_model, load_tokenizer
+from rstar_batch.replicas import (on_replicas, on_tokenizers, plan_replicas, scorer_kwargs,
+                                  tokenizer_batch_rows)
+from rstar_batch.stages.normalize import Normalize
+from rstar_batch.stages.pairs import PassagePolicy
+from rstar_batch.stages.rank import rank_table
+from rstar_batch.stages.score import Score
+from rstar_batch.stages.tokenize import Tokenize, checked_assembler
+
+
+def score_dataset(ds: Any, config: Optional[RerankConfig] = None, *, ranked: bool = False,
+                  **fields: Any) -> Any:
+    """`ds` with every (query, passage) pair scored: a lazy `ray.data.Dataset`.
+
+    `ds` has the config's query id, query, doc id and passage columns (by default
+    `query_id`, `query`, `doc_id`, `passage`). The result has `query_id`, `doc_id`, the
+    `keep_columns`, `score` (float32) and `reason`: null for a scored row, else why it
+    was not scored (a null id or text), with a null score. No row is dropped. With
+    `ranked=True` each query's rows also get `rank` (1 = best; score descending, ties
+    by doc id, as the rerank job ranks), cut to `top_k` if set; rejected rows keep a
+    null rank. Pairs are scored as given: a repeated pair is scored twice.
+
+    Takes the config (or its fields as keywords) that `rerank` takes; the output,
+    checkpoint and rank-pass fields do not apply. The model is checked now, on the
+    caller's process; scoring runs when the result is consumed.
+    """
+    import ray
+
+    config = (config or RerankConfig()).replace(**fields)
+    model = describe_model(config.model, config.revision, config.trust_remote_code)
+    resolve_activation(config.score_activation, model.num_labels)
+    assembler, why_not = checked_assembler(
+        load_tokenizer(model, config.trust_remote_code), model.source, config.max_length,
+        PassagePolicy.of(config))
+    if not ray.is_initialized():
+        ray.init()  # as Ray Data does when a dataset first runs
+    replicas = plan_replicas(config, live_nodes())
+    rows = tokenizer_batch_rows(replicas, passages_tokenized=False)
+    ds = ds.map_batches(Normalize(config.columns, 1), batch_format="pyarrow", batch_size=None)
+    ds = on_tokenizers(ds, Tokenize, config, model, replicas, rows,
+                       None if why_not else assembler)
+    ds = on_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
+                     replicas.batch_rows)
+    keep = list(config.keep_columns)
+    if not ranked:
+        return ds.map_batches(_Scored(keep), batch_format="pyarrow", batch_size=None)
+    return ds.groupby(C.QUERY_ID).map_groups(_ranked(keep, config.top_k),
+                                             batch_format="pyarrow")
+
+
+class _Scored:
+    """Internal columns back to the output's names."""
+
+    def __init__(self, keep: list[str]) -> None:
+        self.keep = keep
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.table({"query_id": batch[C.QUERY_ID], "doc_id": batch[C.DOC_ID],
+                         **{k: batch[k] for k in self.keep}, "score": batch[C.SCORE],
+                         "reason": batch[C.REJECT]})
+
+
+def _ranked(keep: list[str], top_k: Optional[int]) -> Callable[[pa.Table], pa.Table]:
+    """`map_groups` function: one query's rows (or the rows without a query id) ranked,
+    then its rejected rows (Ray takes a function or a class here, not an instance)."""
+
+    def rank_group(group: pa.Table) -> pa.Table:
+        rejected = pc.is_valid(group[C.REJECT])
+        ranked = rank_table(group.filter(pc.invert(rejected)), keep, top_k)
+        ranked = ranked.append_column("reason", pa.nulls(ranked.num_rows, pa.string()))
+        bad = group.filter(rejected)
+        n = bad.num_rows
+        return pa.concat_tables([ranked, pa.table({
+            "query_id": bad[C.QUERY_ID], "doc_id": bad[C.DOC_ID],
+            "score": pa.nulls(n, pa.float32()), "rank": pa.nulls(n, pa.int32()),
+            **{k: bad[k] for k in keep}, "reason": bad[C.REJECT]}, schema=ranked.schema)])
+
+    return rank_group

@@ -25,6 +25,12 @@ BadFile = Literal["fail", "skip"]
 LongPassages = Literal["truncate", "maxp", "firstp"]
 
 
+# The fewest special tokens a pair takes ([CLS] q [SEP] p [SEP]), for the rules that
+# must hold before any tokenizer is loaded. The pair budget itself is the tokenizer's
+# own, learned from it (stages/pairs.PairAssembler): RoBERTa's template takes 4.
+PAIR_SPECIAL_TOKENS = 3
+
+
 class ConfigError(ValueError):
     """A configuration value or file a user must fix."""
 
@@ -196,9 +202,10 @@ class RerankConfig:
         _check_positive(self, "top_k", "rank_partitions", "max_replicas",
                         "batch_tokens", "passage_max_tokens", "tokenize_workers",
                         "replica_batch_rows", optional=True)
-        if self.long_passages != "truncate" and self.window > self.max_length - 3:
+        most = self.max_length - PAIR_SPECIAL_TOKENS
+        if self.long_passages != "truncate" and self.window > most:
             raise ConfigError(f"window ({self.window}) must leave room for the query in "
-                              f"max_length ({self.max_length}): at most {self.max_length - 3}")
+                              f"max_length ({self.max_length}): at most {most}")
         if self.stride > self.window:
             raise ConfigError(f"stride ({self.stride}) above window ({self.window}) would "
                               "skip passage tokens")

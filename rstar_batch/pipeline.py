@@ -55,9 +55,8 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(ReadChunks(source.filesystem, source.schema.names),
                         batch_size=1, batch_format="pyarrow")
-    ds = ds.map_batches(
-        Normalize(config.columns, buckets),
-        batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(Normalize(config.columns, buckets), batch_format="pyarrow",
+                        batch_size=None)
     # Blocks of one tokenizer call each: otherwise Ray Data bundles many small
     # blocks into one task, whose output (and so every commit) lands only at its end.
     rows = tokenizer_batch_rows(replicas, C.PASSAGE_IDS in source.schema.names)

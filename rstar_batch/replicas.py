@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import uuid
 from typing import Any, Iterator, Sequence
 
@@ -34,6 +35,7 @@ class ReplicaPlan:
     dtype_reason: str = ""
     threads: int = 1  # torch threads of a CPU replica: its reserved CPUs
     placement_group: str = ""  # the named group CPU replicas are placed in, while held
+    tokenizer_cpus: float = 1.0  # logical CPUs each tokenizer actor reserves
 
 
 # Logical CPUs each node keeps from CPU replicas: one for a tokenizer actor, one for
@@ -97,14 +99,27 @@ def plan_replicas(config: RerankConfig, nodes: Sequence[Node]) -> ReplicaPlan:
         tokenizers = max(1, min(spare, TOKENIZERS_PER_CPU_REPLICA * max_size))
     batch_rows = config.replica_batch_rows or (
         GPU_BATCH_ROWS if device == "cuda" else CPU_BATCH_ROWS)
-    return ReplicaPlan(device, num_gpus, num_cpus, config.min_replicas, max_size,
-                       tokenizers, batch_rows, *replica_dtype(config, device), threads)
+    # Reads, normalizing and writes are Ray tasks of one logical CPU each. Pools that
+    # reserved every CPU would leave them none and the job would wait forever (a plain
+    # 2-CPU Ray: one replica and one tokenizer). So the pools share what is left after
+    # one CPU, in proportion; only the reservations shrink, not the replica's threads.
+    room = sum(n.cpus for n in nodes) - 1
+    held = max_size * num_cpus + tokenizers
+    share = min(1.0, room / held) if room > 0 else 1.0
+    return ReplicaPlan(device, num_gpus, _ray_cpus(num_cpus * share), config.min_replicas,
+                       max_size, tokenizers, batch_rows, *replica_dtype(config, device),
+                       threads, tokenizer_cpus=_ray_cpus(share))
+
+
+def _ray_cpus(cpus: float) -> float:
+    """A CPU reservation Ray takes: a fraction below one, else a whole number."""
+    return round(cpus, 4) if cpus < 1 else float(math.floor(cpus))
 
 
 @contextlib.contextmanager
 def reserved(plan: ReplicaPlan) -> Iterator[ReplicaPlan]:
     """Hold the CPUs of the plan's CPU replicas for the job: a placement group of one
-    bundle of `threads` CPUs per replica, spread over the nodes. Without it, tokenizer
+    bundle of the CPUs a replica reserves (its threads) per replica, spread over the nodes. Without it, tokenizer
     actors and tasks take a node's scoring CPUs first and the replicas that come later
     crowd onto whichever node has room. GPU replicas need none: GPUs are theirs alone.
     Ray moves the bundles of a lost node to the nodes that are left or that replace it."""
@@ -114,7 +129,7 @@ def reserved(plan: ReplicaPlan) -> Iterator[ReplicaPlan]:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     name = f"rstar-batch-replicas-{uuid.uuid4().hex[:12]}"
-    group = placement_group([{"CPU": float(plan.threads)}] * plan.max_size,
+    group = placement_group([{"CPU": float(plan.num_cpus)}] * plan.max_size,
                             strategy="SPREAD", name=name)
     try:
         yield dataclasses.replace(plan, placement_group=name)
@@ -204,7 +219,7 @@ def on_tokenizers(ds: Any, stage: type, config: RerankConfig, model: Any, plan: 
     return ds.map_batches(
         stage, fn_constructor_kwargs=kwargs,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.tokenizers),
-        batch_size=batch_rows, batch_format="pyarrow", num_cpus=1)
+        batch_size=batch_rows, batch_format="pyarrow", num_cpus=plan.tokenizer_cpus)
 
 
 def on_replicas(ds: Any, stage: type, kwargs: dict[str, Any], plan: ReplicaPlan,

@@ -92,3 +92,22 @@ def test_int8_is_refused_before_scoring_when_device_auto_finds_gpus():
     assert _plan([Node(cpus=16, gpus=1)], quantize="int8", device="cpu").device == "cpu"
     with pytest.raises(ConfigError, match="int8"):   # --device cuda: at once, in config
         RerankConfig(quantize="int8", device="cuda")
+
+
+@pytest.mark.parametrize("nodes", [[Node(cpus=2)], [Node(cpus=1)], [Node(cpus=2, gpus=1)],
+                                   [Node(cpus=0), Node(cpus=2)]])
+def test_the_pools_always_leave_a_cpu_for_reads_and_writes(nodes):
+    """On a plain 2-CPU Ray a replica and a tokenizer used to reserve both CPUs, and the
+    read and write tasks never ran: the job waited forever."""
+    plan = _plan(nodes)
+    total = sum(n.cpus for n in nodes)
+    held = plan.max_size * plan.num_cpus + plan.tokenizers * plan.tokenizer_cpus
+    assert held <= max(total - 1, 0) + 1e-9 or total <= 1
+    for cpus in (plan.num_cpus, plan.tokenizer_cpus):   # what Ray accepts
+        assert 0 < cpus < 1 or cpus == int(cpus)
+    assert plan.threads >= 1
+
+
+def test_roomy_clusters_keep_whole_cpu_reservations():
+    plan = _plan([Node(cpus=16)] * 2)
+    assert (plan.num_cpus, plan.tokenizer_cpus) == (14.0, 1.0)

@@ -3,11 +3,19 @@ reference scores them, with no files or checkpoints."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from rstar_batch import score_dataset
+from tests.jobs import kill_until_gone, session_pids
 from tests.test_rerank_job import TOL, _assert_matches_reference
 
 pytestmark = pytest.mark.slow
@@ -54,3 +62,31 @@ def test_the_ranked_variant_ranks_each_query_as_the_rerank_job_does(
     _assert_matches_reference(ranked, sample_reference)
     assert sorted(r["reason"] for r in rows if r["reason"]) == ["null_passage",
                                                                "null_query_id"]
+
+
+def test_a_plain_two_cpu_ray_scores_a_dataset_instead_of_waiting_forever(
+        tiny_model, sample_dir):
+    """`ray.init(num_cpus=2)` as on a laptop or this 2-core CI machine: the replica and
+    the tokenizer used to reserve both CPUs, and the read tasks never ran."""
+    temp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")   # short: Ray's socket paths
+    script = textwrap.dedent(f"""
+        import ray, rstar_batch
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir={temp!r})
+        rows = rstar_batch.score_dataset(ray.data.read_parquet({sample_dir!r}),
+                                         model={tiny_model!r}, dtype="float32").take_all()
+        print("scored", sum(r["reason"] is None for r in rows), "of", len(rows))
+        ray.shutdown()
+        """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
+    try:
+        out, _ = proc.communicate(timeout=480)
+    except subprocess.TimeoutExpired:
+        out = "still waiting after 480 s"
+    finally:
+        kill_until_gone(lambda: session_pids(proc.pid), "the 2-CPU Ray")
+        proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert "scored 1000 of 1000" in out, out[-3000:]

@@ -14,17 +14,16 @@ from typing import Any, Callable, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rstar_batch import driver
 from rstar_batch.base import columns as C
 from rstar_batch.cluster import live_nodes
-from rstar_batch.config import RerankConfig, resolve_activation
-from rstar_batch.model import describe_model, load_tokenizer
+from rstar_batch.config import RerankConfig
 from rstar_batch.replicas import (on_replicas, on_tokenizers, plan_replicas, scorer_kwargs,
                                   tokenizer_batch_rows)
 from rstar_batch.stages.normalize import Normalize
-from rstar_batch.stages.pairs import PassagePolicy
 from rstar_batch.stages.rank import rank_table
 from rstar_batch.stages.score import Score
-from rstar_batch.stages.tokenize import Tokenize, checked_assembler
+from rstar_batch.stages.tokenize import Tokenize
 
 
 def score_dataset(ds: Any, config: Optional[RerankConfig] = None, *, ranked: bool = False,
@@ -46,11 +45,8 @@ def score_dataset(ds: Any, config: Optional[RerankConfig] = None, *, ranked: boo
     import ray
 
     config = (config or RerankConfig()).replace(**fields)
-    model = describe_model(config.model, config.revision, config.trust_remote_code)
-    resolve_activation(config.score_activation, model.num_labels)
-    assembler, why_not = checked_assembler(
-        load_tokenizer(model, config.trust_remote_code), model.source, config.max_length,
-        PassagePolicy.of(config))
+    checked = driver.check_scoring_model(config, corpus=None)
+    model, assembler, why_not = checked.model, checked.assembler, checked.why_not
     if not ray.is_initialized():
         ray.init()  # as Ray Data does when a dataset first runs
     replicas = plan_replicas(config, live_nodes())

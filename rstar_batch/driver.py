@@ -19,10 +19,14 @@ from typing import Any, ContextManager, Optional
 from rstar_batch import checkpoint
 from rstar_batch.base import fs as fsio
 from rstar_batch.cluster import live_nodes, ray_session
-from rstar_batch.config import RerankConfig
+from rstar_batch.config import RerankConfig, resolve_activation
+from rstar_batch.io.tokenized import open_tokenized, pairing_clause
 from rstar_batch.manifest import finish_job
+from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
 from rstar_batch.rank_pass import rank_all
 from rstar_batch.replicas import ReplicaPlan, plan_replicas, reserved
+from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
+from rstar_batch.stages.tokenize import checked_assembler
 from rstar_batch.summary import JobSummary, check_all_committed, check_rejected
 
 log = logging.getLogger(__name__)
@@ -94,6 +98,31 @@ class Job(abc.ABC):
     def details(self, plan: ReplicaPlan, progress: checkpoint.Progress) -> dict[str, Any]:
         """The manifest's job-specific fields."""
         return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringModel:
+    """A scoring job's model, checked on the driver before Ray starts."""
+
+    model: ModelInfo
+    activation: str
+    tokenized: bool                  # the corpus is a tokenized corpus (passage ids)
+    assembler: PairAssembler
+    why_not: Optional[str]           # why pairs cannot be assembled (None: they can)
+
+
+def check_scoring_model(config: RerankConfig, corpus: Optional[str]) -> ScoringModel:
+    """The model, its score activation, whether `corpus` is a tokenized corpus (checked
+    against the model's tokenizer) and the pair assembler, or why pairs must be
+    tokenized whole (refused where a tokenized corpus or the passage policy needs ids)."""
+    model = describe_model(config.model, config.revision, config.trust_remote_code)
+    activation = resolve_activation(config.score_activation, model.num_labels)
+    tokenizer = load_tokenizer(model, config.trust_remote_code)
+    tokenized = open_tokenized(corpus, model, tokenizer) is not None
+    assembler, why_not = checked_assembler(
+        tokenizer, model.source, config.max_length, PassagePolicy.of(config),
+        pairing_clause(corpus) if tokenized else None)
+    return ScoringModel(model, activation, tokenized, assembler, why_not)
 
 
 def run(job: Job) -> JobSummary:

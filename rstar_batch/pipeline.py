@@ -24,21 +24,21 @@ from rstar_batch import checkpoint, driver
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.columns import PREPARE_REASON
-from rstar_batch.config import ConfigError, RerankConfig, resolve_activation
+from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
 from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, prepare_nested
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
-from rstar_batch.io.tokenized import inspect_tokenized, open_tokenized, pairing_clause
+from rstar_batch.io.tokenized import inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
-from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
+from rstar_batch.model import ModelInfo
 from rstar_batch.replicas import (ReplicaPlan, describe_plan, on_replicas, on_tokenizers,
                                   scorer_kwargs, tokenizer_batch_rows)
 from rstar_batch.stages.normalize import Normalize
-from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
+from rstar_batch.stages.pairs import PairAssembler
 from rstar_batch.stages.score import Score
-from rstar_batch.stages.tokenize import Tokenize, checked_assembler
+from rstar_batch.stages.tokenize import Tokenize
 from rstar_batch.summary import JobSummary, merge_rejected
 
 log = logging.getLogger(__name__)
@@ -170,17 +170,12 @@ class RerankJob(driver.Job):
 
     def check(self) -> dict:
         config = self.config
-        self.model = describe_model(config.model, config.revision, config.trust_remote_code)
-        self.activation = resolve_activation(config.score_activation, self.model.num_labels)
-        tokenizer = load_tokenizer(self.model, config.trust_remote_code)
         # A tokenized corpus (tokenize-corpus's output) gives passages as ids: checked here.
-        tokenized = open_tokenized(config.corpus, self.model, tokenizer) is not None
+        checked = driver.check_scoring_model(config, config.corpus)
+        self.model, self.activation = checked.model, checked.activation
         # The assembler the tokenizer actors use; None: they tokenize each pair whole.
-        assembler, why_not = checked_assembler(
-            tokenizer, self.model.source, config.max_length, PassagePolicy.of(config),
-            pairing_clause(config.corpus) if tokenized else None)
-        self.assembler = None if why_not else assembler
-        self.spec = JoinSpec.of(config.columns, tokenized)
+        self.assembler = None if checked.why_not else checked.assembler
+        self.spec = JoinSpec.of(config.columns, checked.tokenized)
         self.inputs = check_inputs(config, self.spec)
         self.source = self.inputs.candidates
         sources = [s for s in (self.inputs.candidates, self.inputs.corpus,

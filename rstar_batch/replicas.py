@@ -119,7 +119,8 @@ def _ray_cpus(cpus: float) -> float:
 @contextlib.contextmanager
 def reserved(plan: ReplicaPlan) -> Iterator[ReplicaPlan]:
     """Hold the CPUs of the plan's CPU replicas for the job: a placement group of one
-    bundle of the CPUs a replica reserves (its threads) per replica, spread over the nodes. Without it, tokenizer
+    bundle of the CPUs a replica reserves (its threads) per replica, spread over the
+    nodes. Without it, tokenizer
     actors and tasks take a node's scoring CPUs first and the replicas that come later
     crowd onto whichever node has room. GPU replicas need none: GPUs are theirs alone.
     Ray moves the bundles of a lost node to the nodes that are left or that replace it."""

@@ -31,20 +31,19 @@ from rstar_batch import checkpoint, driver
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.ids import id_buckets, stable_hash
-from rstar_batch.config import ConfigError, RerankConfig, resolve_activation
+from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
-from rstar_batch.io.tokenized import DOC_ID, inspect_tokenized, open_tokenized, pairing_clause
+from rstar_batch.io.tokenized import DOC_ID, inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
-from rstar_batch.model import describe_model, load_tokenizer
 from rstar_batch.replicas import (ReplicaPlan, describe_plan, on_replicas, on_tokenizers,
                                   scorer_kwargs)
 from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
 from rstar_batch.stages.corpus_tokens import PassagesFromTokens
 from rstar_batch.stages.normalize import NormalizePassages
 from rstar_batch.stages.pairs import PassagePolicy
-from rstar_batch.stages.tokenize import TokenizePassages, checked_assembler
+from rstar_batch.stages.tokenize import TokenizePassages
 from rstar_batch.summary import JobSummary, merge_rejected
 
 log = logging.getLogger(__name__)
@@ -73,16 +72,12 @@ class ScoreCorpusJob(driver.Job):
 
     def check(self) -> dict:
         config = self.config
-        self.model = model = describe_model(config.model, config.revision,
-                                            config.trust_remote_code)
-        self.activation = resolve_activation(config.score_activation, model.num_labels)
-        tokenizer = load_tokenizer(model, config.trust_remote_code)
-        self.tokenized = open_tokenized(config.corpus, model, tokenizer) is not None
+        checked = driver.check_scoring_model(config, config.corpus)
+        model = self.model = checked.model
+        self.activation = checked.activation
+        self.tokenized, self.assembler = checked.tokenized, checked.assembler
         # whole: no pair template; the replicas tokenize each pair from the texts
-        self.assembler, why_not = checked_assembler(
-            tokenizer, model.source, config.max_length, PassagePolicy.of(config),
-            pairing_clause(config.corpus) if self.tokenized else None)
-        self.whole = why_not is not None
+        self.whole = checked.why_not is not None
         self.corpus, doc_id = _corpus_files(config, self.tokenized)
         self.query_files = inspect_candidates(
             [config.queries], config.columns.roles("query_id", "query"), [])

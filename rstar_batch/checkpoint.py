@@ -11,8 +11,9 @@ name says which rows it holds:
     _work/commits/c00000012-0-4096.r1              committed by run 1 of the job
 
 A chunk is done when its committed runs cover all its rows. A kill loses only
-uncommitted runs; the next run redoes the chunks that are not done. If a retried
-batch commits an overlapping run, the rank pass keeps each (chunk, row) once.
+uncommitted runs; the next run reads only the rows no run covers (a job that
+writes whole chunks, tokenize-corpus, redoes the chunks that are not done). If a
+retried batch commits an overlapping run, the rank pass keeps each (chunk, row) once.
 Everything above is derived from file names, so `status` works from any machine
 that can list the output, while the job runs and after it died.
 """
@@ -43,9 +44,10 @@ _COMMIT = re.compile(r"^c(\d+)-(\d+)-(\d+)\.r(\d+)$")
 _SCALING_GROUPS = {"scaling", "cluster"}
 # The output is where the progress lives, and the input is compared by its
 # fingerprint (resolved paths, sizes, times), so neither is compared as typed.
-# The rejected-rows limit only decides whether the job passes, not what it writes.
+# The rejected-rows limit only decides whether the job passes, not what it writes;
+# how often replicas commit and how long a stop waits decide neither.
 _NOT_IN_KEY = {"overwrite", "restart", "address", "output", "candidates", "corpus",
-               "queries", "max_rejected_fraction"}
+               "queries", "max_rejected_fraction", "commit_seconds", "drain_seconds"}
 
 
 class OutputError(ValueError):
@@ -62,6 +64,13 @@ class Chunk:
     file: int      # index into the sorted candidate paths
     start: int     # first row within the file
     rows: int
+    # [start, end) row ranges of the chunk already committed, which a resumed run skips
+    skip: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def todo(self) -> int:
+        """Rows of the chunk still to do."""
+        return self.rows - sum(end - start for start, end in self.skip)
 
 
 def plan_chunks(file_rows: list[int], chunk_rows: int) -> list[Chunk]:
@@ -155,6 +164,14 @@ class Progress:
     def done_chunks(self, chunks: list[Chunk]) -> set[int]:
         return {c.id for c in chunks if _covers(self.covered.get(c.id, []), c.rows)}
 
+    def pending(self, chunks: list[Chunk], within: bool = True) -> list[Chunk]:
+        """The chunks not done; `within`: each with the ranges committed runs cover as
+        its `skip`, so that a resumed run scores only rows no run has committed."""
+        done = self.done_chunks(chunks)
+        return [dataclasses.replace(c, skip=merge_ranges(self.covered.get(c.id, []), c.rows)
+                                    if within else ())
+                for c in chunks if c.id not in done]
+
     def committed_rows(self) -> int:
         """Rows covered by committed runs (overlaps counted once)."""
         total = 0
@@ -164,6 +181,20 @@ class Progress:
                 total += max(0, end - max(start, reach))
                 reach = max(reach, end)
         return total
+
+
+def merge_ranges(ranges: list[tuple[int, int]], rows: int) -> tuple[tuple[int, int], ...]:
+    """Sorted, disjoint [start, end) ranges covering what `ranges` cover, within rows."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        start, end = max(0, start), min(rows, end)
+        if start >= end:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
 
 
 def _covers(ranges: list[tuple[int, int]], rows: int) -> bool:

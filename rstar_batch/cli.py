@@ -16,6 +16,7 @@ import typing
 from typing import Any, Optional, Sequence
 
 from rstar_batch.config import ConfigError, RerankConfig, field_type
+from rstar_batch.drain import EXIT_STOPPED, Stopped
 
 
 def _flag(name: str) -> str:
@@ -51,8 +52,9 @@ def add_config_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ..
 CANDIDATE_ONLY = ("candidates", "nested_column", "on_bad_file")
 # What tokenize-corpus reads of the config: the corpus, the tokenizer, the job's own knobs.
 TOKENIZE_FIELDS = ("corpus", "output", "overwrite", "restart", "max_rejected_fraction",
-                   "checkpoint_rows", "doc_id_column", "passage_column", "model", "revision",
-                   "trust_remote_code", "tokenize_workers", "replica_batch_rows", "address")
+                   "checkpoint_rows", "drain_seconds", "doc_id_column", "passage_column",
+                   "model", "revision", "trust_remote_code", "tokenize_workers",
+                   "replica_batch_rows", "address")
 NOT_TOKENIZE = tuple(f.name for f in dataclasses.fields(RerankConfig)
                      if f.name not in TOKENIZE_FIELDS)
 
@@ -381,3 +383,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except user_errors() as exc:
         print(f"rstar-batch: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:  # SIGTERM or SIGINT drained the job
+        print(f"rstar-batch: {exc}")
+        return EXIT_STOPPED

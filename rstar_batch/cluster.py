@@ -64,16 +64,16 @@ def ray_session(address: Optional[str] = None) -> Iterator[None]:
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        cores = os.cpu_count() or 1
-        cpus = cores + EMBEDDED_EXTRA_CPUS
-        log.info("starting a local Ray with %d logical CPUs on %d cores", cpus, cores)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                 labels={CORES_LABEL: str(cores)}, log_to_driver=True)
-    try:
+    try:  # what ray.init started is shut down even if ray.init itself is interrupted
+        if address:
+            log.info("joining Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=True)
+        else:
+            cores = os.cpu_count() or 1
+            cpus = cores + EMBEDDED_EXTRA_CPUS
+            log.info("starting a local Ray with %d logical CPUs on %d cores", cpus, cores)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     labels={CORES_LABEL: str(cores)}, log_to_driver=True)
         yield
     finally:
         ray.shutdown()

@@ -97,6 +97,13 @@ class RerankConfig:
     checkpoint_rows: int = _opt(
         4096, "Pairs per checkpoint chunk: a killed job redoes at most the chunks that "
         "were in flight.", "input/output")
+    commit_seconds: float = _opt(
+        10.0, "Each replica commits what it scored at least about this often, so a "
+        "replica killed without notice loses about this much scoring.", "input/output")
+    drain_seconds: float = _opt(
+        20.0, "On SIGTERM or SIGINT, wait at most this long for scored rows to be "
+        "committed, then exit with code 75 (a second signal exits at once). Keep it "
+        "under the grace period before SIGKILL (Kubernetes: 30 s).", "input/output")
 
     # -- columns ----------------------------------------------------------------------
     query_id_column: str = _opt("query_id", "Input column holding the query id.", "columns")
@@ -199,6 +206,10 @@ class RerankConfig:
         if isinstance(self.batch_retries, bool) or not isinstance(self.batch_retries, int) \
                 or self.batch_retries < 0:
             raise ConfigError(f"batch_retries must be 0 or more, got {self.batch_retries!r}")
+        for name in ("commit_seconds", "drain_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{name} must be a number of seconds above 0, got {value!r}")
         _check_positive(self, "top_k", "rank_partitions", "max_replicas",
                         "batch_tokens", "passage_max_tokens", "tokenize_workers",
                         "replica_batch_rows", optional=True)

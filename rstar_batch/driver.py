@@ -1,6 +1,7 @@
 """The one driver every job runs through: open or resume the output, start Ray, run
 the job's streaming pass over its pending chunks, check every chunk committed, run
-its second pass, summarise, check, write the manifest.
+its second pass, summarise, check, write the manifest. SIGTERM or SIGINT drains
+the job instead (drain.py): it stops with what it committed, and a rerun resumes.
 
 A job (rerank in pipeline.py, score_corpus.py, tokenize_corpus.py) subclasses `Job`
 and supplies only what differs: its checks and plan, its chunks, its pass-1 plan,
@@ -13,13 +14,17 @@ import abc
 import contextlib
 import dataclasses
 import logging
+import queue
+import signal
+import threading
 import time
-from typing import Any, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 from rstar_batch import checkpoint
 from rstar_batch.base import fs as fsio
 from rstar_batch.cluster import live_nodes, ray_session
 from rstar_batch.config import RerankConfig, resolve_activation
+from rstar_batch.drain import Drain, StopSignal
 from rstar_batch.io.tokenized import open_tokenized, pairing_clause
 from rstar_batch.manifest import finish_job
 from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
@@ -46,12 +51,16 @@ class Job(abc.ABC):
     command = ""
     # the manifest's phase names: start-up, the streaming pass, the second pass
     phases = ("startup", "scoring", "rank")
+    # A resumed run skips the rows committed runs cover in the chunks it redoes;
+    # False: it redoes those chunks whole (a job that writes whole chunks).
+    resumes_within_chunks = True
 
     def __init__(self, config: RerankConfig) -> None:
         self.config = config
         self.fs, self.root = fsio.resolve(config.output)
         self.plan: dict = {}
         self.run = 0  # this run's number, once the output is opened
+        self.stop: Optional[StopSignal] = None  # the workers' view of a stop, in Ray
 
     @property
     def pairs_per_row(self) -> int:
@@ -85,8 +94,9 @@ class Job(abc.ABC):
     def scoring_pass(self, plan: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
         """Pass 1 over the pending chunks as a lazy Ray Data dataset of commits."""
 
-    def second_pass(self, progress: checkpoint.Progress) -> list[dict]:
-        return rank_all(self.fs, self.root, self.config, progress)
+    def second_pass(self, progress: checkpoint.Progress,
+                    stopping: Callable[[], bool]) -> list[dict]:
+        return rank_all(self.fs, self.root, self.config, progress, stopping)
 
     @abc.abstractmethod
     def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
@@ -126,10 +136,22 @@ def check_scoring_model(config: RerankConfig, corpus: Optional[str]) -> ScoringM
 
 
 def run(job: Job) -> JobSummary:
-    """Run `job` to the end, resuming what an earlier run of it committed."""
+    """Run `job` to the end, resuming what an earlier run of it committed; raise
+    `Stopped` if SIGTERM or SIGINT drained it first."""
+    drain = Drain(job.config.drain_seconds)
+    drain.watch()
+    try:
+        return _run(job, drain)
+    finally:
+        drain.restore()
+
+
+def _run(job: Job, drain: Drain) -> JobSummary:
     config = job.config
     started, phases = time.time(), Phases(job.phases)
     job.plan = job.check()
+    committed = lambda: committed_pairs(job)  # noqa: E731 - for a stop's message
+    drain.check(committed)
     opened = checkpoint.open_job(job.fs, job.root, config.output, job.plan,
                                  overwrite=config.overwrite, restart=config.restart)
     if opened.finished:
@@ -137,30 +159,45 @@ def run(job: Job) -> JobSummary:
         return dataclasses.replace(JobSummary.from_dict(opened.finished["summary"]),
                                    already_done=True)
     job.run = opened.run
+    drain.check(committed)
 
-    with ray_session(config.address):
-        chunks = job.chunks()
-        done = checkpoint.read_progress(job.fs, job.root).done_chunks(chunks)
-        pending = [c for c in chunks if c.id not in done]
-        per_row = job.pairs_per_row
-        progress_log = ProgressLog(sum(c.rows for c in chunks) * per_row,
-                                   sum(c.rows for c in chunks if c.id in done) * per_row)
-        if done:
-            log.info("resuming run %d: %d of %d chunks already done, %d pairs left",
-                     opened.run, len(done), len(chunks),
-                     progress_log.total - progress_log.done)
-        replicas = job.replicas()
-        phases.mark()
-        if pending:
-            log.info(job.describe(pending, replicas))
-            # the manifest records the plan as held (its placement group's name)
-            with job.reserve(replicas) as replicas:
-                run_scoring(job.scoring_pass(replicas, pending), progress_log, per_row)
-        phases.mark()
-        progress = checkpoint.read_progress(job.fs, job.root)
-        check_all_committed(progress, chunks)
-        parts = job.second_pass(progress)
-        phases.mark()
+    try:
+        with ray_session(config.address):
+            drain.watch()  # again: ray.init installs a SIGTERM handler of its own
+            job.stop = drain.attach()
+            chunks = job.chunks()
+            pending = checkpoint.read_progress(job.fs, job.root).pending(
+                chunks, within=job.resumes_within_chunks)
+            per_row = job.pairs_per_row
+            progress_log = ProgressLog(sum(c.rows for c in chunks) * per_row,
+                                       sum(c.rows for c in chunks) * per_row
+                                       - sum(c.todo for c in pending) * per_row)
+            if progress_log.done:
+                log.info("resuming run %d: %d of %d chunks already done, %d pairs left",
+                         opened.run, len(chunks) - len(pending), len(chunks),
+                         progress_log.total - progress_log.done)
+            replicas = job.replicas()
+            phases.mark()
+            drain.check(committed)
+            if pending:
+                log.info(job.describe(pending, replicas))
+                # the manifest records the plan as held (its placement group's name)
+                with job.reserve(replicas) as replicas:
+                    run_scoring(job.scoring_pass(replicas, pending), progress_log, per_row,
+                                drain)
+            drain.check(committed)
+            phases.mark()
+            progress = checkpoint.read_progress(job.fs, job.root)
+            check_all_committed(progress, chunks)
+            parts = job.second_pass(progress, lambda: drain.requested)
+            drain.check(committed)
+            phases.mark()
+    except SystemExit as exc:
+        # SIGTERM while ray.init ran: Ray's own handler (sys.exit) was in place
+        if exc.code != signal.SIGTERM or drain.requested:
+            raise
+        drain.requested_at, drain.signal_name = time.monotonic(), "SIGTERM"
+        drain.check(committed)
 
     summary = job.summarise(parts, progress.rows_by_run.get(opened.run, 0),
                             time.time() - started)
@@ -170,6 +207,13 @@ def run(job: Job) -> JobSummary:
         "command": job.command, **job.details(replicas, progress),
         "pairs_by_node": progress_log.by_node, "seconds_by_phase": phases.seconds})
     return summary
+
+
+def committed_pairs(job: Job) -> tuple[int, int]:
+    """(pairs committed, pairs in all), from the output and the plan: a stop's report."""
+    per_row = job.plan.get("pairs_per_row", 1)
+    rows = checkpoint.read_progress(job.fs, job.root).committed_rows()
+    return rows * per_row, job.plan.get("total_rows", 0) * per_row
 
 
 def no_reservation(plan: ReplicaPlan) -> ContextManager[ReplicaPlan]:
@@ -199,6 +243,7 @@ class ProgressLog:
         self.started = self.last = time.monotonic()
         self.by_node: dict[str, int] = {}  # pairs each Ray node's replicas scored
 
+
     def add(self, rows: int, node: Optional[str] = None) -> None:
         self.done += rows
         if node is not None:
@@ -212,14 +257,42 @@ class ProgressLog:
                      self.total, 100.0 * self.done / self.total, rate, eta)
 
 
-def run_scoring(plan: Any, progress: ProgressLog, pairs_per_row: int = 1) -> int:
-    """Execute pass 1, consuming the commits as they land; return rows committed."""
+def run_scoring(plan: Any, progress: ProgressLog, pairs_per_row: int = 1,
+                drain: Optional[Drain] = None) -> int:
+    """Execute pass 1, consuming the commits as they land; return rows committed.
+
+    A thread consumes the plan, so that this (main) thread only waits on a queue and
+    sees a drain's deadline even while the pipeline is silent. Once a stop is asked
+    the readers and replicas end the plan early; past the deadline it is left behind.
+    """
+    commits: queue.Queue = queue.Queue()
+
+    def consume() -> None:
+        try:
+            for batch in plan.iter_batches(batch_size=None, batch_format="pyarrow"):
+                commits.put(batch)
+            commits.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            commits.put(exc)
+
+    threading.Thread(target=consume, name="rstar-batch-commits", daemon=True).start()
     rows = 0
-    for batch in plan.iter_batches(batch_size=None, batch_format="pyarrow"):
+    while True:
+        try:
+            batch = commits.get(timeout=0.5)
+        except queue.Empty:
+            if drain is not None and drain.overdue:
+                log.warning("draining took longer than %g s; stopping with what is "
+                            "committed", drain.seconds)
+                return rows
+            continue
+        if batch is None:
+            return rows
+        if isinstance(batch, BaseException):
+            raise batch
         nodes = (batch["node"].to_pylist() if "node" in batch.column_names
                  else [None] * batch.num_rows)
         for start, end, node in zip(batch["start"].to_pylist(), batch["end"].to_pylist(),
                                     nodes):
             rows += end - start
             progress.add((end - start) * pairs_per_row, node)
-    return rows

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 from rstar_batch import cli
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.drain import EXIT_STOPPED, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def run(argv: Sequence[str], job: str = "rerank") -> tuple[int, dict[str, Any]]:
 
     Exit 0 only when the output is complete (this run or an earlier one);
     2 for a problem the user must fix (config, input, output folder, model);
+    75 (status STOPPED) when SIGTERM or SIGINT drained it (a rerun resumes);
     1 for anything else. `seconds` is this invocation's wall time.
     """
     started = time.monotonic()
@@ -125,6 +127,10 @@ def run(argv: Sequence[str], job: str = "rerank") -> tuple[int, dict[str, Any]]:
     except cli.user_errors() as exc:
         code, error = 2, exc
         log.error("%s", exc)
+    except Stopped as exc:  # SIGTERM or SIGINT (ray job stop, a spot notice) drained it
+        code, error = EXIT_STOPPED, exc
+        record.update(status="STOPPED", pairs=exc.total, committed=exc.committed)
+        log.warning("%s", exc)
     except Exception as exc:  # any failure: the scheduler still gets its record
         code, error = 1, exc
         log.exception("scheduled %s failed", job)

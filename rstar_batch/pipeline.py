@@ -2,7 +2,8 @@
 
     pass 1 (Ray Data, streaming, checkpointed):
       read pending chunks → normalize → tokenize (CPU actors) → score (model
-      replicas) → write runs of scored rows, one piece per bucket, and commit them
+      replicas, which write runs of scored rows, one piece per bucket, and commit
+      them, on a clock: replicas.ReplicaCommits)
     pass 2 (one Ray task per bucket):
       read the bucket's committed rows → rank per query → part-NNNNN.parquet, _rejected/
 
@@ -25,6 +26,7 @@ from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.columns import PREPARE_REASON
 from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.drain import StopSignal
 from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
 from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, prepare_nested
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
@@ -33,7 +35,7 @@ from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
 from rstar_batch.io.tokenized import inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
 from rstar_batch.model import ModelInfo
-from rstar_batch.replicas import (ReplicaPlan, describe_plan, on_replicas, on_tokenizers,
+from rstar_batch.replicas import (ReplicaPlan, committing_replicas, describe_plan, on_tokenizers,
                                   scorer_kwargs, tokenizer_batch_rows)
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.pairs import PairAssembler
@@ -47,13 +49,15 @@ log = logging.getLogger(__name__)
 def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo,
                        replicas: ReplicaPlan, buckets: int, chunks: list[checkpoint.Chunk],
                        out_fs: Any, root: str, run: int,
-                       assembler: Optional[PairAssembler] = None) -> Any:
-    """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit."""
+                       assembler: Optional[PairAssembler] = None,
+                       stop: Optional[StopSignal] = None) -> Any:
+    """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit
+    (the replicas commit what they score)."""
     import ray.data
 
     tasks = plan_read_tasks(chunks, source.paths, source.row_groups)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(ReadChunks(source.filesystem, source.schema.names),
+    ds = ds.map_batches(ReadChunks(source.filesystem, source.schema.names, stop),
                         batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(Normalize(config.columns, buckets), batch_format="pyarrow",
                         batch_size=None)
@@ -62,10 +66,8 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
     rows = tokenizer_batch_rows(replicas, C.PASSAGE_IDS in source.schema.names)
     ds = ds.repartition(target_num_rows_per_block=rows)
     ds = on_tokenizers(ds, Tokenize, config, model, replicas, rows, assembler)
-    ds = on_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
-                     replicas.batch_rows)
-    return ds.map_batches(WriteRuns(out_fs, root, run), batch_size=None,
-                          batch_format="pyarrow")
+    return committing_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
+                               replicas.batch_rows, WriteRuns(out_fs, root, run), config, stop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,13 +193,13 @@ class RerankJob(driver.Job):
         return checkpoint.plan_chunks(self.source.file_rows, self.config.checkpoint_rows)
 
     def describe(self, pending: list[checkpoint.Chunk], replicas: ReplicaPlan) -> str:
-        return (f"scoring {sum(c.rows for c in pending)} pairs with {self.model.source} on "
+        return (f"scoring {sum(c.todo for c in pending)} pairs with {self.model.source} on "
                 f"{describe_plan(replicas)}")
 
     def scoring_pass(self, replicas: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
         return build_scoring_plan(self.config, self.source, self.model, replicas,
                                   self.plan["buckets"], pending, self.fs, self.root, self.run,
-                                  self.assembler)
+                                  self.assembler, self.stop)
 
     def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
         pairs = self.source.num_rows

@@ -6,7 +6,7 @@ needs nothing from any other, and its file's name depends only on the bucket.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -20,9 +20,10 @@ from rstar_batch.io.sinks import ranked_name
 from rstar_batch.stages.rank import rank_table, rejected_table
 
 
-def rank_all(fs: Any, root: str, config: RerankConfig,
-             progress: checkpoint.Progress) -> list[dict]:
-    """Pass 2: one task per bucket; each writes its ranked file and rejected rows."""
+def rank_all(fs: Any, root: str, config: RerankConfig, progress: checkpoint.Progress,
+             stopping: Callable[[], bool] = lambda: False) -> list[dict]:
+    """Pass 2: one task per bucket; each writes its ranked file and rejected rows.
+    Returns early (with what is done) once `stopping()`: a rerun ranks again."""
     import ray
 
     committed = {checkpoint.run_name(chunk, start, end)
@@ -30,7 +31,10 @@ def rank_all(fs: Any, root: str, config: RerankConfig,
     task = ray.remote(num_cpus=1)(rank_bucket)
     refs = [task.remote(fs, root, bucket, files, config.keep_columns, config.top_k)
             for bucket, files in bucket_pieces(fs, root, committed).items()]
-    return ray.get(refs)
+    waiting = list(refs)
+    while waiting and not stopping():
+        _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)
+    return [] if waiting else ray.get(refs)
 
 
 def rank_bucket(fs: pafs.FileSystem, root: str, bucket: int, files: list[str],

@@ -11,11 +11,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import pyarrow as pa
 
 from rstar_batch.cluster import Node
 from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.drain import StopSignal, stop_requested
+from rstar_batch.io.scored import COMMITS
 from rstar_batch.model import auto_cpu_dtype
 from rstar_batch.stages.pairs import PassagePolicy
 
@@ -223,9 +228,77 @@ def on_tokenizers(ds: Any, stage: type, config: RerankConfig, model: Any, plan: 
         batch_size=batch_rows, batch_format="pyarrow", num_cpus=plan.tokenizer_cpus)
 
 
+# The first slice of a replica's first call: small, so that the first commit comes
+# seconds after scoring starts and the replica learns its rate from it.
+FIRST_SLICE_ROWS = 64
+
+
+class CommitClock:
+    """Rows for a replica's next slice, so that slices take about `seconds` each: from
+    the rows per second its slices so far took to score and commit."""
+
+    def __init__(self, seconds: float, first_rows: int = FIRST_SLICE_ROWS) -> None:
+        self.seconds, self.first_rows = seconds, first_rows
+        self.rate: Optional[float] = None  # rows per second
+
+    def next_rows(self, left: int) -> int:
+        rows = (self.first_rows if self.rate is None
+                else max(1, int(self.rate * self.seconds)))
+        # no stub of a slice at the end: up to 1.5 slices go as one
+        return left if left <= rows * 3 // 2 else rows
+
+    def took(self, rows: int, seconds: float) -> None:
+        rate = rows / max(seconds, 1e-6)
+        self.rate = rate if self.rate is None else (self.rate + rate) / 2
+
+
+class ReplicaCommits:
+    """A model replica that commits what it scores: `map_batches` class ending pass 1.
+
+    It scores its batch in slices of consecutive rows, sized by a `CommitClock`, and
+    each slice goes to `sink` (WriteRuns) and is committed before the next one starts.
+    So a replica's work is committed about every `commit_seconds` however slow its
+    model, the first commit comes soon after it starts, and a replica lost at any
+    moment loses one slice. Once the job is asked to stop it takes no further slice.
+    Scored rows go straight to storage; the replica returns only its commits.
+    """
+
+    def __init__(self, stage: type, stage_kwargs: dict[str, Any],
+                 sink: Callable[[pa.Table], pa.Table], commit_seconds: float,
+                 stop: Optional[StopSignal] = None) -> None:
+        self.stage = stage(**stage_kwargs)
+        self.sink, self.stop = sink, stop
+        self.clock = CommitClock(commit_seconds)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        commits, start = [COMMITS.empty_table()], 0
+        while start < batch.num_rows and not stop_requested(self.stop):
+            rows = self.clock.next_rows(batch.num_rows - start)
+            began = time.monotonic()
+            commits.append(self.sink(self.stage(batch.slice(start, rows))))
+            self.clock.took(rows, time.monotonic() - began)
+            start += rows
+        return pa.concat_tables(commits)
+
+
 def on_replicas(ds: Any, stage: type, kwargs: dict[str, Any], plan: ReplicaPlan,
                 batch_rows: int) -> Any:
     """`stage` as a pool of model replicas, as many as the plan allows."""
+    return _replica_pool(ds, stage, kwargs, plan, batch_rows)
+
+
+def committing_replicas(ds: Any, stage: type, kwargs: dict[str, Any], plan: ReplicaPlan,
+                        batch_rows: int, sink: Callable[[pa.Table], pa.Table],
+                        config: RerankConfig, stop: Optional[StopSignal]) -> Any:
+    """`stage` on a pool of model replicas that commit what they score (pass 1's end):
+    the dataset's rows are the commits."""
+    return _replica_pool(ds, ReplicaCommits, dict(
+        stage=stage, stage_kwargs=kwargs, sink=sink, commit_seconds=config.commit_seconds,
+        stop=stop), plan, batch_rows)
+
+
+def _replica_pool(ds: Any, stage: type, kwargs: dict[str, Any], plan: ReplicaPlan,
+                  batch_rows: int) -> Any:
     import ray.data
 
     return ds.map_batches(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -32,12 +32,13 @@ from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.ids import id_buckets, stable_hash
 from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.drain import StopSignal
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
 from rstar_batch.io.tokenized import DOC_ID, inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
-from rstar_batch.replicas import (ReplicaPlan, describe_plan, on_replicas, on_tokenizers,
+from rstar_batch.replicas import (ReplicaPlan, committing_replicas, describe_plan, on_tokenizers,
                                   scorer_kwargs)
 from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
 from rstar_batch.stages.corpus_tokens import PassagesFromTokens
@@ -107,19 +108,20 @@ class ScoreCorpusJob(driver.Job):
         return self.all_chunks
 
     def describe(self, pending: list[checkpoint.Chunk], replicas: ReplicaPlan) -> str:
-        return (f"scoring {len(self.queries)} queries × {sum(c.rows for c in pending)} "
+        return (f"scoring {len(self.queries)} queries × {sum(c.todo for c in pending)} "
                 f"passages with {self.model.source} on {describe_plan(replicas)}")
 
     def scoring_pass(self, replicas: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
         return build_corpus_plan(self.config, self.corpus, self.model, self.queries, replicas,
                                  pending, self.fs, self.root, self.run, self.tokenized,
-                                 None if self.whole else self.assembler)
+                                 None if self.whole else self.assembler, self.stop)
 
-    def second_pass(self, progress: checkpoint.Progress) -> list[dict]:
+    def second_pass(self, progress: checkpoint.Progress,
+                    stopping: Callable[[], bool]) -> list[dict]:
         if self.rejected.num_rows:
             fsio.write_table(self.fs, fsio.join(self.root, checkpoint.REJECTED, QUERIES_REJECTED),
                              self.rejected)
-        return super().second_pass(progress)
+        return super().second_pass(progress, stopping)
 
     def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
         return summarise(self.config, self.corpus.num_rows, len(self.queries), parts,
@@ -152,15 +154,16 @@ def _corpus_files(config: RerankConfig, tokenized: bool) -> tuple[CandidateFiles
 def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
                       queries: QuerySet, replicas: Any, chunks: list[checkpoint.Chunk],
                       out_fs: Any, root: str, run: int, tokenized: bool = False,
-                      assembler: Any = None) -> Any:
+                      assembler: Any = None, stop: Optional[StopSignal] = None) -> Any:
     """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit
     (a tokenized corpus: read → fit its ids → score → commit; no `assembler`, for a
-    tokenizer without a learnable pair template: read → normalize → score → commit)."""
+    tokenizer without a learnable pair template: read → normalize → score → commit).
+    The replicas commit what they score (replicas.ReplicaCommits)."""
     import ray.data
 
     tasks = plan_read_tasks(chunks, corpus.paths, corpus.row_groups)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(ReadChunks(corpus.filesystem, corpus.schema.names),
+    ds = ds.map_batches(ReadChunks(corpus.filesystem, corpus.schema.names, stop),
                         batch_size=1, batch_format="pyarrow")
     if not tokenized:
         ds = ds.map_batches(NormalizePassages(config.columns),
@@ -177,13 +180,11 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
         ds = on_tokenizers(ds, TokenizePassages, config, model, replicas, passages,
                            assembler, limit=queries.passage_tokens_needed(assembler))
     # else: no pair template; the replicas tokenize each pair whole from the texts
-    ds = on_replicas(ds, ScoreAllPairs, dict(
+    return committing_replicas(ds, ScoreAllPairs, dict(
         queries=queries, top_k=config.top_k, passages=PassagePolicy.of(config),
         assembler=assembler, max_length=config.max_length,
         **scorer_kwargs(config, model, replicas)),
-        replicas, passages)
-    return ds.map_batches(WriteRuns(out_fs, root, run), batch_size=None,
-                          batch_format="pyarrow")
+        replicas, passages, WriteRuns(out_fs, root, run), config, stop)
 
 
 def corpus_plan(config: RerankConfig, corpus: CandidateFiles, query_files: CandidateFiles,

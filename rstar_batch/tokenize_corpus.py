@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from rstar_batch import checkpoint, driver
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.drain import StopSignal
 from rstar_batch.io import tokenized as tok
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.sources import CandidateFiles, inspect_candidates
@@ -83,6 +84,8 @@ class TokenizeCorpusJob(driver.Job):
                            self.config.replica_batch_rows or TOKENIZER_BATCH_ROWS)
 
     reserve = staticmethod(driver.no_reservation)
+    # it writes whole chunks: a chunk not done is deleted and redone whole
+    resumes_within_chunks = False
 
     def describe(self, pending: list[checkpoint.Chunk], pool: ReplicaPlan) -> str:
         return (f"tokenizing {sum(c.rows for c in pending)} passages with "
@@ -93,9 +96,10 @@ class TokenizeCorpusJob(driver.Job):
         if tok.drop_chunks(self.fs, self.root, {c.id for c in pending}):
             log.info("deleted the partly written chunks of an earlier run")
         return _build_plan(self.config, self.corpus, self.model, pool, pending, self.fs,
-                           self.root, self.run)
+                           self.root, self.run, self.stop)
 
-    def second_pass(self, progress: checkpoint.Progress) -> list[dict]:
+    def second_pass(self, progress: checkpoint.Progress,
+                    stopping: Callable[[], bool]) -> list[dict]:
         """No ranking: check that no chunk was written twice in overlapping pieces."""
         overlapping = tok.overlapping_chunks(progress)
         if overlapping:
@@ -159,14 +163,14 @@ def _plan(config: RerankConfig, corpus: CandidateFiles, fingerprint: dict) -> di
 
 def _build_plan(config: RerankConfig, corpus: CandidateFiles, model: ModelInfo,
                 pool: ReplicaPlan, chunks: list[checkpoint.Chunk], out_fs: Any, root: str,
-                run: int) -> Any:
+                run: int, stop: Optional[StopSignal] = None) -> Any:
     """The pass as a lazy Ray Data dataset: read → normalize → tokenize → write, commit."""
     import ray.data
 
     tasks = plan_read_tasks(chunks, corpus.paths, corpus.row_groups)
     sources = {c.id: (corpus.paths[c.file], c.start) for c in chunks}
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(ReadChunks(corpus.filesystem, corpus.schema.names),
+    ds = ds.map_batches(ReadChunks(corpus.filesystem, corpus.schema.names, stop),
                         batch_size=1, batch_format="pyarrow")
     ds = ds.map_batches(NormalizePassages(dataclasses.replace(config.columns, keep=())),
                         batch_format="pyarrow", batch_size=None)

@@ -102,6 +102,17 @@ class Job:
                 raise AssertionError("kill point not reached in time")
             time.sleep(0.05)
 
+    def terminate(self, timeout: float = 60) -> float:
+        """SIGTERM the driver alone (as Kubernetes and `ray job stop` do); return the
+        seconds until it exited. Whatever of its session survives is then killed."""
+        sent = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.kill()
+        return time.monotonic() - sent
+
     def kill(self) -> None:
         """SIGKILL the driver and every process of its session; wait until none is left."""
         kill_until_gone(lambda: session_pids(self.proc.pid), "the killed job")

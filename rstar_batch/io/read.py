@@ -3,12 +3,14 @@
 Chunks that start in the same row group are read by one task, so each row
 group is decoded once per run however large it is. Every emitted table is one
 chunk, tagged with its id (`_chunk`) and each row's position in it (`_row`):
-together they name a physical input row, even when ids repeat.
+together they name a physical input row, even when ids repeat. Rows of a chunk
+that an earlier run committed (its `skip`) are left out. Once the job is asked to
+stop (drain.py), no further chunk is emitted.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +19,7 @@ import pyarrow.parquet as pq
 
 from rstar_batch.base import columns as C
 from rstar_batch.checkpoint import Chunk
+from rstar_batch.drain import StopSignal, stop_requested
 
 READ_TASK_ROWS = 65536
 STREAM_BATCH_ROWS = 8192
@@ -34,7 +37,7 @@ def plan_read_tasks(chunks: list[Chunk], paths: list[str],
         same_group = current and current["groups"][-1] == first_group
         if (current and current["file"] == chunk.file
                 and (same_group or current["rows"] < READ_TASK_ROWS)):
-            current["chunks"].append([chunk.id, chunk.start, chunk.rows])
+            current["chunks"].append(_entry(chunk))
             current["groups"] = sorted(set(current["groups"]) | set(
                 range(first_group, last_group + 1)))
             current["rows"] += chunk.rows
@@ -42,9 +45,22 @@ def plan_read_tasks(chunks: list[Chunk], paths: list[str],
         current = {"file": chunk.file, "path": paths[chunk.file], "rows": chunk.rows,
                    "groups": list(range(first_group, last_group + 1)),
                    "first_row": int(starts[first_group]),
-                   "chunks": [[chunk.id, chunk.start, chunk.rows]]}
+                   "chunks": [_entry(chunk)]}
         tasks.append(current)
     return tasks
+
+
+def _entry(chunk: Chunk) -> list[int]:
+    """A chunk in a read task: id, start, rows, then its skipped ranges' bounds."""
+    return [chunk.id, chunk.start, chunk.rows, *(b for r in chunk.skip for b in r)]
+
+
+def _unskipped(rows: int, skip: list) -> pa.Array:
+    """A mask of the chunk's rows outside its skipped [start, end) ranges."""
+    keep = np.ones(rows, dtype=bool)
+    for start, end in skip:
+        keep[start:end] = False
+    return pa.array(keep)
 
 
 def _slice(pieces: list[tuple[int, pa.RecordBatch]], start: int, end: int) -> pa.Table:
@@ -56,16 +72,23 @@ def _slice(pieces: list[tuple[int, pa.RecordBatch]], start: int, end: int) -> pa
 class ReadChunks:
     """`map_batches` function: one read task in, one table per chunk out."""
 
-    def __init__(self, filesystem: pafs.FileSystem, columns: list[str]) -> None:
+    def __init__(self, filesystem: pafs.FileSystem, columns: list[str],
+                 stop: Optional[StopSignal] = None) -> None:
         self.filesystem = filesystem
         self.columns = columns
+        self.stop = stop
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for task in batch.to_pylist():
-            yield from self._read(task)
+            for table in self._read(task):
+                if stop_requested(self.stop):
+                    return
+                yield table
 
     def _read(self, task: dict) -> Iterator[pa.Table]:
-        wanted = sorted((start, start + rows, cid) for cid, start, rows in task["chunks"])
+        skips = {cid: list(zip(bounds[::2], bounds[1::2]))
+                 for cid, _, _, *bounds in task["chunks"]}
+        wanted = sorted((start, start + rows, cid) for cid, start, rows, *_ in task["chunks"])
         with self.filesystem.open_input_file(task["path"]) as fh:
             parquet = pq.ParquetFile(fh)
             pieces: list[tuple[int, pa.RecordBatch]] = []
@@ -79,9 +102,13 @@ class ReadChunks:
                 while i < len(wanted) and wanted[i][1] <= position:
                     start, end, cid = wanted[i]
                     table = _slice(pieces, start, end)
-                    yield table.append_column(C.CHUNK, pa.array(np.full(end - start, cid),
-                                                                pa.int64())) \
-                        .append_column(C.ROW, pa.array(np.arange(end - start), pa.int32()))
+                    table = table.append_column(
+                        C.CHUNK, pa.array(np.full(end - start, cid), pa.int64())).append_column(
+                        C.ROW, pa.array(np.arange(end - start), pa.int32()))
+                    if skips[cid]:
+                        table = table.filter(_unskipped(end - start, skips[cid]))
+                    if table.num_rows:
+                        yield table
                     i += 1
                 if i == len(wanted):
                     break

@@ -22,6 +22,10 @@ from rstar_batch.base import fs as fsio
 from rstar_batch.base.ids import fill_null_ids
 from rstar_batch.base.runs import named_runs, split_runs
 
+# One row per committed run: what WriteRuns returns and the driver counts.
+COMMITS = pa.schema([("chunk", pa.int64()), ("start", pa.int64()), ("end", pa.int64()),
+                     ("scored", pa.int64()), ("node", pa.string())])
+
 
 def bucket_dir(root: str, bucket: int) -> str:
     return fsio.join(checkpoint.scored_dir(root), f"b{bucket:05d}")
@@ -60,7 +64,7 @@ class WriteRuns:
             done["end"].append(end)
             done["scored"].append(int(len(index) - np.count_nonzero(unscored[index])))
             done["node"].append(None if nodes is None else nodes[int(index[0])].as_py())
-        return pa.table(done)
+        return pa.table(done, schema=COMMITS)
 
 
 def bucket_pieces(fs: pafs.FileSystem, root: str, committed: set[str]) -> dict[int, list[str]]:

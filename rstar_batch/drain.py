@@ -1,0 +1,138 @@
+"""Stopping a job cleanly: the first SIGTERM or SIGINT drains, a second one exits.
+
+A spot node's notice, Kubernetes ending a pod, `ray job stop` and Ctrl-C all send
+the driver SIGTERM (or SIGINT) and give it a grace period before SIGKILL. On the
+first signal the job stops taking new input: the readers emit no more chunks, each
+model replica commits the slice it is scoring and takes no other, and the driver
+waits for that, at most `drain_seconds`, then reports what is committed and exits
+with `EXIT_STOPPED`. A rerun resumes as after any kill; it only redoes less.
+
+Replicas commit on a clock (replicas.ReplicaCommits), so a replica lost without any
+notice (its node killed outright) loses at most one slice, about `commit_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
+
+# sysexits' EX_TEMPFAIL: the job stopped on request; rerunning it resumes.
+EXIT_STOPPED = 75
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(Exception):
+    """The job drained after SIGTERM or SIGINT and stopped before it finished."""
+
+    def __init__(self, message: str, committed: Optional[int] = None,
+                 total: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.committed, self.total = committed, total
+
+
+class StopFlag:
+    """The Ray actor behind `StopSignal`: set once by the driver, read by the workers."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def is_set(self) -> bool:
+        return self.stopped
+
+
+class StopSignal:
+    """What readers and replicas hold (it pickles into their tasks): `is_set()` says
+    whether the driver asked the job to stop. A driver that is gone took its job with
+    it, so a flag that cannot be reached reads as set."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def is_set(self) -> bool:
+        import ray
+
+        try:
+            return bool(ray.get(self.actor.is_set.remote(), timeout=10))
+        except Exception:  # noqa: BLE001 - the driver (and so the flag's owner) is gone
+            return True
+
+
+def stop_requested(stop: Optional[StopSignal]) -> bool:
+    return stop is not None and stop.is_set()
+
+
+class Drain:
+    """The driver's side: signal handlers, the flag the workers read, the deadline.
+
+    `watch()` installs the handlers (again after `ray.init`, which installs its own);
+    `attach()` creates the flag once Ray runs. `requested` turns true on the first
+    signal, `overdue` once `seconds` have passed since. The handlers only set state,
+    so a signal never raises inside Ray; the driver polls (`check`) between waits.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.requested_at: Optional[float] = None
+        self.signal_name = ""
+        self.flag: Optional[Any] = None
+        self.signal: Optional[StopSignal] = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    @property
+    def overdue(self) -> bool:
+        return self.requested and time.monotonic() - self.requested_at > self.seconds
+
+    def watch(self) -> None:
+        """Handle SIGTERM and SIGINT (only the main thread may; elsewhere: do nothing)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in _SIGNALS:
+            previous = signal.signal(sig, self._on_signal)
+            self._previous.setdefault(sig, previous)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def attach(self) -> StopSignal:
+        """The flag the workers read, in the running Ray (set already if asked before)."""
+        import ray
+
+        self.flag = ray.remote(num_cpus=0)(StopFlag).remote()
+        self.signal = StopSignal(self.flag)
+        if self.requested:
+            self.flag.stop.remote()
+        return self.signal
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            log.warning("second signal (%s): exiting now, without draining", name)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.requested_at, self.signal_name = time.monotonic(), name
+        log.warning("%s: draining: no new input; scored rows are committed; stopping within "
+                    "%g s (a second signal exits at once)", name, self.seconds)
+        if self.flag is not None:
+            self.flag.stop.remote()
+
+    def check(self, committed: Callable[[], tuple[int, int]]) -> None:
+        """Raise `Stopped` if a stop was asked; `committed()` gives (done, total) pairs."""
+        if self.requested:
+            done, total = committed()
+            raise Stopped(f"stopped on {self.signal_name}: {done} of {total} pairs are "
+                          "committed; rerun the same command to resume", done, total)

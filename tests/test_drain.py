@@ -1,0 +1,181 @@
+"""Spot-friendly: replicas commit on a clock, a resumed run skips committed rows, and
+SIGTERM drains the job. The end-to-end SIGTERM runs are in test_resume.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from rstar_batch import checkpoint
+from rstar_batch.base import columns as C
+from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.drain import Drain, Stopped
+from rstar_batch.driver import ProgressLog, run_scoring
+from rstar_batch.io.read import ReadChunks, plan_read_tasks
+from rstar_batch.io.scored import COMMITS
+from rstar_batch.replicas import CommitClock, ReplicaCommits
+
+
+def test_the_clock_sizes_slices_to_the_interval_from_the_rate_seen():
+    clock = CommitClock(seconds=10.0, first_rows=64)
+    assert clock.next_rows(2048) == 64            # first: small, to commit soon and measure
+    clock.took(64, 2.0)                           # 32 rows/s
+    assert clock.next_rows(2048) == 320           # 10 s of it
+    assert clock.next_rows(400) == 400            # no stub of 80 rows left at the end
+    clock.took(320, 5.0)                          # faster now: 64 rows/s, averaged to 48
+    assert clock.next_rows(2048) == 480
+    assert clock.next_rows(10) == 10
+
+
+class _Echo:
+    """A stage that records the slices it gets and marks its rows scored."""
+
+    calls: list[int] = []
+
+    def __init__(self, seconds_per_row: float = 0.0) -> None:
+        self.seconds_per_row = seconds_per_row
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        type(self).calls.append(batch.num_rows)
+        time.sleep(self.seconds_per_row * batch.num_rows)
+        return batch
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.rows.extend(batch[C.ROW].to_pylist())
+        chunk = batch[C.CHUNK][0].as_py()
+        rows = batch[C.ROW].to_pylist()
+        return pa.table({"chunk": [chunk], "start": [rows[0]], "end": [rows[-1] + 1],
+                         "scored": [len(rows)], "node": [None]}, schema=COMMITS)
+
+
+class _Flag:
+    def __init__(self, after: int) -> None:
+        self.after, self.asked = after, 0
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked > self.after
+
+
+def _batch(rows: int) -> pa.Table:
+    return pa.table({C.CHUNK: np.zeros(rows, np.int64), C.ROW: np.arange(rows, dtype=np.int32)})
+
+
+def test_a_replica_commits_each_slice_in_order_and_returns_only_commits():
+    _Echo.calls = []
+    sink = _Sink()
+    replica = ReplicaCommits(_Echo, {"seconds_per_row": 0.0005}, sink, commit_seconds=0.05)
+    out = replica(_batch(300))
+    assert sink.rows == list(range(300))                  # every row, once, in order
+    assert _Echo.calls[0] == 64 and len(_Echo.calls) > 2  # small first, then by the clock
+    assert out.schema == COMMITS
+    assert out["start"].to_pylist()[0] == 0 and out["end"].to_pylist()[-1] == 300
+    assert sum(out["scored"].to_pylist()) == 300
+
+
+def test_a_replica_asked_to_stop_takes_no_further_slice():
+    _Echo.calls = []
+    sink = _Sink()
+    replica = ReplicaCommits(_Echo, {}, sink, commit_seconds=1000.0, stop=_Flag(after=1))
+    out = replica(_batch(300))
+    assert _Echo.calls == [64] and sink.rows == list(range(64))
+    assert out.num_rows == 1 and out["end"].to_pylist() == [64]
+    replica = ReplicaCommits(_Echo, {}, _Sink(), commit_seconds=1.0, stop=_Flag(after=0))
+    assert replica(_batch(300)).num_rows == 0
+
+
+def test_a_resumed_chunk_skips_the_rows_committed_runs_cover():
+    chunks = checkpoint.plan_chunks([100, 50], 40)
+    progress = checkpoint.Progress(
+        covered={0: [(0, 40)], 1: [(0, 10), (5, 20), (30, 35)], 3: [(0, 10)]},
+        rows_by_run={1: 65}, last_commit=None)
+    pending = progress.pending(chunks)
+    assert [c.id for c in pending] == [1, 2, 3, 4]
+    assert pending[0].skip == ((0, 20), (30, 35)) and pending[0].todo == 15
+    assert pending[2].skip == ((0, 10),) and pending[2].todo == 30
+    assert pending[1].skip == () and pending[1].todo == 20
+    assert all(c.skip == () for c in progress.pending(chunks, within=False))
+
+
+def test_the_reader_leaves_out_skipped_rows_and_keeps_their_positions(tmp_path):
+    path = str(tmp_path / "c.parquet")
+    pq.write_table(pa.table({"x": np.arange(100)}), path, row_group_size=30)
+    chunks = [checkpoint.Chunk(0, 0, 0, 40, skip=((0, 10), (20, 25))),
+              checkpoint.Chunk(1, 0, 40, 40), checkpoint.Chunk(2, 0, 80, 20, skip=((0, 20),))]
+    read = ReadChunks(pafs.LocalFileSystem(), ["x"])
+    tables = [t for task in plan_read_tasks(chunks, [path], [[30, 30, 30, 10]])
+              for t in read(pa.Table.from_pylist([task]))]
+    assert len(tables) == 2                         # chunk 2 has nothing left
+    first = tables[0]
+    assert first[C.ROW].to_pylist() == list(range(10, 20)) + list(range(25, 40))
+    assert first["x"].to_pylist() == first[C.ROW].to_pylist()
+    assert tables[1]["x"].to_pylist() == list(range(40, 80))
+
+
+def test_a_reader_asked_to_stop_emits_no_further_chunk(tmp_path):
+    path = str(tmp_path / "c.parquet")
+    pq.write_table(pa.table({"x": np.arange(100)}), path)
+    chunks = checkpoint.plan_chunks([100], 25)
+    read = ReadChunks(pafs.LocalFileSystem(), ["x"], stop=_Flag(after=2))
+    tasks = plan_read_tasks(chunks, [path], [[100]])
+    assert len([t for task in tasks for t in read(pa.Table.from_pylist([task]))]) == 2
+
+
+def test_first_signal_drains_second_exits(caplog):
+    drain = Drain(seconds=0.2)
+    drain.watch()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert drain.requested and not drain.overdue
+        with pytest.raises(Stopped, match=r"stopped on SIGTERM: 3 of 9 pairs are committed"):
+            drain.check(lambda: (3, 9))
+        time.sleep(0.3)
+        assert drain.overdue
+        with pytest.raises(SystemExit) as exited:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert exited.value.code == 128 + signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        drain.restore()
+    assert signal.getsignal(signal.SIGTERM) is not drain._on_signal
+    assert "draining" in caplog.text and "second signal" in caplog.text
+
+
+class _Silent:
+    """A pass whose pipeline produces one commit, then nothing for a long time."""
+
+    def iter_batches(self, **_):
+        yield pa.table({"chunk": [0], "start": [0], "end": [5], "scored": [5],
+                        "node": ["n"]}, schema=COMMITS)
+        time.sleep(30)
+        yield pa.table({"chunk": [0], "start": [5], "end": [9]})
+
+
+def test_a_drain_past_its_deadline_stops_waiting_for_a_silent_pipeline():
+    drain = Drain(seconds=0.5)
+    drain.requested_at, drain.signal_name = time.monotonic(), "SIGTERM"
+    began = time.monotonic()
+    assert run_scoring(_Silent(), ProgressLog(9, 0), 1, drain) == 5
+    assert time.monotonic() - began < 5
+
+
+def test_commit_and_drain_seconds_must_be_positive_and_stay_out_of_the_resume_key():
+    with pytest.raises(ConfigError, match="commit_seconds must be a number of seconds"):
+        RerankConfig(commit_seconds=0)
+    with pytest.raises(ConfigError, match="drain_seconds"):
+        RerankConfig(drain_seconds=-1)
+    key = checkpoint.config_key(RerankConfig(commit_seconds=3, drain_seconds=5))
+    assert key == checkpoint.config_key(RerankConfig())

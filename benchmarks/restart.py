@@ -75,10 +75,29 @@ class Launch:
         return time.monotonic() - self.started
 
     def kill(self) -> None:
-        """SIGKILL its whole session (the embedded Ray too)."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL every process of its session (the embedded Ray's workers are in other
+        process groups: a replica left alive would go on committing), until none is left."""
+        kill_session(self.proc.pid)
         self.proc.wait()
-        time.sleep(1)  # the session's Ray processes die with it
+
+
+def kill_session(sid: int) -> None:
+    while pids := [int(p.split("/")[2]) for p in glob.glob("/proc/[0-9]*/stat")
+                   if _session(p) == sid]:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def _session(stat: str) -> Optional[int]:
+    try:
+        fields = open(stat).read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[3])
 
 
 def committed(out: str) -> int:
@@ -111,6 +130,8 @@ def measure(source: Optional[str], candidates: str, model: str, work: str, total
     result["fresh_seconds"] = run.wait()
     result["fresh_first_commit"] = run.first_commit
     assert run.proc.returncode == 0, open(out + ".log").read()[-2000:]
+    result["fresh_phases"] = json.load(open(os.path.join(out, "_manifest.json")))[
+        "seconds_by_phase"]
     reference = ranked(out)
     # 2. SIGKILL kill_after s into each of `kills` runs, then to the end
     out = os.path.join(work, "killed")
@@ -139,8 +160,7 @@ def measure(source: Optional[str], candidates: str, model: str, work: str, total
         pass
     result["sigterm_exit_seconds"] = round(time.monotonic() - sent, 1)
     result["sigterm_exit_code"] = run.proc.poll()
-    os.killpg(run.proc.pid, signal.SIGKILL) if run.proc.poll() is None else None
-    time.sleep(1)
+    run.kill()  # whatever is left of its session
     result["committed_at_sigterm"] = committed(out)
     run = Launch(source, args(out), out, out + ".final.log")
     run.wait()
@@ -160,6 +180,9 @@ def report(results: dict[str, dict], total: int, kill_after: float) -> str:
     rows = [
         ("fresh run: launch → first commit, s", lambda r: _s(r["fresh_first_commit"])),
         ("fresh run: launch → exit, s", lambda r: _s(r["fresh_seconds"])),
+        ("fresh run: its manifest's start-up, scoring and rank phases, s",
+         lambda r: " / ".join(_s(r["fresh_phases"].get(k)) for k in ("startup", "scoring",
+                                                                      "rank"))),
         (f"pairs committed after SIGKILLs {kill_after:g} s into each run",
          lambda r: " → ".join(str(c) for c in r["after_kills"])),
         ("resumed runs: launch → first new commit, s",
@@ -189,7 +212,7 @@ def main() -> None:
     args = parser.parse_args()
     total, kill_after, kills = args.pairs, args.kill_after, 3
     if args.smoke:
-        total, kill_after, kills = 400, 20.0, 1
+        total, kill_after, kills = 200, 15.0, 1
     with tempfile.TemporaryDirectory(prefix="rstar-restart-") as work:
         candidates = os.path.join(work, "candidates")
         write_sample_data(candidates, num_queries=total // 40, candidates_per_query=40,

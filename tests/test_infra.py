@@ -100,6 +100,21 @@ def test_the_nightly_config_asks_for_no_more_replicas_than_the_clusters_have_gpu
                          for t in launcher["available_node_types"].values())
 
 
+def test_the_head_pod_drains_the_driver_within_its_grace_period():
+    config = RerankConfig.from_yaml(str(NIGHTLY_CONFIG))
+    head = rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (container,) = head["containers"]
+    hook = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:2] == ["python", "/app/jobs/stop_drivers.py"]
+    assert (REPO / "jobs" / "stop_drivers.py").is_file()
+    wait = float(hook[hook.index("--wait") + 1])
+    # the drain, then Ray's shutdown under the driver, within the hook's wait; the hook's
+    # wait within the pod's grace period
+    assert config.drain_seconds + 10 <= wait < head["terminationGracePeriodSeconds"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert float(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= config.drain_seconds + 10
+
+
 # -- one Ray version everywhere ----------------------------------------------------------
 
 def _images() -> list[str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,37 @@ def test_the_commands_found_include_the_documented_ones():
     assert {"rayjob entrypoint", "README.md", "docs/operations.md"} <= sources
     scripts = {split(command)[0] for _, command in commands()}
     assert set(SCRIPTS) <= scripts  # every entrypoint is shown somewhere
+
+
+# -- the head pod's preStop hook --------------------------------------------------------------
+
+FAKE_DRIVER = """
+import signal, sys, time
+def drain(*_):
+    time.sleep(1)  # commits what it scored
+    sys.exit(75)
+signal.signal(signal.SIGTERM, drain)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_prestop_hook_sigterms_the_driver_and_waits_until_it_drained(tmp_path):
+    script = tmp_path / "nightly_rerank.py"   # named as the entrypoint the hook looks for
+    script.write_text(FAKE_DRIVER)
+    driver = subprocess.Popen([sys.executable, str(script), "--config", "x.yaml"],
+                              stdout=subprocess.PIPE)
+    try:
+        assert driver.stdout.readline() == b"ready\n"
+        began = time.monotonic()
+        hook = subprocess.run([sys.executable, str(repo_path("jobs/stop_drivers.py")),
+                               "--wait", "20"], capture_output=True, text=True, timeout=60)
+        assert hook.returncode == 0, hook.stdout + hook.stderr
+        assert f"SIGTERM sent to 1 driver(s) [{driver.pid}]" in hook.stdout
+        assert 1 <= time.monotonic() - began < 15   # it waited for the drain
+        assert driver.wait(5) == 75
+    finally:
+        driver.kill()
 
 
 # -- the nightly CronJob --------------------------------------------------------------------

@@ -68,6 +68,22 @@ def test_a_failed_run_exits_2_and_still_reports_for_the_scheduler(config_file):
     assert record["status"] == "FAILED" and "ConfigError: --date" in record["error"]
 
 
+def test_a_drained_run_exits_75_and_reports_stopped_with_what_is_committed(
+        config_file, monkeypatch):
+    from rstar_batch import pipeline
+    from rstar_batch.drain import Stopped
+
+    def drained(config):
+        raise Stopped("stopped on SIGTERM: 640 of 1200 pairs are committed; rerun the same "
+                      "command to resume", 640, 1200)
+
+    monkeypatch.setattr(pipeline, "rerank", drained)
+    code, record = nightly.run(["--config", config_file, "--date", "2026-11-26"])
+    assert code == 75
+    assert (record["status"], record["committed"], record["pairs"]) == ("STOPPED", 640, 1200)
+    assert record["error"].startswith("Stopped: stopped on SIGTERM: 640 of 1200")
+
+
 def test_the_entrypoint_prints_the_record_as_its_last_stdout_line(tmp_path):
     config = tmp_path / "nightly.yaml"
     config.write_text(f"candidates: ['{tmp_path}/none/date={{date}}/']\n"

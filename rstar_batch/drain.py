@@ -50,19 +50,40 @@ class StopFlag:
 
 class StopSignal:
     """What readers and replicas hold (it pickles into their tasks): `is_set()` says
-    whether the driver asked the job to stop. A driver that is gone took its job with
-    it, so a flag that cannot be reached reads as set."""
+    whether the driver asked the job to stop.
 
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
+    A check never waits long: it asks the flag and waits at most `wait_s` for the
+    answer; without one (the flag's actor still starting on a busy node) it keeps the
+    last answer, not a stop, and reads the pending answer at the next check. A flag
+    that is gone means the driver that owned it is gone, which reads as a stop.
+    """
+
+    def __init__(self, actor: Any, wait_s: float = 0.1) -> None:
+        self.actor, self.wait_s = actor, wait_s
+        self._pending: Any = None
+        self._set = False
+
+    def __getstate__(self) -> dict:
+        return {"actor": self.actor, "wait_s": self.wait_s}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["actor"], state["wait_s"])
 
     def is_set(self) -> bool:
+        if self._set:
+            return True
         import ray
 
-        try:
-            return bool(ray.get(self.actor.is_set.remote(), timeout=10))
-        except Exception:  # noqa: BLE001 - the driver (and so the flag's owner) is gone
-            return True
+        if self._pending is None:
+            self._pending = self.actor.is_set.remote()
+        ready, _ = ray.wait([self._pending], timeout=self.wait_s)
+        if ready:
+            answer, self._pending = self._pending, None
+            try:
+                self._set = bool(ray.get(answer))
+            except ray.exceptions.RayActorError:  # the driver, and so its flag, is gone
+                self._set = True
+        return self._set
 
 
 def stop_requested(stop: Optional[StopSignal]) -> bool:
@@ -103,9 +124,16 @@ class Drain:
             self._previous.setdefault(sig, previous)
 
     def restore(self) -> None:
+        """Put the previous handlers back; end the flag if the caller's Ray lives on."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+        if self.flag is not None:
+            import ray
+
+            if ray.is_initialized():
+                ray.kill(self.flag)
+            self.flag = None
 
     def attach(self) -> StopSignal:
         """The flag the workers read, in the running Ray (set already if asked before)."""

@@ -4,6 +4,7 @@ SIGTERM drains the job. The end-to-end SIGTERM runs are in test_resume.py."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 
@@ -16,7 +17,7 @@ import pytest
 from rstar_batch import checkpoint
 from rstar_batch.base import columns as C
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.drain import Drain, Stopped
+from rstar_batch.drain import Drain, Stopped, StopSignal
 from rstar_batch.driver import ProgressLog, run_scoring
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import COMMITS
@@ -131,6 +132,50 @@ def test_a_reader_asked_to_stop_emits_no_further_chunk(tmp_path):
     read = ReadChunks(pafs.LocalFileSystem(), ["x"], stop=_Flag(after=2))
     tasks = plan_read_tasks(chunks, [path], [[100]])
     assert len([t for task in tasks for t in read(pa.Table.from_pylist([task]))]) == 2
+
+
+class _FakeRay:
+    """ray.wait/ray.get over answers that arrive when a test says so."""
+
+    class exceptions:
+        RayActorError = type("RayActorError", (Exception,), {})
+
+    def __init__(self) -> None:
+        self.answers: dict[int, object] = {}
+        self.asked = 0
+
+    def remote(self) -> int:
+        self.asked += 1
+        return self.asked
+
+    def wait(self, refs, timeout):
+        return [r for r in refs if r in self.answers], []
+
+    def get(self, ref):
+        if isinstance(self.answers[ref], Exception):
+            raise self.answers[ref]
+        return self.answers[ref]
+
+
+def test_a_flag_that_does_not_answer_in_time_is_not_a_stop(monkeypatch):
+    import sys
+    import types
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    flag = StopSignal(types.SimpleNamespace(is_set=types.SimpleNamespace(remote=fake.remote)))
+    assert not flag.is_set() and not flag.is_set()  # still starting: keeps asking once
+    assert fake.asked == 1
+    fake.answers[1] = False
+    assert not flag.is_set() and fake.asked == 1   # the answer came: not stopped
+    assert not flag.is_set() and fake.asked == 2   # a fresh question each check
+    fake.answers[2] = True
+    assert flag.is_set() and flag.is_set() and fake.asked == 2  # set stays set
+    gone = StopSignal(types.SimpleNamespace(is_set=types.SimpleNamespace(remote=fake.remote)))
+    fake.answers[3] = fake.exceptions.RayActorError("the driver died")
+    assert gone.is_set()
+    pickled = pickle.loads(pickle.dumps(StopSignal("actor", 0.5)))
+    assert (pickled.actor, pickled.wait_s, pickled._pending) == ("actor", 0.5, None)
 
 
 def test_first_signal_drains_second_exits(caplog):

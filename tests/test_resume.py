@@ -177,7 +177,10 @@ def test_changed_config_or_input_is_refused_unless_restart(
     path = str(tmp_path / "c.parquet")
     pq.write_table(edge_cases, path)
     out = str(tmp_path / "out")
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
+    # the caller's signal handlers are theirs again once the job returns
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
     with pytest.raises(ResumeError, match=r"finished output of a different job \(top_k: None → 3\)"):
         rstar_batch.rerank(candidates=[path], output=out, model=tiny_model, top_k=3)
     pq.write_table(edge_cases.slice(0, 10), path)  # the input changes

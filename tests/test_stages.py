@@ -181,9 +181,10 @@ def test_the_cls_only_last_layer_gives_the_models_own_logits(tiny_model, edge_ca
                          activation="none", full_forward=own)
                   for own in (False, True))
     assert fast.cls_only and not full.cls_only
-    # logits reach ~10 (the tiny model's widened head): float32 rounding scales with them
+    # logits reach ~10 (the tiny model's widened head): float32 rounding scales with them,
+    # and the two forwards sum in different orders (seen once: 1.26e-5 on a logit of 1.49)
     np.testing.assert_allclose(fast.score(ids, types), full.score(ids, types), rtol=1e-6,
-                               atol=1e-5)
+                               atol=3e-5)
 
 
 def test_models_other_than_plain_bert_keep_their_own_forward():

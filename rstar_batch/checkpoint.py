@@ -174,13 +174,8 @@ class Progress:
 
     def committed_rows(self) -> int:
         """Rows covered by committed runs (overlaps counted once)."""
-        total = 0
-        for ranges in self.covered.values():
-            reach = 0
-            for start, end in sorted(ranges):
-                total += max(0, end - max(start, reach))
-                reach = max(reach, end)
-        return total
+        return sum(end - start for ranges in self.covered.values()
+                   for start, end in merge_ranges(ranges, max(e for _, e in ranges)))
 
 
 def merge_ranges(ranges: list[tuple[int, int]], rows: int) -> tuple[tuple[int, int], ...]:
@@ -198,12 +193,7 @@ def merge_ranges(ranges: list[tuple[int, int]], rows: int) -> tuple[tuple[int, i
 
 
 def _covers(ranges: list[tuple[int, int]], rows: int) -> bool:
-    reach = 0
-    for start, end in sorted(ranges):
-        if start > reach:
-            return False
-        reach = max(reach, end)
-    return reach >= rows
+    return merge_ranges(ranges, rows) == ((0, rows),)
 
 
 def read_progress(fs: pafs.FileSystem, root: str) -> Progress:

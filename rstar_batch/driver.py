@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 import logging
 import queue
 import signal
@@ -150,7 +151,7 @@ def _run(job: Job, drain: Drain) -> JobSummary:
     config = job.config
     started, phases = time.time(), Phases(job.phases)
     job.plan = job.check()
-    committed = lambda: committed_pairs(job)  # noqa: E731 - for a stop's message
+    committed = functools.partial(committed_pairs, job)  # a stop's message
     drain.check(committed)
     opened = checkpoint.open_job(job.fs, job.root, config.output, job.plan,
                                  overwrite=config.overwrite, restart=config.restart)
@@ -169,9 +170,8 @@ def _run(job: Job, drain: Drain) -> JobSummary:
             pending = checkpoint.read_progress(job.fs, job.root).pending(
                 chunks, within=job.resumes_within_chunks)
             per_row = job.pairs_per_row
-            progress_log = ProgressLog(sum(c.rows for c in chunks) * per_row,
-                                       sum(c.rows for c in chunks) * per_row
-                                       - sum(c.todo for c in pending) * per_row)
+            total = sum(c.rows for c in chunks) * per_row
+            progress_log = ProgressLog(total, total - sum(c.todo for c in pending) * per_row)
             if progress_log.done:
                 log.info("resuming run %d: %d of %d chunks already done, %d pairs left",
                          opened.run, len(chunks) - len(pending), len(chunks),

@@ -281,24 +281,19 @@ class ReplicaCommits:
         return pa.concat_tables(commits)
 
 
-def on_replicas(ds: Any, stage: type, kwargs: dict[str, Any], plan: ReplicaPlan,
-                batch_rows: int) -> Any:
-    """`stage` as a pool of model replicas, as many as the plan allows."""
-    return _replica_pool(ds, stage, kwargs, plan, batch_rows)
-
-
 def committing_replicas(ds: Any, stage: type, kwargs: dict[str, Any], plan: ReplicaPlan,
                         batch_rows: int, sink: Callable[[pa.Table], pa.Table],
                         config: RerankConfig, stop: Optional[StopSignal]) -> Any:
     """`stage` on a pool of model replicas that commit what they score (pass 1's end):
     the dataset's rows are the commits."""
-    return _replica_pool(ds, ReplicaCommits, dict(
+    return on_replicas(ds, ReplicaCommits, dict(
         stage=stage, stage_kwargs=kwargs, sink=sink, commit_seconds=config.commit_seconds,
         stop=stop), plan, batch_rows)
 
 
-def _replica_pool(ds: Any, stage: type, kwargs: dict[str, Any], plan: ReplicaPlan,
-                  batch_rows: int) -> Any:
+def on_replicas(ds: Any, stage: type, kwargs: dict[str, Any], plan: ReplicaPlan,
+                batch_rows: int) -> Any:
+    """`stage` as a pool of model replicas, as many as the plan allows."""
     import ray.data
 
     return ds.map_batches(

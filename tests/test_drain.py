@@ -102,6 +102,7 @@ def test_a_resumed_chunk_skips_the_rows_committed_runs_cover():
     progress = checkpoint.Progress(
         covered={0: [(0, 40)], 1: [(0, 10), (5, 20), (30, 35)], 3: [(0, 10)]},
         rows_by_run={1: 65}, last_commit=None)
+    assert progress.done_chunks(chunks) == {0} and progress.committed_rows() == 40 + 25 + 10
     pending = progress.pending(chunks)
     assert [c.id for c in pending] == [1, 2, 3, 4]
     assert pending[0].skip == ((0, 20), (30, 35)) and pending[0].todo == 15

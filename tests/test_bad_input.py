@@ -28,63 +28,63 @@ def _error(capsys, *argv: str) -> str:
     return err[err.index("rstar-batch: error: "):]
 
 
-def test_missing_column_names_file_and_column(tmp_path, tiny_model, capsys):
+def test_missing_column_names_file_and_column(tmp_path, micro_model, capsys):
     path = _write(tmp_path / "c.parquet", query_id=[1], query=["q"], doc_id=["d"], text=["p"])
     err = _error(capsys, "--candidates", path, "--output", str(tmp_path / "o"),
-                 "--model", tiny_model)
+                 "--model", micro_model)
     assert f"'{path}'" in err and "no passage column 'passage'" in err
     assert "--passage-column" in err and "text" in err
 
 
-def test_wrong_column_type_names_file_column_and_type(tmp_path, tiny_model, capsys):
+def test_wrong_column_type_names_file_column_and_type(tmp_path, micro_model, capsys):
     path = _write(tmp_path / "c.parquet", query_id=[1], query=["q"], doc_id=["d"], passage=[7])
     err = _error(capsys, "--candidates", path, "--output", str(tmp_path / "o"),
-                 "--model", tiny_model)
+                 "--model", micro_model)
     assert "column 'passage'" in err and f"'{path}'" in err
     assert "int64" in err and "must be a string" in err
 
 
-def test_id_types_that_differ_between_files_are_refused(tmp_path, tiny_model, capsys):
+def test_id_types_that_differ_between_files_are_refused(tmp_path, micro_model, capsys):
     a = _good(tmp_path / "a.parquet")
     b = _write(tmp_path / "b.parquet", query_id=["1"], query=["q"], doc_id=["d"], passage=["p"])
     err = _error(capsys, "--candidates", a, b, "--output", str(tmp_path / "o"),
-                 "--model", tiny_model)
+                 "--model", micro_model)
     assert "column 'query_id'" in err and "b.parquet" in err and "a.parquet" in err
 
 
-def test_input_path_that_does_not_exist(tmp_path, tiny_model, capsys):
+def test_input_path_that_does_not_exist(tmp_path, micro_model, capsys):
     missing = str(tmp_path / "nope" / "*.parquet")
     err = _error(capsys, "--candidates", str(tmp_path / "nope"), "--output",
-                 str(tmp_path / "o"), "--model", tiny_model)
+                 str(tmp_path / "o"), "--model", micro_model)
     assert "candidates path" in err and "nope" in err and "does not exist" in err
     err = _error(capsys, "--candidates", missing, "--output", str(tmp_path / "o"),
-                 "--model", tiny_model)
+                 "--model", micro_model)
     assert "matches no files" in err
 
 
-def test_input_with_no_rows(tmp_path, tiny_model, capsys):
+def test_input_with_no_rows(tmp_path, micro_model, capsys):
     table = pa.table({"query_id": pa.array([], pa.int64()), "query": pa.array([], pa.string()),
                       "doc_id": pa.array([], pa.string()), "passage": pa.array([], pa.string())})
     pq.write_table(table, str(tmp_path / "empty.parquet"))
     err = _error(capsys, "--candidates", str(tmp_path), "--output", str(tmp_path / "o"),
-                 "--model", tiny_model)
+                 "--model", micro_model)
     assert "hold no rows" in err and "1 file(s), 0 rows" in err
 
 
-def test_file_that_is_not_parquet(tmp_path, tiny_model, capsys):
+def test_file_that_is_not_parquet(tmp_path, micro_model, capsys):
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"this is not parquet at all")
     err = _error(capsys, "--candidates", str(bad), "--output", str(tmp_path / "o"),
-                 "--model", tiny_model)
+                 "--model", micro_model)
     assert f"'{bad}' is not a readable Parquet file" in err
 
 
-def test_output_holding_foreign_files_is_refused_unless_overwrite(tmp_path, tiny_model, capsys):
+def test_output_holding_foreign_files_is_refused_unless_overwrite(tmp_path, micro_model, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.csv").write_text("keep me")
     err = _error(capsys, "--candidates", _good(tmp_path / "c.parquet"), "--output", str(out),
-                 "--model", tiny_model)
+                 "--model", micro_model)
     assert "already holds 1 file(s) this tool did not write" in err
     assert "precious.csv" in err and "--overwrite" in err
     assert (out / "precious.csv").read_text() == "keep me"
@@ -111,7 +111,7 @@ def test_missing_model_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("keep", ["query_id", "doc_id"])
-def test_keeping_an_id_column_is_refused(tmp_path, tiny_model, capsys, keep):
+def test_keeping_an_id_column_is_refused(tmp_path, micro_model, capsys, keep):
     err = _error(capsys, "--candidates", _good(tmp_path / "c.parquet"), "--output",
-                 str(tmp_path / "o"), "--model", tiny_model, "--keep-columns", keep)
+                 str(tmp_path / "o"), "--model", micro_model, "--keep-columns", keep)
     assert "ids are always in the output" in err

@@ -54,7 +54,7 @@ def _record(output: str) -> dict:
 
 
 def test_nightly_job_on_a_cluster_succeeds_a_rerun_is_a_noop_a_bad_night_fails(
-        job_cluster, tiny_model, tmp_path):
+        job_cluster, micro_model, tmp_path):
     data = tmp_path / "warehouse"
     write_sample_data(str(data / "candidates" / f"date={DATE}"), QUERIES, CANDIDATES,
                       files=2, seed=3)
@@ -63,7 +63,7 @@ def test_nightly_job_on_a_cluster_succeeds_a_rerun_is_a_noop_a_bad_night_fails(
     with open(config, "w") as fh:
         fh.write(f"candidates: ['{data}/candidates/date={{date}}/']\n"
                  f"output: '{data}/ranked/date={{date}}/'\n"
-                 f"model: '{tiny_model}'\nmax_length: 512\nrank_partitions: 2\n")
+                 f"model: '{micro_model}'\nmax_length: 512\nrank_partitions: 2\n")
     workdir = os.path.join(job_cluster.base, "wd")  # what `--working-dir .` would upload
     shutil.copytree(REPO / "jobs", os.path.join(workdir, "jobs"),
                     ignore=shutil.ignore_patterns("__pycache__"))

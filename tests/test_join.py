@@ -36,7 +36,7 @@ def split_inputs(tmp_path):
 
 
 def test_run_joined_with_corpus_and_queries_scores_like_the_reference(
-        ray_local, tiny_model, split_inputs, monkeypatch):
+        ray_local, micro_model, split_inputs, monkeypatch):
     from rstar_batch.io import join
 
     full, base = split_inputs
@@ -44,13 +44,13 @@ def test_run_joined_with_corpus_and_queries_scores_like_the_reference(
     out = str(base / "out")
     summary = rstar_batch.rerank(
         candidates=[str(base / "run")], corpus=str(base / "corpus.parquet"),
-        queries=str(base / "queries.parquet"), output=out, model=tiny_model,
+        queries=str(base / "queries.parquet"), output=out, model=micro_model,
         keep_columns=["first_stage_score"], max_rejected_fraction=0.05, dtype="float32")
     assert summary.rejected == {"missing_passage": 1, "missing_query": 1}
     assert (summary.pairs, summary.written) == (122, 120)
     ranked = pq.read_table(out)
     assert ranked.column_names == ["query_id", "doc_id", "score", "rank", "first_stage_score"]
-    reference = reference_scores(tiny_model, full)
+    reference = reference_scores(micro_model, full)
     for row in ranked.to_pylist():
         assert abs(row["score"] - reference[(row["query_id"], row["doc_id"])]) <= 1e-5
     rejected = {r["reason"]: r for r in pq.read_table(os.path.join(out, "_rejected")).to_pylist()}
@@ -59,18 +59,18 @@ def test_run_joined_with_corpus_and_queries_scores_like_the_reference(
     assert rejected["missing_query"]["query_id"] == 99
     again = rstar_batch.rerank(
         candidates=[str(base / "run")], corpus=str(base / "corpus.parquet"),
-        queries=str(base / "queries.parquet"), output=out, model=tiny_model,
+        queries=str(base / "queries.parquet"), output=out, model=micro_model,
         keep_columns=["first_stage_score"], max_rejected_fraction=0.05, dtype="float32")
     assert again.already_done
 
 
-def test_a_changed_corpus_is_refused_like_a_changed_input(ray_local, tiny_model, split_inputs):
+def test_a_changed_corpus_is_refused_like_a_changed_input(ray_local, micro_model, split_inputs):
     from rstar_batch.checkpoint import ResumeError
 
     full, base = split_inputs
     args = dict(candidates=[str(base / "run")], corpus=str(base / "corpus.parquet"),
                 queries=str(base / "queries.parquet"), output=str(base / "out"),
-                model=tiny_model, max_rejected_fraction=0.05)
+                model=micro_model, max_rejected_fraction=0.05)
     rstar_batch.rerank(**args)
     pq.write_table(full.select(["doc_id", "passage"]), str(base / "corpus.parquet"))
     with pytest.raises(ResumeError, match="corpus.parquet"):

@@ -73,14 +73,14 @@ def test_each_family_assembles_its_own_pair_template_and_scores_as_transformers(
 
 
 @pytest.fixture(scope="module")
-def unlearnable_model(tiny_model, tmp_path_factory) -> str:
-    """The tiny model with a tokenizer that puts the passage before the query: no
+def unlearnable_model(micro_model, tmp_path_factory) -> str:
+    """The micro model with a tokenizer that puts the passage before the query: no
     special tokens around (query, passage) describe its pairs."""
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
     path = str(tmp_path_factory.mktemp("unlearnable") / "model")
-    shutil.copytree(tiny_model, path)
+    shutil.copytree(micro_model, path)
     bert = AutoTokenizer.from_pretrained(path)
     backend = bert.backend_tokenizer
     backend.post_processor = TemplateProcessing(
@@ -165,7 +165,7 @@ def test_a_tokenizer_without_a_learnable_template_still_runs_every_command(
 
 
 def test_what_needs_a_passages_own_ids_refuses_a_tokenizer_without_a_template(
-        unlearnable_model, tiny_model, tmp_path):
+        unlearnable_model, micro_model, tmp_path):
     """tokenize-corpus, a tokenized corpus and passage cuts refuse it on the driver, before
     Ray starts (this test starts none), each saying why; plain rerank and score-corpus
     accept it (above)."""

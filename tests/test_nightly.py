@@ -111,7 +111,7 @@ def test_score_corpus_fills_the_date_in_its_output_and_inputs_that_name_it():
 
 
 @pytest.mark.slow
-def test_the_score_corpus_entrypoint_succeeds_then_is_a_no_op(tiny_model, tmp_path):
+def test_the_score_corpus_entrypoint_succeeds_then_is_a_no_op(micro_model, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -124,7 +124,7 @@ def test_the_score_corpus_entrypoint_succeeds_then_is_a_no_op(tiny_model, tmp_pa
     config.write_text(f"queries: '{tmp_path}/topics-{{date}}.parquet'\n"
                       f"corpus: '{tmp_path}/corpus.parquet'\n"
                       f"output: '{tmp_path}/out/date={{date}}/'\ntop_k: 3\n"
-                      f"model: '{tiny_model}'\nmax_length: 64\n")
+                      f"model: '{micro_model}'\nmax_length: 64\n")
     command = [sys.executable, str(REPO / "jobs" / "score_corpus.py"), "--config", str(config),
                "--date", "2026-11-26"]
     records = []

@@ -19,6 +19,7 @@ import pytest
 
 import rstar_batch
 from rstar_batch.config import ConfigError
+from rstar_batch.faults import FAULT_ENV
 from rstar_batch.io.sources import InputError
 from rstar_batch.testing import make_candidates
 from tests.jobs import Job, assert_same_ranking, committed_rows, run
@@ -95,16 +96,16 @@ def _assert_each_query_in_one_file(s3, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(s3_env, s3, candidates, tiny_model, tmp_path_factory) -> dict:
+def uninterrupted(s3_env, s3, candidates, micro_model, tmp_path_factory) -> dict:
     """One uninterrupted job, S3 to S3; its log and output."""
     log = str(tmp_path_factory.mktemp("s3-full") / "run.log")
-    job = run(_args(f"s3://{BUCKET}/full/", tiny_model), log, env=s3_env)
+    job = run(_args(f"s3://{BUCKET}/full/", micro_model), log, env=s3_env)
     assert job.proc.returncode == 0, job.output()[-3000:]
     return {"log": job.output(), "table": _read_output(s3, "full")}
 
 
 def test_job_reads_and_writes_s3_and_equals_the_one_pair_reference(
-        uninterrupted, s3, candidates, tiny_model):
+        uninterrupted, s3, candidates, micro_model):
     table = uninterrupted["table"]
     assert table.num_rows == TOTAL
     assert f"{TOTAL} pairs, {QUERIES} queries, {TOTAL} scored, 0 rejected" in uninterrupted["log"]
@@ -112,7 +113,7 @@ def test_job_reads_and_writes_s3_and_equals_the_one_pair_reference(
     queries = pa.array([1, QUERIES], pa.int64())
     some = pc.is_in(table["query_id"], queries)
     reference = reference_scores(
-        tiny_model, candidates.filter(pc.is_in(candidates["query_id"], queries)), MAX_LENGTH)
+        micro_model, candidates.filter(pc.is_in(candidates["query_id"], queries)), MAX_LENGTH)
     _assert_matches_reference(table.filter(some).to_pylist(), reference)
     _assert_each_query_in_one_file(s3, "full")
     manifest = json.loads(s3.cat(f"{BUCKET}/full/_manifest.json"))
@@ -125,10 +126,12 @@ def test_job_reads_and_writes_s3_and_equals_the_one_pair_reference(
 
 
 def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
-        uninterrupted, s3_env, s3, tiny_model, tmp_path):
+        uninterrupted, s3_env, s3, micro_model, tmp_path):
     out = f"s3://{BUCKET}/resumed/"
     logs = []
-    job = Job(_args(out, tiny_model), str(tmp_path / "run1.log"), env=s3_env)
+    # paced by the fault hook (each replica batch 0.5 s longer) so there is time to kill
+    job = Job(_args(out, micro_model), str(tmp_path / "run1.log"),
+              env={**s3_env, FAULT_ENV: "slow:0.5"})
     committed = lambda: committed_rows(f"{BUCKET}/resumed", s3.glob)  # noqa: E731
     job.wait_until(lambda: committed() >= TOTAL // 2, timeout=240)
     job.kill()
@@ -140,7 +143,7 @@ def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
     # "last commit … ago" needs the commits' times, which S3 gives only in its listings.
     assert f"/{TOTAL} pairs scored" in status and "rerun the same command" in status
 
-    rerun = run(_args(out, tiny_model), str(tmp_path / "run2.log"), env=s3_env)
+    rerun = run(_args(out, micro_model), str(tmp_path / "run2.log"), env=s3_env)
     logs.append(rerun.output())
     assert rerun.proc.returncode == 0, rerun.output()[-3000:]
     assert "resuming run 2" in rerun.output()
@@ -158,14 +161,14 @@ def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
 
 
 def test_credentials_stay_out_of_logs_manifests_and_errors(
-        uninterrupted, s3_env, s3, tiny_model, tmp_path, monkeypatch, caplog):
+        uninterrupted, s3_env, s3, micro_model, tmp_path, monkeypatch, caplog):
     assert SECRET not in uninterrupted["log"]
     assert SECRET not in s3.cat(f"{BUCKET}/full/_manifest.json").decode()
     assert all(SECRET not in s3.cat(p).decode() for p in s3.find(f"{BUCKET}/full")
                if p.endswith(".json"))
 
     # A wrong output bucket: one line naming it, no traceback, no secret, even at DEBUG.
-    wrong = run(["--log-level", "DEBUG", *_args("s3://no-such-bucket-rstar/out/", tiny_model)],
+    wrong = run(["--log-level", "DEBUG", *_args("s3://no-such-bucket-rstar/out/", micro_model)],
                 str(tmp_path / "wrong.log"), env=s3_env)
     assert wrong.proc.returncode == 2
     assert ("error: cannot write to output 's3://no-such-bucket-rstar/out/': The specified "
@@ -178,11 +181,11 @@ def test_credentials_stay_out_of_logs_manifests_and_errors(
     caplog.set_level(logging.DEBUG)
     with pytest.raises(InputError, match="'s3://no-such-bucket-rstar/c/' does not exist") as err:
         rstar_batch.rerank(candidates=["s3://no-such-bucket-rstar/c/"], output=str(tmp_path / "o"),
-                           model=tiny_model)
+                           model=micro_model)
     assert SECRET not in str(err.value)
     # Credentials written into a URI are refused without being repeated.
     in_uri = f"s3://rstar-test-key:{SECRET}@{BUCKET}/candidates/"
     with pytest.raises(ConfigError, match=r"'s3://\*\*\*@rstar-test/candidates/' has "
                                           "credentials in it") as err:
-        rstar_batch.rerank(candidates=[in_uri], output=str(tmp_path / "o"), model=tiny_model)
+        rstar_batch.rerank(candidates=[in_uri], output=str(tmp_path / "o"), model=micro_model)
     assert SECRET not in str(err.value) and SECRET not in caplog.text

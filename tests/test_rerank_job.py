@@ -50,9 +50,9 @@ def _assert_matches_reference(rows: list[dict], reference: dict) -> None:
 
 
 def test_rerank_cli_output_equals_the_one_pair_reference(
-        ray_local, tiny_model, sample_dir, sample_reference, tmp_path, capsys):
+        ray_local, micro_model, sample_dir, sample_reference, tmp_path, capsys):
     out = str(tmp_path / "ranked")
-    assert main(["rerank", "--candidates", sample_dir, "--output", out, "--model", tiny_model,
+    assert main(["rerank", "--candidates", sample_dir, "--output", out, "--model", micro_model,
                  "--keep-columns", "first_stage_score", "passage", "--dtype", "float32"]) == 0
     assert "1000 pairs, 20 queries, 1000 scored, 0 rejected" in capsys.readouterr().out
 
@@ -88,10 +88,10 @@ def test_rerank_cli_output_equals_the_one_pair_reference(
 
 
 def test_top_k_keeps_the_reference_best_k_per_query(
-        ray_local, tiny_model, sample_dir, sample_reference, tmp_path):
+        ray_local, micro_model, sample_dir, sample_reference, tmp_path):
     out = str(tmp_path / "top5")
     summary = rstar_batch.rerank(rstar_batch.RerankConfig(
-        candidates=[sample_dir], output=out, model=tiny_model, top_k=5, rank_partitions=3,
+        candidates=[sample_dir], output=out, model=micro_model, top_k=5, rank_partitions=3,
         dtype="float32"))
     assert summary.written == 100 and summary.scored == 1000
     parts = _read_parts(out)
@@ -123,7 +123,7 @@ def test_string_query_ids_and_integer_doc_ids_keep_their_types(
 
 
 def test_rows_with_null_fields_are_counted_and_kept_with_their_reason(
-        ray_local, tiny_model, tmp_path):
+        ray_local, micro_model, tmp_path):
     path = str(tmp_path / "c.parquet")
     pq.write_table(pa.table({
         "query_id": pa.array([1, 1, 1, 2, None], pa.int64()),
@@ -132,7 +132,7 @@ def test_rows_with_null_fields_are_counted_and_kept_with_their_reason(
         "passage": ["first passage", None, "third", "fourth", "fifth"],
     }), path)
     out = str(tmp_path / "out")
-    summary = rstar_batch.rerank(candidates=[path], output=out, model=tiny_model,
+    summary = rstar_batch.rerank(candidates=[path], output=out, model=micro_model,
                                  max_rejected_fraction=1.0)
     assert (summary.pairs, summary.scored, summary.queries) == (5, 2, 1)
     assert summary.rejected == {"null_passage": 1, "null_query": 1, "null_query_id": 1}
@@ -148,13 +148,13 @@ def test_rows_with_null_fields_are_counted_and_kept_with_their_reason(
 
 
 def test_rerunning_a_finished_job_is_a_no_op_that_says_so(
-        ray_local, tiny_model, edge_cases, tmp_path):
+        ray_local, micro_model, edge_cases, tmp_path):
     path = str(tmp_path / "c.parquet")
     pq.write_table(edge_cases, path)
     out = str(tmp_path / "out")
-    first = rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
+    first = rstar_batch.rerank(candidates=[path], output=out, model=micro_model)
     before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
-    again = rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
+    again = rstar_batch.rerank(candidates=[path], output=out, model=micro_model)
     assert again.already_done and not first.already_done
     assert "already done, nothing to do" in again.line()
     assert (again.pairs, again.written) == (first.pairs, first.written)
@@ -164,10 +164,10 @@ def test_rerunning_a_finished_job_is_a_no_op_that_says_so(
     assert ray.is_initialized()  # the caller's Ray is left running
 
 
-def test_demo_runs_end_to_end_on_an_embedded_ray(tiny_model, tmp_path):
+def test_demo_runs_end_to_end_on_an_embedded_ray(micro_model, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     done = subprocess.run(
-        [sys.executable, "-m", "rstar_batch", "demo", "--model", tiny_model,
+        [sys.executable, "-m", "rstar_batch", "demo", "--model", micro_model,
          "--workdir", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]

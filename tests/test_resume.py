@@ -14,7 +14,7 @@ import pytest
 
 import rstar_batch
 from rstar_batch.checkpoint import ResumeError
-from rstar_batch.testing import MICRO_ARCHITECTURE, make_tiny_model, write_sample_data
+from rstar_batch.testing import write_sample_data
 from tests.jobs import (Job, assert_same_ranking, committed_rows, local_cluster, run,
                         worker_args)
 
@@ -23,13 +23,6 @@ TOTAL = 1200
 # A run that is stopped part way is paced by the fault hook (each replica batch of 60
 # pairs takes 0.5 s longer, 20 batches), not by a model that takes as long.
 PACED = {"RSTAR_BATCH_TEST_FAULT": "slow:0.5"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """The micro model: what these tests check does not depend on the model's size, and
-    R*'s would spend most of each run scoring."""
-    return make_tiny_model(str(tmp_path_factory.mktemp("micro")), architecture=MICRO_ARCHITECTURE)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +40,9 @@ def _args(candidates: str, output: str, model: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def baseline(job_input, tiny_model, tmp_path_factory) -> pa.Table:
+def baseline(job_input, micro_model, tmp_path_factory) -> pa.Table:
     out = str(tmp_path_factory.mktemp("baseline") / "out")
-    job = run(_args(job_input, out, tiny_model), out + ".log")
+    job = run(_args(job_input, out, micro_model), out + ".log")
     assert job.proc.returncode == 0, job.output()[-3000:]
     return pq.read_table(out)
 
@@ -76,9 +69,9 @@ KILL_POINTS = {
 
 @pytest.mark.parametrize("point", ["half_way"])
 def test_killed_job_resumes_without_loss_or_duplicates(
-        point, job_input, tiny_model, baseline, tmp_path):
+        point, job_input, micro_model, baseline, tmp_path):
     out = str(tmp_path / "out")
-    job = Job(_args(job_input, out, tiny_model), str(tmp_path / "run1.log"), PACED)
+    job = Job(_args(job_input, out, micro_model), str(tmp_path / "run1.log"), PACED)
     job.wait_until(lambda: KILL_POINTS[point](out))
     job.kill()
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
@@ -87,7 +80,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(
     status = run(["status", out], str(tmp_path / "status.log")).output()
     assert f"/{TOTAL} pairs scored" in status and "rerun the same command" in status
 
-    per_run = _rerun_equals_the_baseline(job_input, out, tiny_model, baseline, tmp_path)
+    per_run = _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path)
     assert per_run.get(1, 0) == done_at_kill  # nothing committed was lost
     assert per_run[2] <= 0.55 * TOTAL  # little redone
     assert per_run[1] + per_run[2] == TOTAL  # the rerun scored only rows not committed
@@ -95,10 +88,10 @@ def test_killed_job_resumes_without_loss_or_duplicates(
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_sigterm_drains_stops_within_the_bound_and_the_rerun_resumes(
-        point, job_input, tiny_model, baseline, tmp_path):
+        point, job_input, micro_model, baseline, tmp_path):
     """SIGTERM to the driver alone, as Kubernetes and `ray job stop` send it."""
     out = str(tmp_path / "out")
-    job = Job(_args(job_input, out, tiny_model, "--drain-seconds", "20"),
+    job = Job(_args(job_input, out, micro_model, "--drain-seconds", "20"),
               str(tmp_path / "run1.log"), PACED)
     job.wait_until(lambda: KILL_POINTS[point](out))
     seconds = job.terminate()
@@ -116,7 +109,7 @@ def test_sigterm_drains_stops_within_the_bound_and_the_rerun_resumes(
         "committed; rerun the same command to resume" in text
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
 
-    per_run = _rerun_equals_the_baseline(job_input, out, tiny_model, baseline, tmp_path)
+    per_run = _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path)
     assert per_run.get(1, 0) == done_at_stop
     # nothing redone: the rerun scored exactly the rows the stopped run did not commit
     assert per_run.get(1, 0) + per_run.get(2, 0) == TOTAL
@@ -124,9 +117,9 @@ def test_sigterm_drains_stops_within_the_bound_and_the_rerun_resumes(
         assert 2 not in per_run  # scoring was done: the rerun only ranked
 
 
-def _rerun_equals_the_baseline(job_input, out, tiny_model, baseline, tmp_path) -> dict:
+def _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path) -> dict:
     """Rerun the job; check its output and status; return pairs scored per run."""
-    rerun = run(_args(job_input, out, tiny_model), str(tmp_path / "run2.log"))
+    rerun = run(_args(job_input, out, micro_model), str(tmp_path / "run2.log"))
     assert rerun.proc.returncode == 0, rerun.output()[-3000:]
     _assert_same_output(out, baseline)
     done = run(["status", out], str(tmp_path / "status2.log")).output()
@@ -135,9 +128,9 @@ def _rerun_equals_the_baseline(job_input, out, tiny_model, baseline, tmp_path) -
     return {int(k): v for k, v in manifest["pairs_scored_per_run"].items()}
 
 
-def test_status_while_the_job_runs_shows_progress_rate_and_eta(job_input, tiny_model, tmp_path):
+def test_status_while_the_job_runs_shows_progress_rate_and_eta(job_input, micro_model, tmp_path):
     out = str(tmp_path / "out")
-    job = Job(_args(job_input, out, tiny_model), str(tmp_path / "run.log"),
+    job = Job(_args(job_input, out, micro_model), str(tmp_path / "run.log"),
               {"RSTAR_BATCH_TEST_FAULT": "slow:1"})
     try:
         job.wait_until(lambda: _commits(out) >= 3)
@@ -152,18 +145,18 @@ def test_status_while_the_job_runs_shows_progress_rate_and_eta(job_input, tiny_m
 
 @pytest.mark.parametrize("fault", ["exit:3", "raise:2"])
 def test_replica_faults_are_retried_and_the_job_completes_exactly_once(
-        fault, job_input, tiny_model, baseline, tmp_path):
+        fault, job_input, micro_model, baseline, tmp_path):
     out = str(tmp_path / "out")
-    job = run(_args(job_input, out, tiny_model), str(tmp_path / "run.log"),
+    job = run(_args(job_input, out, micro_model), str(tmp_path / "run.log"),
               env={"RSTAR_BATCH_TEST_FAULT": fault, "RSTAR_BATCH_TEST_FAULT_DIR": str(tmp_path)})
     assert job.proc.returncode == 0, job.output()[-3000:]
     assert os.path.exists(tmp_path / f"fired-{fault.split(':')[0]}")  # the fault did happen
     _assert_same_output(out, baseline)
 
 
-def test_batch_failing_every_retry_fails_the_job_naming_its_rows(job_input, tiny_model, tmp_path):
+def test_batch_failing_every_retry_fails_the_job_naming_its_rows(job_input, micro_model, tmp_path):
     out = str(tmp_path / "out")
-    job = run(_args(job_input, out, tiny_model, "--batch-retries", "1"), str(tmp_path / "r.log"),
+    job = run(_args(job_input, out, micro_model, "--batch-retries", "1"), str(tmp_path / "r.log"),
               env={"RSTAR_BATCH_TEST_FAULT": "raise:always"})
     assert job.proc.returncode != 0
     text = job.output()
@@ -173,36 +166,36 @@ def test_batch_failing_every_retry_fails_the_job_naming_its_rows(job_input, tiny
 
 
 def test_changed_config_or_input_is_refused_unless_restart(
-        ray_local, tiny_model, edge_cases, tmp_path):
+        ray_local, micro_model, edge_cases, tmp_path):
     path = str(tmp_path / "c.parquet")
     pq.write_table(edge_cases, path)
     out = str(tmp_path / "out")
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
+    rstar_batch.rerank(candidates=[path], output=out, model=micro_model)
     # the caller's signal handlers are theirs again once the job returns
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
     with pytest.raises(ResumeError, match=r"finished output of a different job \(top_k: None → 3\)"):
-        rstar_batch.rerank(candidates=[path], output=out, model=tiny_model, top_k=3)
+        rstar_batch.rerank(candidates=[path], output=out, model=micro_model, top_k=3)
     pq.write_table(edge_cases.slice(0, 10), path)  # the input changes
     with pytest.raises(ResumeError, match="input file changed .*c.parquet.*--restart"):
-        rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
-    summary = rstar_batch.rerank(candidates=[path], output=out, model=tiny_model, restart=True)
+        rstar_batch.rerank(candidates=[path], output=out, model=micro_model)
+    summary = rstar_batch.rerank(candidates=[path], output=out, model=micro_model, restart=True)
     assert summary.pairs == 10 and pq.read_table(out).num_rows == 10
 
 
-def test_unfinished_progress_of_another_config_is_refused(ray_local, tiny_model, edge_cases,
+def test_unfinished_progress_of_another_config_is_refused(ray_local, micro_model, edge_cases,
                                                           tmp_path):
     path = str(tmp_path / "c.parquet")
     pq.write_table(edge_cases, path)
     out = str(tmp_path / "out")
-    rstar_batch.rerank(candidates=[path], output=out, model=tiny_model)
+    rstar_batch.rerank(candidates=[path], output=out, model=micro_model)
     os.remove(os.path.join(out, "_SUCCESS"))  # as if killed before the end
     shutil.copy(os.path.join(out, "_manifest.json"), str(tmp_path / "m.json"))
     os.makedirs(os.path.join(out, "_work"), exist_ok=True)
     plan = json.load(open(tmp_path / "m.json"))["plan"]
     json.dump(plan, open(os.path.join(out, "_work", "plan.json"), "w"))
     with pytest.raises(ResumeError, match=r"unfinished progress .*max_length: 512 → 128"):
-        rstar_batch.rerank(candidates=[path], output=out, model=tiny_model, max_length=128)
+        rstar_batch.rerank(candidates=[path], output=out, model=micro_model, max_length=128)
 
 
 @pytest.fixture
@@ -211,10 +204,10 @@ def two_node_cluster():
         yield cluster
 
 
-def test_job_survives_losing_a_worker_node(two_node_cluster, job_input, tiny_model, baseline,
+def test_job_survives_losing_a_worker_node(two_node_cluster, job_input, micro_model, baseline,
                                            tmp_path):
     out = str(tmp_path / "out")
-    args = _args(job_input, out, tiny_model, "--address", two_node_cluster.address)
+    args = _args(job_input, out, micro_model, "--address", two_node_cluster.address)
     env = {"RAY_AUTH_MODE": "token", **PACED}
     job = Job(args, str(tmp_path / "run1.log"), env)
     job.wait_until(lambda: committed_rows(out) >= TOTAL // 3)

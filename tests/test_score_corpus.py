@@ -16,6 +16,7 @@ import pytest
 
 from rstar_batch import Columns, RerankConfig, score_corpus
 from rstar_batch.base import columns as C
+from rstar_batch.faults import FAULT_ENV
 from rstar_batch.io.sources import InputError
 from rstar_batch.stages.all_pairs import block_top_k
 from rstar_batch.stages.rank import rank_table
@@ -50,7 +51,7 @@ def corpus_inputs(tmp_path_factory) -> tuple[str, str, pa.Table, pa.Table]:
 
 
 @pytest.fixture(scope="module")
-def brute_force(tiny_model, corpus_inputs) -> dict[int, list[tuple[str, float]]]:
+def brute_force(micro_model, corpus_inputs) -> dict[int, list[tuple[str, float]]]:
     """Per valid query: every passage as (doc_id, reference score), best first."""
     _, _, corpus, queries = corpus_inputs
     valid_docs = corpus.filter(pa.compute.is_valid(corpus["passage"])).to_pylist()
@@ -58,7 +59,7 @@ def brute_force(tiny_model, corpus_inputs) -> dict[int, list[tuple[str, float]]]
               "passage": d["passage"]}
              for q in queries.to_pylist() if q["text"] is not None and q["text"] != "repeated id"
              for d in valid_docs]
-    scores = reference_scores(tiny_model, pa.Table.from_pylist(pairs), max_length=128)
+    scores = reference_scores(micro_model, pa.Table.from_pylist(pairs), max_length=128)
     ranked: dict[int, list] = {}
     for (qid, doc), score in scores.items():
         ranked.setdefault(qid, []).append((doc, score))
@@ -92,10 +93,10 @@ def _assert_equals_brute_force(out: str, brute_force: dict) -> None:
 
 
 def test_score_corpus_equals_brute_force_and_keeps_rejected_rows(
-        ray_local, tiny_model, corpus_inputs, brute_force, tmp_path):
+        ray_local, micro_model, corpus_inputs, brute_force, tmp_path):
     corpus, queries, _, _ = corpus_inputs
     out = str(tmp_path / "out")
-    config = RerankConfig(corpus=corpus, queries=queries, output=out, model=tiny_model,
+    config = RerankConfig(corpus=corpus, queries=queries, output=out, model=micro_model,
                           top_k=TOP_K, max_length=128, query_id_column="qid",
                           query_column="text", keep_columns=["source"], checkpoint_rows=60,
                           replica_batch_rows=32, max_rejected_fraction=0.05, dtype="float32")
@@ -114,18 +115,18 @@ def test_score_corpus_equals_brute_force_and_keeps_rejected_rows(
     assert again.already_done
 
 
-def test_maxp_over_the_corpus_windows_only_long_passages(ray_local, tiny_model,
+def test_maxp_over_the_corpus_windows_only_long_passages(ray_local, micro_model,
                                                         corpus_inputs, brute_force, tmp_path):
     """Passages over the window score their best window; shorter ones as brute force."""
     from transformers import AutoTokenizer
 
     corpus, queries, table, _ = corpus_inputs
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(micro_model)
     windowed = {d for d, p in zip(table["doc_id"].to_pylist(), table["passage"].to_pylist())
                 if p and len(tokenizer(p, add_special_tokens=False)["input_ids"]) > 64}
     assert 0 < len(windowed) < 80
     summary = score_corpus(corpus=corpus, queries=queries, output=str(tmp_path / "maxp"),
-                           model=tiny_model, top_k=90, max_length=128, query_id_column="qid",
+                           model=micro_model, top_k=90, max_length=128, query_id_column="qid",
                            query_column="text", checkpoint_rows=400, replica_batch_rows=400,
                            max_rejected_fraction=0.05, long_passages="maxp", window=64,
                            stride=32, dtype="float32")
@@ -174,14 +175,14 @@ def test_the_rank_pass_and_block_top_k_order_ties_alike():
     assert ranked["doc_id"].to_pylist() == doc_ids.take(pa.array(kept)).to_pylist()
 
 
-def test_a_block_of_rejected_passages_only_is_kept_with_its_reasons(tiny_model):
+def test_a_block_of_rejected_passages_only_is_kept_with_its_reasons(micro_model):
     from rstar_batch.model import describe_model
     from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
     from rstar_batch.stages.normalize import NormalizePassages
     from rstar_batch.stages.pairs import PassagePolicy
     from rstar_batch.stages.tokenize import TokenizePassages
 
-    info = describe_model(tiny_model)
+    info = describe_model(micro_model)
     block = pa.table({"doc_id": ["a", None], "passage": pa.array([None, "p"], pa.string()),
                       C.CHUNK: pa.array([4, 4], pa.int64()), C.ROW: pa.array([0, 1], pa.int32())})
     tokenize = TokenizePassages(info, 64)
@@ -194,7 +195,7 @@ def test_a_block_of_rejected_passages_only_is_kept_with_its_reasons(tiny_model):
     assert (out[C.RUN_START].to_pylist(), out[C.RUN_END].to_pylist()) == ([0, 0], [2, 2])
 
 
-def test_passages_sent_cut_to_the_replicas_pair_as_the_whole_passage_would(tiny_model):
+def test_passages_sent_cut_to_the_replicas_pair_as_the_whole_passage_would(micro_model):
     # longest_first gives the budget's odd token to the longer side when both are cut:
     # a passage cut to the budget before pairing looked shorter than a long query
     from rstar_batch.model import describe_model
@@ -203,7 +204,7 @@ def test_passages_sent_cut_to_the_replicas_pair_as_the_whole_passage_would(tiny_
     from rstar_batch.stages.pairs import PassagePolicy
     from rstar_batch.stages.tokenize import TokenizePassages
 
-    info = describe_model(tiny_model)
+    info = describe_model(micro_model)
     long = "violin river engine protein galaxy harbour glacier " * 6
     texts = {1: long, 2: long + "comet telescope", 3: "a short query"}
     passages = {"a": long, "b": long[:120], "c": "harbour"}
@@ -220,28 +221,29 @@ def test_passages_sent_cut_to_the_replicas_pair_as_the_whole_passage_would(tiny_
     out = scorer(tokenize(NormalizePassages(Columns())(block)))
     pairs = [{"query_id": q, "query": text, "doc_id": d, "passage": p}
              for q, text in texts.items() for d, p in passages.items()]
-    reference = reference_scores(tiny_model, pa.Table.from_pylist(pairs), max_length=32)
+    reference = reference_scores(micro_model, pa.Table.from_pylist(pairs), max_length=32)
     assert out.num_rows == len(pairs)
     for row in out.to_pylist():
         assert abs(row[C.SCORE] - reference[(row[C.QUERY_ID], row[C.DOC_ID])]) <= 1e-5, row
 
 
-def test_repeated_corpus_ids_are_refused_naming_them(tiny_model, tmp_path):
+def test_repeated_corpus_ids_are_refused_naming_them(micro_model, tmp_path):
     pq.write_table(pa.table({"doc_id": ["a", "b", "a"], "passage": ["x", "y", "z"]}),
                    tmp_path / "corpus.parquet")
     pq.write_table(pa.table({"query_id": [1], "query": ["q"]}), tmp_path / "q.parquet")
     with pytest.raises(InputError, match=r"repeats 1 doc id.*'a'.*row 0.*row 2"):
         score_corpus(corpus=str(tmp_path / "corpus.parquet"), queries=str(tmp_path / "q.parquet"),
-                     output=str(tmp_path / "out"), model=tiny_model, top_k=2)
+                     output=str(tmp_path / "out"), model=micro_model, top_k=2)
 
 
 @pytest.mark.slow
 def test_killed_score_corpus_resumes_to_the_brute_force_result(
-        tiny_model, corpus_inputs, brute_force, tmp_path):
+        micro_model, corpus_inputs, brute_force, tmp_path):
     corpus, queries, _, _ = corpus_inputs
     out = str(tmp_path / "out")
-    args = _args(corpus, queries, out, tiny_model)
-    job = Job(args, str(tmp_path / "run1.log"))
+    args = _args(corpus, queries, out, micro_model)
+    # paced by the fault hook (each replica batch 1 s longer) so there is time to kill
+    job = Job(args, str(tmp_path / "run1.log"), {FAULT_ENV: "slow:1"})
     job.wait_until(lambda: committed_rows(out) >= 20)
     job.kill()
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))

@@ -32,12 +32,12 @@ def _pairs_with_bad_rows(sample_dir: str) -> pa.Table:
 
 
 def test_a_dataset_of_pairs_gets_the_reference_scores_and_keeps_unscorable_rows(
-        ray_local, tiny_model, sample_dir, sample_reference):
+        ray_local, micro_model, sample_dir, sample_reference):
     import ray
 
     table = _pairs_with_bad_rows(sample_dir)
     ds = ray.data.from_arrow(table).repartition(7)
-    out = score_dataset(ds, model=tiny_model, dtype="float32",
+    out = score_dataset(ds, model=micro_model, dtype="float32",
                         replica_batch_rows=128).take_all()
     assert len(out) == table.num_rows
     scored = [r for r in out if r["reason"] is None]
@@ -49,11 +49,11 @@ def test_a_dataset_of_pairs_gets_the_reference_scores_and_keeps_unscorable_rows(
 
 
 def test_the_ranked_variant_ranks_each_query_as_the_rerank_job_does(
-        ray_local, tiny_model, sample_dir, sample_reference):
+        ray_local, micro_model, sample_dir, sample_reference):
     import ray
 
     table = _pairs_with_bad_rows(sample_dir)
-    out = score_dataset(ray.data.from_arrow(table), model=tiny_model, dtype="float32",
+    out = score_dataset(ray.data.from_arrow(table), model=micro_model, dtype="float32",
                         top_k=10, ranked=True).take_all()
     rows = sorted(out, key=lambda r: (r["query_id"] is None, r["query_id"] or 0,
                                                   r["rank"] or 1 << 30))
@@ -65,7 +65,7 @@ def test_the_ranked_variant_ranks_each_query_as_the_rerank_job_does(
 
 
 def test_a_plain_two_cpu_ray_scores_a_dataset_instead_of_waiting_forever(
-        tiny_model, sample_dir):
+        micro_model, sample_dir):
     """`ray.init(num_cpus=2)` as on a laptop or this 2-core CI machine: the replica and
     the tokenizer used to reserve both CPUs, and the read tasks never ran."""
     temp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")   # short: Ray's socket paths
@@ -73,7 +73,7 @@ def test_a_plain_two_cpu_ray_scores_a_dataset_instead_of_waiting_forever(
         import ray, rstar_batch
         ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir={temp!r})
         rows = rstar_batch.score_dataset(ray.data.read_parquet({sample_dir!r}),
-                                         model={tiny_model!r}, dtype="float32").take_all()
+                                         model={micro_model!r}, dtype="float32").take_all()
         print("scored", sum(r["reason"] is None for r in rows), "of", len(rows))
         ray.shutdown()
         """)

@@ -56,20 +56,20 @@ def inputs(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tokenized(ray_local, tiny_model, inputs) -> str:
+def tokenized(ray_local, micro_model, inputs) -> str:
     out = str(inputs["base"] / "T")
-    rstar_batch.tokenize_corpus(corpus=inputs["corpus"], output=out, model=tiny_model,
+    rstar_batch.tokenize_corpus(corpus=inputs["corpus"], output=out, model=micro_model,
                                 checkpoint_rows=16, replica_batch_rows=8,
                                 max_rejected_fraction=0.1)
     return out
 
 
 @pytest.fixture(scope="module")
-def other_tokenizer_model(tiny_model, tmp_path_factory) -> str:
-    """The tiny model with one more token in its vocabulary: another tokenizer."""
+def other_tokenizer_model(micro_model, tmp_path_factory) -> str:
+    """The micro model with one more token in its vocabulary: another tokenizer."""
     folder = tmp_path_factory.mktemp("other") / "model"
-    shutil.copytree(tiny_model, folder)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    shutil.copytree(micro_model, folder)
+    tokenizer = AutoTokenizer.from_pretrained(micro_model)
     tokenizer.add_tokens(["zzqxw"])
     tokenizer.save_pretrained(str(folder))
     return str(folder)
@@ -84,8 +84,8 @@ def _encode(tokenize: Tokenize, batch: pa.Table) -> dict:
 @pytest.mark.parametrize("policy", [PassagePolicy(), PassagePolicy("maxp", None, 40, 16),
                                     PassagePolicy("firstp", None, 40, 16),
                                     PassagePolicy("truncate", 30)], ids=str)
-def test_pairs_from_a_passages_ids_equal_pairs_from_its_text(tiny_model, policy):
-    tokenize = Tokenize(describe_model(tiny_model), 96, passages=policy)
+def test_pairs_from_a_passages_ids_equal_pairs_from_its_text(micro_model, policy):
+    tokenize = Tokenize(describe_model(micro_model), 96, passages=policy)
     passages = ["", LONG, "violin", "Café in Zürich", LONG + " end", "   "]
     queries = ["violin festival", "q " * 200, "comet", "violin festival", "x", "y"]
     n = len(passages)
@@ -98,18 +98,18 @@ def test_pairs_from_a_passages_ids_equal_pairs_from_its_text(tiny_model, policy)
     assert _encode(tokenize, given) == _encode(tokenize, texts)
 
 
-def test_the_tokenizer_fingerprint_is_the_same_in_two_processes(tiny_model):
-    runs = [subprocess.run([sys.executable, "-c", FINGERPRINT, tiny_model], check=True,
+def test_the_tokenizer_fingerprint_is_the_same_in_two_processes(micro_model):
+    runs = [subprocess.run([sys.executable, "-c", FINGERPRINT, micro_model], check=True,
                            capture_output=True, text=True).stdout for _ in range(2)]
     assert runs[0] == runs[1] and json.loads(runs[0])["digest"].startswith("sha256:")
 
 
 @pytest.mark.slow
 def test_tokenized_corpus_holds_each_passages_own_ids_and_sets_aside_null_rows(
-        tiny_model, inputs, tokenized):
+        micro_model, inputs, tokenized):
     table = pq.read_table(tokenized)
     assert table.schema.field("passage_ids").type == pa.list_(pa.int32())
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(micro_model)
     want = {d: p for d, p in zip(inputs["table"]["doc_id"].to_pylist(),
                                  inputs["table"]["passage"].to_pylist())
             if d is not None and p is not None}
@@ -125,10 +125,10 @@ def test_tokenized_corpus_holds_each_passages_own_ids_and_sets_aside_null_rows(
                                    (C.NULL_DOC_ID, None, 21, "b.parquet")}
     meta = json.load(open(os.path.join(tokenized, "_tokenized_corpus.json")))
     assert (meta["format_version"], meta["rows"], meta["model"]["source"]) == (
-        1, len(want), tiny_model)
+        1, len(want), micro_model)
     assert os.path.exists(os.path.join(tokenized, "_SUCCESS"))
     again = rstar_batch.tokenize_corpus(corpus=inputs["corpus"], output=tokenized,
-                                        model=tiny_model, checkpoint_rows=16,
+                                        model=micro_model, checkpoint_rows=16,
                                         max_rejected_fraction=0.1)
     assert again.already_done and again.written == len(want)
 
@@ -143,9 +143,9 @@ def _rerank(inputs: dict, corpus: str, out: str, model: str, **extra) -> rstar_b
 @pytest.mark.parametrize("policy", [{}, dict(long_passages="maxp", window=40, stride=16)],
                          ids=["truncate", "maxp"])
 def test_rerank_against_a_tokenized_corpus_equals_rerank_against_its_texts(
-        tiny_model, inputs, tokenized, tmp_path, policy):
-    texts = _rerank(inputs, inputs["corpus"], str(tmp_path / "texts"), tiny_model, **policy)
-    ids = _rerank(inputs, tokenized, str(tmp_path / "ids"), tiny_model, **policy)
+        micro_model, inputs, tokenized, tmp_path, policy):
+    texts = _rerank(inputs, inputs["corpus"], str(tmp_path / "texts"), micro_model, **policy)
+    ids = _rerank(inputs, tokenized, str(tmp_path / "ids"), micro_model, **policy)
     assert texts.rejected == ids.rejected == {"missing_passage": 2}
     assert (texts.written, texts.pairs) == (ids.written, ids.pairs) == (51, 53)
     key = [("query_id", "ascending"), ("doc_id", "ascending")]
@@ -158,8 +158,8 @@ def test_rerank_against_a_tokenized_corpus_equals_rerank_against_its_texts(
 
 @pytest.mark.slow
 def test_score_corpus_against_a_tokenized_corpus_equals_score_corpus_against_its_texts(
-        tiny_model, inputs, tokenized, tmp_path):
-    args = dict(queries=inputs["queries"], model=tiny_model, top_k=9, max_length=96,
+        micro_model, inputs, tokenized, tmp_path):
+    args = dict(queries=inputs["queries"], model=micro_model, top_k=9, max_length=96,
                 checkpoint_rows=40, replica_batch_rows=32, max_rejected_fraction=0.1)
     texts = rstar_batch.score_corpus(corpus=inputs["corpus"], output=str(tmp_path / "t"), **args)
     ids = rstar_batch.score_corpus(corpus=tokenized, output=str(tmp_path / "i"), **args)
@@ -173,8 +173,8 @@ def test_score_corpus_against_a_tokenized_corpus_equals_score_corpus_against_its
 
 @pytest.mark.slow
 def test_a_corpus_tokenized_for_another_tokenizer_is_refused_by_name(
-        tiny_model, other_tokenizer_model, inputs, tokenized, tmp_path):
-    with pytest.raises(ConfigError, match=rf"'{tiny_model}'.*'{other_tokenizer_model}'"):
+        micro_model, other_tokenizer_model, inputs, tokenized, tmp_path):
+    with pytest.raises(ConfigError, match=rf"'{micro_model}'.*'{other_tokenizer_model}'"):
         _rerank(inputs, tokenized, str(tmp_path / "out"), other_tokenizer_model)
     with pytest.raises(ConfigError, match="another tokenizer"):
         rstar_batch.score_corpus(corpus=tokenized, queries=inputs["queries"], top_k=3,
@@ -188,10 +188,10 @@ def _rows(folder: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_interrupted_tokenize_corpus_resumes_to_the_same_corpus(
-        tiny_model, inputs, tokenized, tmp_path):
+        micro_model, inputs, tokenized, tmp_path):
     out = str(tmp_path / "T")
     args = ["tokenize-corpus", "--corpus", inputs["corpus"], "--output", out, "--model",
-            tiny_model, "--checkpoint-rows", "8", "--replica-batch-rows", "8",
+            micro_model, "--checkpoint-rows", "8", "--replica-batch-rows", "8",
             "--tokenize-workers", "1", "--max-rejected-fraction", "0.1"]
     fault = {"RSTAR_BATCH_TEST_FAULT": "raise:3", "RSTAR_BATCH_TEST_FAULT_DIR": str(tmp_path)}
     first = run(args, str(tmp_path / "run1.log"), env=fault)

@@ -186,10 +186,16 @@ def sleep_idle_threads() -> None:
 
 
 def load_replica(info: ModelInfo, device: str, dtype: str, trust_remote_code: bool = False,
-                 quantize: str = "none", compile: bool = False) -> tuple[Any, Any, Any]:
-    """Load the model once for a replica: (model in eval mode, torch device, dtype)."""
+                 quantize: str = "none", compile: bool = False,
+                 transformers_modeling: bool = False) -> tuple[Any, Any, Any]:
+    """Load the model once for a replica: (model in eval mode, torch device, dtype).
+
+    A plain BERT classifier loads as plain_bert.PlainBert, which spares the replica
+    transformers' modeling imports (most of its start-up); any other model, or
+    `transformers_modeling`, loads through transformers."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+
+    from rstar_batch.plain_bert import PlainBert, load_plain_bert
 
     device_name = resolve_device(device)
     torch_dtype = resolve_dtype("float32" if quantize == "int8" and dtype == "auto" else dtype,
@@ -197,13 +203,10 @@ def load_replica(info: ModelInfo, device: str, dtype: str, trust_remote_code: bo
     if quantize == "int8" and (device_name != "cpu" or torch_dtype != torch.float32):
         raise ValueError("quantize int8 is for float32 CPU replicas; use --device cpu "
                          "--dtype float32 (GPUs get their speed from --dtype instead)")
-    kwargs = dict(revision=info.revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            info.source, attn_implementation="sdpa", **kwargs)
-    except (ValueError, ImportError):
-        log.info("model '%s' has no SDPA attention; using its default", info.source)
-        model = AutoModelForSequenceClassification.from_pretrained(info.source, **kwargs)
+    model = None if transformers_modeling else load_plain_bert(info, torch_dtype,
+                                                                trust_remote_code)
+    if model is None:
+        model = _load_with_transformers(info, torch_dtype, trust_remote_code)
     torch_device = torch.device(device_name)
     model = model.to(torch_device).eval()
     if quantize == "int8":
@@ -211,6 +214,19 @@ def load_replica(info: ModelInfo, device: str, dtype: str, trust_remote_code: bo
                                                        dtype=torch.qint8)
     if compile:
         model = torch.compile(model, dynamic=True)
-    log.info("loaded %s on %s as %s%s%s", info.source, torch_device, torch_dtype,
-             " (int8 Linear)" if quantize == "int8" else "", " (compiled)" if compile else "")
+    log.info("loaded %s on %s as %s%s%s%s", info.source, torch_device, torch_dtype,
+             " (int8 Linear)" if quantize == "int8" else "", " (compiled)" if compile else "",
+             " (plain BERT)" if isinstance(model, PlainBert) else "")
     return model, torch_device, torch_dtype
+
+
+def _load_with_transformers(info: ModelInfo, torch_dtype: Any, trust_remote_code: bool) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = dict(revision=info.revision, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            info.source, attn_implementation="sdpa", **kwargs)
+    except (ValueError, ImportError):
+        log.info("model '%s' has no SDPA attention; using its default", info.source)
+        return AutoModelForSequenceClassification.from_pretrained(info.source, **kwargs)

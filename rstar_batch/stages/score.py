@@ -95,7 +95,8 @@ class Scorer:
 
         self.torch = torch
         self.model, self.device, self.dtype = load_replica(
-            model, device, dtype, trust_remote_code, quantize=quantize, compile=compile)
+            model, device, dtype, trust_remote_code, quantize=quantize, compile=compile,
+            transformers_modeling=full_forward)
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
         self.activation = resolve_activation(activation, model.num_labels)
@@ -108,7 +109,8 @@ class Scorer:
 
     def _logits_function(self, compile: bool, full_forward: bool) -> Any:
         """BERT's [CLS]-only last layer (bert_cls.py) where it applies, else (or when
-        asked: benchmarks compare the two) the model's own forward."""
+        asked: benchmarks and tests compare the two) the forward of the model as
+        transformers builds it."""
         plain = getattr(self.model, "_orig_mod", self.model)  # under torch.compile
         reuse = (self.device.type == "cpu" and self.dtype == self.torch.float32
                  and not compile)

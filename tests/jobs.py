@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import pyarrow as pa
 
 from rstar_batch.cluster import CORES_LABEL
+from rstar_batch.faults import FAULT_ENV
 
 
 def _live_processes() -> dict[int, tuple[int, int]]:
@@ -119,6 +120,14 @@ class Job:
         self.proc.wait()
 
 
+def paced(seconds: float) -> dict[str, str]:
+    """The environment that makes each replica Score call sleep `seconds` first, so
+    that a test that stops a job part way lands inside scoring on any machine. Ray
+    workers read it from their node: a cluster's nodes need it too (`local_cluster`'s
+    `env`), not only the driver."""
+    return {FAULT_ENV: f"slow:{seconds:g}"}
+
+
 def run(args: list[str], log: str, env: Optional[dict] = None, timeout: float = 300) -> Job:
     job = Job(args, log, env)
     job.wait(timeout)
@@ -147,13 +156,15 @@ class LocalCluster:
     submitted job's entrypoint is the one with rstar_batch installed.
     """
 
-    def __init__(self, base: str, dashboard: bool = False, token: Optional[str] = None) -> None:
+    def __init__(self, base: str, dashboard: bool = False, token: Optional[str] = None,
+                 env: Optional[dict] = None) -> None:
         self.base, self.sessions, self.port = base, {}, free_port()
         self.dashboard_port = free_port() if dashboard else None
         self.env = {**os.environ, "RAY_AUTH_MODE": "token",
                     "PATH": os.pathsep.join([os.path.dirname(sys.executable),
                                              os.environ.get("PATH", "")])}
         self.env.pop("RAY_ADDRESS", None)
+        self.env.update(env or {})
         if token:
             self.env["RAY_AUTH_TOKEN"] = token
 
@@ -246,13 +257,13 @@ def committed_rows(out: str, list_glob: Callable[[str], list[str]] = glob.glob) 
 
 @contextlib.contextmanager
 def local_cluster(worker_cpus: int, dashboard: bool = False, token: Optional[str] = None,
-                  workers: int = 1) -> Iterator[LocalCluster]:
+                  workers: int = 1, env: Optional[dict] = None) -> Iterator[LocalCluster]:
     """A head that runs nothing (no CPUs, as on KubeRay) and `workers` worker nodes,
     torn down with every process they started, even when the test fails. The workers
     share this machine's cores out and say so in a label, so that CPU replicas run no
-    more threads than there are cores."""
+    more threads than there are cores. `env` is added to every node's environment."""
     base = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # Ray's socket paths must stay short
-    cluster = LocalCluster(base, dashboard=dashboard, token=token)
+    cluster = LocalCluster(base, dashboard=dashboard, token=token, env=env)
     try:
         cluster.start("head", "--num-cpus=0")
         for n in range(1, workers + 1):

@@ -8,21 +8,19 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from rstar_batch.faults import FAULT_ENV
-from tests.jobs import local_cluster, run
+from tests.jobs import local_cluster, paced, run
 from tests.test_rerank_job import _assert_matches_reference
 
 pytestmark = pytest.mark.slow
 
 
 def test_default_plan_scores_on_every_node_of_a_cpu_cluster(
-        micro_model, sample_dir, sample_reference, tmp_path, monkeypatch):
+        micro_model, sample_dir, sample_reference, tmp_path):
     out = str(tmp_path / "ranked")
     # Scoring costs about R*'s time on 2 cores (40 replica batches of 25 pairs, 1.5 s
-    # each), so the pool grows to its plan. Workers take it from their nodes' environment.
-    monkeypatch.setenv(FAULT_ENV, "slow:1.5")
+    # each), so the pool grows to its plan.
     # Two worker nodes of 3 logical CPUs and one core each, and a head without CPUs.
-    with local_cluster(worker_cpus=3, workers=2) as cluster:
+    with local_cluster(worker_cpus=3, workers=2, env=paced(1.5)) as cluster:
         job = run(["rerank", "--candidates", sample_dir, "--output", out, "--model", micro_model,
                    "--dtype", "float32", "--replica-batch-rows", "25",
                    "--address", cluster.address],

@@ -14,7 +14,6 @@ from rstar_batch.config import ConfigError, RerankConfig
 from tests.infra_files import REPO
 
 
-
 def _parse(*argv: str) -> tuple[RerankConfig, datetime.date]:
     return nightly.config_from_args(nightly.build_parser().parse_args(list(argv)))
 

@@ -19,10 +19,9 @@ import pytest
 
 import rstar_batch
 from rstar_batch.config import ConfigError
-from rstar_batch.faults import FAULT_ENV
 from rstar_batch.io.sources import InputError
 from rstar_batch.testing import make_candidates
-from tests.jobs import Job, assert_same_ranking, committed_rows, run
+from tests.jobs import Job, assert_same_ranking, committed_rows, paced, run
 from tests.reference import reference_scores
 from tests.test_rerank_job import _assert_matches_reference
 
@@ -131,7 +130,7 @@ def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
     logs = []
     # paced by the fault hook (each replica batch 0.5 s longer) so there is time to kill
     job = Job(_args(out, micro_model), str(tmp_path / "run1.log"),
-              env={**s3_env, FAULT_ENV: "slow:0.5"})
+              env={**s3_env, **paced(0.5)})
     committed = lambda: committed_rows(f"{BUCKET}/resumed", s3.glob)  # noqa: E731
     job.wait_until(lambda: committed() >= TOTAL // 2, timeout=240)
     job.kill()

@@ -15,14 +15,14 @@ import pytest
 import rstar_batch
 from rstar_batch.checkpoint import ResumeError
 from rstar_batch.testing import write_sample_data
-from tests.jobs import (Job, assert_same_ranking, committed_rows, local_cluster, run,
+from tests.jobs import (Job, assert_same_ranking, committed_rows, local_cluster, paced, run,
                         worker_args)
 
 pytestmark = pytest.mark.slow
 TOTAL = 1200
 # A run that is stopped part way is paced by the fault hook (each replica batch of 60
 # pairs takes 0.5 s longer, 20 batches), not by a model that takes as long.
-PACED = {"RSTAR_BATCH_TEST_FAULT": "slow:0.5"}
+PACED = paced(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path) 
 def test_status_while_the_job_runs_shows_progress_rate_and_eta(job_input, micro_model, tmp_path):
     out = str(tmp_path / "out")
     job = Job(_args(job_input, out, micro_model), str(tmp_path / "run.log"),
-              {"RSTAR_BATCH_TEST_FAULT": "slow:1"})
+              paced(1))
     try:
         job.wait_until(lambda: _commits(out) >= 3)
         text = run(["status", out], str(tmp_path / "status.log")).output()
@@ -200,7 +200,8 @@ def test_unfinished_progress_of_another_config_is_refused(ray_local, micro_model
 
 @pytest.fixture
 def two_node_cluster():
-    with local_cluster(worker_cpus=6) as cluster:  # the job's work lands on the worker
+    # the job's work lands on the worker, paced where it runs
+    with local_cluster(worker_cpus=6, env=PACED) as cluster:
         yield cluster
 
 

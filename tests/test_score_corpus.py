@@ -16,12 +16,11 @@ import pytest
 
 from rstar_batch import Columns, RerankConfig, score_corpus
 from rstar_batch.base import columns as C
-from rstar_batch.faults import FAULT_ENV
 from rstar_batch.io.sources import InputError
 from rstar_batch.stages.all_pairs import block_top_k
 from rstar_batch.stages.rank import rank_table
 from rstar_batch.testing import make_candidates
-from tests.jobs import Job, committed_rows, run
+from tests.jobs import Job, committed_rows, paced, run
 from tests.reference import reference_scores
 
 TOP_K = 7
@@ -243,7 +242,7 @@ def test_killed_score_corpus_resumes_to_the_brute_force_result(
     out = str(tmp_path / "out")
     args = _args(corpus, queries, out, micro_model)
     # paced by the fault hook (each replica batch 1 s longer) so there is time to kill
-    job = Job(args, str(tmp_path / "run1.log"), {FAULT_ENV: "slow:1"})
+    job = Job(args, str(tmp_path / "run1.log"), paced(1))
     job.wait_until(lambda: committed_rows(out) >= 20)
     job.kill()
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))

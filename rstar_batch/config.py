@@ -179,7 +179,8 @@ class RerankConfig:
         "scaling")
     batch_tokens: Optional[int] = _opt(
         None, "Token budget of one forward pass, rows x longest row (default: 4096 on "
-        "CPU, measured fastest there; 16384 on GPU).", "scaling")
+        "CPU for models 512 wide and up, measured fastest there, and 512/width times "
+        "that for narrower ones; 16384 on GPU).", "scaling")
     max_batch_pairs: int = _opt(256, "Most pairs in one forward pass.", "scaling")
     replica_batch_rows: Optional[int] = _opt(
         None, "Rows handed to a replica per call; it length-sorts within them (default: "

@@ -14,7 +14,7 @@ from rstar_batch.stages.contract import Stage, StageError
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.pairs import PairAssembler
 from rstar_batch.stages.rank import rank_table
-from rstar_batch.stages.score import Score, Scorer, pad_rows, plan_batches
+from rstar_batch.stages.score import Score, Scorer, default_batch_tokens, pad_rows, plan_batches
 from rstar_batch.stages.tokenize import Tokenize
 
 
@@ -43,6 +43,18 @@ def test_id_buckets_are_stable_and_keep_a_query_together():
     assert set(np.unique(first)) <= set(range(7))
     ints = id_buckets(pa.array(np.arange(1000)), 8)
     assert len(np.unique(ints)) == 8  # spreads over all buckets
+
+
+def test_cpu_passes_of_narrower_models_hold_more_tokens(micro_model, tiny_model):
+    """R*'s width keeps the budget measured fastest for it; a narrower model's passes
+    hold as many activations; GPUs keep theirs."""
+    assert [default_batch_tokens("cpu", w) for w in (1024, 768, 512, 384, 256, 128, 64)] \
+        == [4096, 4096, 4096, 4096, 8192, 16384, 32768]
+    assert default_batch_tokens("cpu", None) == 4096
+    assert default_batch_tokens("cuda", 64) == default_batch_tokens("cuda", 512) == 16384
+    assert Scorer(describe_model(tiny_model)).batch_tokens == 4096
+    assert Scorer(describe_model(micro_model)).batch_tokens == 32768
+    assert Scorer(describe_model(micro_model), batch_tokens=1000).batch_tokens == 1000
 
 
 def test_plan_batches_sorts_longest_first_and_respects_the_budget():

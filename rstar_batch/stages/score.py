@@ -82,6 +82,18 @@ class Ragged:
         return matrix, mask.astype(np.int64)
 
 
+def default_batch_tokens(device_type: str, hidden_size: Optional[int]) -> int:
+    """A forward pass's token budget: 16384 on GPUs; on CPU 4096 for R*'s width (512)
+    and up, which benchmarks/batch_tokens.py measured 1.10x faster than 16384 on 2
+    cores, and proportionally more for narrower models, so that each pass holds about
+    as many activations and spreads the fixed cost of a pass (a few dozen torch calls)
+    over as much work: a 64-wide model's pass of 32768 tokens scored at 1.8x the rate of
+    4096 (BENCHMARKS.md, "Feeding a GPU")."""
+    if device_type != "cpu":
+        return 16384
+    return 4096 * max(1, 512 // (hidden_size or 512))
+
+
 class Scorer:
     """One model replica scoring pre-tokenized pairs in-process (no Ray needed)."""
 
@@ -100,9 +112,8 @@ class Scorer:
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
         self.activation = resolve_activation(activation, model.num_labels)
-        # benchmarks/batch_tokens.py on a 2-core CPU: 4096-token passes ran
-        # 1.10x faster than 16384 (BENCHMARKS.md); GPUs want larger passes.
-        self.batch_tokens = batch_tokens or (4096 if self.device.type == "cpu" else 16384)
+        self.batch_tokens = batch_tokens or default_batch_tokens(
+            self.device.type, getattr(self.model.config, "hidden_size", None))
         self.max_batch_pairs = max_batch_pairs
         self.pad_id = getattr(self.model.config, "pad_token_id", None) or 0
         self.logits = self._logits_function(compile, full_forward)

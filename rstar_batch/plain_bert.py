@@ -11,8 +11,9 @@ one to one and everything that works on the transformers model (bert_cls.py's
 
 Only what is proven equal is taken (tests/test_plain_bert.py compares it with
 transformers' forward): `BertForSequenceClassification` with absolute positions,
-exact GELU, no remote code, one `model.safetensors` whose tensors are exactly this
-module's. Anything else returns None and loads through transformers.
+exact GELU, no remote code, one `model.safetensors` (or `pytorch_model.bin`) whose
+tensors are exactly this module's. Anything else returns None and loads through
+transformers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
+#: the weight files read, in transformers' order of preference (sharded ones are not)
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 #: tensors some checkpoints carry that are not weights (transformers rebuilds them)
 NOT_WEIGHTS = {"bert.embeddings.position_ids"}
 
@@ -48,13 +50,11 @@ def load_plain_bert(info: Any, dtype: Any, trust_remote_code: bool = False) -> O
     if why:
         log.info("model '%s' loads through transformers: %s", info.source, why)
         return None
-    weights_path = _model_file(info, WEIGHTS)
-    if weights_path is None:
-        log.info("model '%s' loads through transformers: no single %s", info.source, WEIGHTS)
+    tensors = _read_weights(info)
+    if tensors is None:
+        log.info("model '%s' loads through transformers: none of %s", info.source,
+                 ", ".join(WEIGHTS))
         return None
-    from safetensors.torch import load_file
-
-    tensors = {k: v for k, v in load_file(weights_path).items() if k not in NOT_WEIGHTS}
     model = PlainBert(config)
     expected = model.state_dict()
     if set(tensors) != set(expected) or any(
@@ -64,6 +64,30 @@ def load_plain_bert(info: Any, dtype: Any, trust_remote_code: bool = False) -> O
         return None
     model.load_state_dict(tensors)
     return model.to(dtype).eval()
+
+
+def _read_weights(info: Any) -> Optional[dict[str, torch.Tensor]]:
+    """The checkpoint's tensors by name, with TF-era LayerNorm names (gamma, beta) read
+    as transformers reads them; None when it has no single weight file."""
+    for name in WEIGHTS:
+        path = _model_file(info, name)
+        if path is None:
+            continue
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+        else:  # tensors only: weights_only refuses pickled code
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        return {_current_name(k): v for k, v in tensors.items() if k not in NOT_WEIGHTS}
+    return None
+
+
+def _current_name(key: str) -> str:
+    for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
+        if key.endswith(old):
+            return key[:-len(old)] + new
+    return key
 
 
 def _model_file(info: Any, name: str) -> Optional[str]:

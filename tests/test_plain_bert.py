@@ -61,6 +61,26 @@ def test_replica_start_imports_no_transformers_modeling(tiny_model):
     assert out.stdout.decode().strip() == "[]", out.stdout.decode()
 
 
+def test_a_pytorch_bin_checkpoint_with_tf_era_names_loads_plain(tiny_model, tmp_path):
+    """Older hub checkpoints ship pytorch_model.bin, some with LayerNorm gamma/beta."""
+    folder = str(tmp_path / "model")
+    shutil.copytree(tiny_model, folder)
+    weights = os.path.join(folder, "model.safetensors")
+    tensors = {k.replace("LayerNorm.weight", "LayerNorm.gamma")
+               .replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in load_file(weights).items()}
+    torch.save(tensors, os.path.join(folder, "pytorch_model.bin"))
+    os.remove(weights)
+    model, _, _ = load_replica(describe_model(folder), "cpu", "float32")
+    assert isinstance(model, PlainBert)
+    reference = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        inputs = _inputs()
+        assert torch.allclose(model(**inputs).logits, reference(**inputs).logits, atol=1e-5,
+                              rtol=0)
+
+
 @pytest.mark.parametrize("change", ["extra tensor", "gelu_new", "relative positions"])
 def test_what_plain_bert_does_not_reproduce_loads_through_transformers(
         tiny_model, tmp_path, change):

@@ -45,7 +45,7 @@ def load_plain_bert(info: Any, dtype: Any, trust_remote_code: bool = False) -> O
     if config_path is None:
         return None
     with open(config_path) as f:
-        config = _config(json.load(f))
+        config = _config(json.load(f), info.num_labels)
     why = _unsupported(config)
     if why:
         log.info("model '%s' loads through transformers: %s", info.source, why)
@@ -55,14 +55,15 @@ def load_plain_bert(info: Any, dtype: Any, trust_remote_code: bool = False) -> O
         log.info("model '%s' loads through transformers: none of %s", info.source,
                  ", ".join(WEIGHTS))
         return None
-    model = PlainBert(config)
+    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
+        model = PlainBert(config)
     expected = model.state_dict()
     if set(tensors) != set(expected) or any(
             tensors[k].shape != expected[k].shape for k in expected):
         log.info("model '%s' loads through transformers: its tensors are not plain BERT's",
                  info.source)
         return None
-    model.load_state_dict(tensors)
+    model.load_state_dict(tensors, assign=True)
     return model.to(dtype).eval()
 
 
@@ -104,14 +105,13 @@ def _model_file(info: Any, name: str) -> Optional[str]:
         return None
 
 
-def _config(raw: dict) -> SimpleNamespace:
-    """The config's fields, with transformers' BertConfig defaults where one is absent."""
+def _config(raw: dict, num_labels: int) -> SimpleNamespace:
+    """The config's fields, with transformers' BertConfig defaults where one is absent
+    and the labels the driver counted (model.describe_model)."""
     defaults = dict(type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu",
                     position_embedding_type="absolute", is_decoder=False, pad_token_id=0,
                     classifier_dropout=None, hidden_dropout_prob=0.1, architectures=None)
-    config = SimpleNamespace(**{**defaults, **raw})
-    config.num_labels = len(raw["id2label"]) if "id2label" in raw else raw.get("num_labels", 2)
-    return config
+    return SimpleNamespace(**{**defaults, **raw, "num_labels": num_labels})
 
 
 def _unsupported(config: SimpleNamespace) -> Optional[str]:

@@ -44,6 +44,7 @@ from metrics import drift  # noqa: E402
 
 from rstar_batch import Columns, RerankConfig, rerank, score_corpus  # noqa: E402
 from rstar_batch.base import columns as C  # noqa: E402
+from rstar_batch.base.cores import usable_cores  # noqa: E402
 from rstar_batch.model import auto_cpu_dtype, cpu_flags, describe_model  # noqa: E402
 from rstar_batch.stages.normalize import Normalize  # noqa: E402
 from rstar_batch.stages.score import Scorer  # noqa: E402
@@ -169,7 +170,7 @@ def machine(device: str) -> str:
     import torch
 
     if device == "cuda":
-        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+        return f"{torch.cuda.get_device_name(0)}, {usable_cores()} CPU cores"
     name, flags = platform.processor() or "cpu", cpu_flags()
     try:
         name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
@@ -183,7 +184,7 @@ def machine(device: str) -> str:
         ["AVX2"] if "avx2" in flags else [])
     if "avx512f" in flags and "amx_tile" not in flags:
         isa.append("no AMX")
-    return f"{name}{''.join(f', {i}' for i in isa)}, {os.cpu_count()} cores, no GPU"
+    return f"{name}{''.join(f', {i}' for i in isa)}, {usable_cores()} cores, no GPU"
 
 
 def versions() -> str:

@@ -14,6 +14,8 @@ import logging
 import os
 from typing import Any, Iterator, Optional
 
+from rstar_batch.base.cores import usable_cores
+
 log = logging.getLogger(__name__)
 
 # Logical CPUs the embedded Ray declares beyond the machine's cores. Ray's CPU counts
@@ -69,7 +71,7 @@ def ray_session(address: Optional[str] = None) -> Iterator[None]:
             log.info("joining Ray cluster at %s", address)
             ray.init(address=address, log_to_driver=True)
         else:
-            cores = os.cpu_count() or 1
+            cores = usable_cores()  # not the machine's: taskset, cpusets and quotas
             cpus = cores + EMBEDDED_EXTRA_CPUS
             log.info("starting a local Ray with %d logical CPUs on %d cores", cpus, cores)
             ray.init(address="local", num_cpus=cpus, include_dashboard=False,

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rstar_batch.base.cores import usable_cores
 from rstar_batch.cluster import CORES_LABEL
 from rstar_batch.testing import MICRO_ARCHITECTURE, make_tiny_model, write_sample_data
 from tests.reference import reference_scores
@@ -83,7 +84,7 @@ def ray_local():
     # as the embedded Ray does: logical CPUs for the tokenizers beside the replica,
     # and a label saying how many cores there are for its threads
     ray.init(address="local", num_cpus=8, include_dashboard=False,
-             labels={CORES_LABEL: str(os.cpu_count() or 1)},
+             labels={CORES_LABEL: str(usable_cores())},
              log_to_driver=False, configure_logging=False)
     try:
         yield

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import pyarrow as pa
 
+from rstar_batch.base.cores import usable_cores
 from rstar_batch.cluster import CORES_LABEL
 from rstar_batch.faults import FAULT_ENV
 
@@ -77,12 +78,15 @@ def kill_until_gone(find: Callable[[], list[int]], what: str, timeout: float = 6
 class Job:
     """`python -m rstar_batch ARGS` in its own session, with its log in a file."""
 
-    def __init__(self, args: list[str], log: str, env: Optional[dict] = None) -> None:
+    def __init__(self, args: list[str], log: str, env: Optional[dict] = None,
+                 cores: Optional[set[int]] = None) -> None:
+        """`cores`: pin the job (and the Ray it starts) to these CPUs, as taskset does."""
         self.log = log
         base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         self.proc = subprocess.Popen([sys.executable, "-m", "rstar_batch", *args],
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**base, **(env or {})})
+                                     start_new_session=True, env={**base, **(env or {})},
+                                     preexec_fn=cores and (lambda: os.sched_setaffinity(0, cores)))
 
     def wait(self, timeout: float = 300) -> int:
         try:
@@ -128,8 +132,9 @@ def paced(seconds: float) -> dict[str, str]:
     return {FAULT_ENV: f"slow:{seconds:g}"}
 
 
-def run(args: list[str], log: str, env: Optional[dict] = None, timeout: float = 300) -> Job:
-    job = Job(args, log, env)
+def run(args: list[str], log: str, env: Optional[dict] = None, timeout: float = 300,
+        cores: Optional[set[int]] = None) -> Job:
+    job = Job(args, log, env, cores)
     job.wait(timeout)
     return job
 
@@ -236,7 +241,7 @@ class LocalCluster:
 def worker_args(cpus: int, workers: int = 1) -> list[str]:
     """`ray start` options of a worker node with `cpus` logical CPUs and its share of
     this machine's cores."""
-    cores = max(1, (os.cpu_count() or 1) // workers)
+    cores = max(1, usable_cores() // workers)
     return [f"--num-cpus={cpus}", f"--labels={CORES_LABEL}={cores}"]
 
 

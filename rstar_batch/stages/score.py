@@ -9,7 +9,6 @@ order. Padding is masked, so no choice here changes a score.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rstar_batch.base import columns as C
+from rstar_batch.base.cores import usable_cores
 from rstar_batch.bert_cls import cls_only_forward
 from rstar_batch.config import resolve_activation
 from rstar_batch.faults import FaultHook
@@ -110,7 +110,7 @@ class Scorer:
             model, device, dtype, trust_remote_code, quantize=quantize, compile=compile,
             transformers_modeling=full_forward)
         if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
+            torch.set_num_threads(cpu_threads or usable_cores())
         self.activation = resolve_activation(activation, model.num_labels)
         self.batch_tokens = batch_tokens or default_batch_tokens(
             self.device.type, getattr(self.model.config, "hidden_size", None))

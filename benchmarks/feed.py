@@ -4,13 +4,17 @@
                                                  # corpus: 25k and 1M id-only pairs
     python benchmarks/feed.py --before DIR       # also an older checkout's job, same data
     python benchmarks/feed.py --smoke            # tiny sizes for CI; writes nothing
+    python benchmarks/feed.py --cores 2          # on 2 of a bigger node's cores (a GPU node)
 
 The model has R*'s tokenizer but one layer of width 64 (testing.MICRO_ARCHITECTURE),
 so scoring costs little and what is timed is everything a GPU would wait on:
 reading, normalizing, tokenizing, assembling pairs, shipping blocks between actors,
 writing and committing runs, and the rank pass. Each size runs `rstar-batch rerank`
 as its own process on an embedded local Ray, with a GPU's default --batch-tokens and
---replica-batch-rows.
+--replica-batch-rows. Without a GPU the micro model's forward runs on the same CPUs
+as everything else; on a GPU node (`--cores 2` pins this script and its jobs to two
+cores, so the targets' "2 cores" hold there) it runs on the GPU, and the host side
+is then every process of the job, the replica's own CPU (padding, copies) included.
 
 Reported beside each other, from one run of this script:
   - the raw tokenizer: `encode_batch(passages, add_special_tokens=False)` on one
@@ -49,6 +53,7 @@ sys.path.insert(0, str(HERE))
 
 from run import machine, versions  # noqa: E402
 
+from rstar_batch.base.cores import usable_cores  # noqa: E402
 from rstar_batch.testing import MICRO_ARCHITECTURE, make_candidates, make_tiny_model  # noqa: E402
 
 GPU_BATCH_TOKENS = 16384   # Scorer's default on a GPU: the micro model stands in for one
@@ -78,7 +83,9 @@ def _kind(cmdline: str, job_pid: int, pid: int) -> str:
     """Which part of the job a process (or the task it runs now) is."""
     if pid == job_pid:
         return "driver"
-    for part, label in (("Tokenize", "tokenize"), ("Score", "score"), ("ReadChunks", "read"),
+    # the replica actor (ReplicaCommits) scores and writes and commits its runs
+    for part, label in (("Tokenize", "tokenize"), ("ReplicaCommits", "score"),
+                        ("Score", "score"), ("ReadChunks", "read"),
                         ("WriteRuns", "write runs"), ("rank_bucket", "rank pass"),
                         ("join_bucket", "join"), ("Bucketize", "join"),
                         ("ReadParquet", "join"), ("Write", "join")):
@@ -147,7 +154,8 @@ def run_job(model: str, inputs: list[str], out: str, extra: list[str],
     return {"pairs": manifest["summary"]["pairs"], "seconds": seconds, "cpu": sampler.seconds,
             "phases": manifest.get("seconds_by_phase", {}),
             "rss_mb": manifest["driver_peak_rss_mb"],
-            "tokenizers": manifest["replicas"]["tokenizers"]}
+            "tokenizers": manifest["replicas"]["tokenizers"],
+            "device": manifest["replicas"].get("device", "cpu")}
 
 
 def write_candidates(folder: str, pairs: int, seed: int) -> str:
@@ -227,24 +235,30 @@ def cpu_table(label: str, small: dict, run: dict) -> list[str]:
                  f"{marginal:.1f} |")
     host = host_side_us(small, run)
     feeds = f"~{1e6 / host:.0f}" if host > 0 else "(too few pairs to tell)"
-    lines += ["", f"Host side (every part but the model's actor and processes outside the "
+    which = "every part of the job" if run["device"] == "cuda" else \
+        "every part but the model's actor"
+    lines += ["", f"Host side ({which}; not processes outside the "
               f"job): {host:.1f} µs of CPU per pair, so one core feeds a GPU {feeds} "
               "pairs/s."]
     return lines
 
 
 def host_side_us(small: dict, large: dict) -> float:
-    """Marginal CPU per pair of what a GPU would wait on: all but the Score actor (the
-    micro model's forward, which a GPU does) and 'other' (not the job's processes)."""
+    """Marginal CPU per pair of what a GPU would wait on: every process of the job
+    ('other' is not the job's), but on CPU the Score actor, whose CPU is then the micro
+    model's forward, which a GPU does."""
+    left_out = ("other",) if large["device"] == "cuda" else ("score", "other")
+
     def host(run: dict) -> float:
-        return sum(v for k, v in run["cpu"].items() if k not in ("score", "other"))
+        return sum(v for k, v in run["cpu"].items() if k not in left_out)
     return 1e6 * (host(large) - host(small)) / (large["pairs"] - small["pairs"])
 
 
 def render(raw: float, cases: list[tuple[str, dict, dict]], corpus_run: Optional[dict]) -> str:
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
+    device = cases[0][2]["device"] if cases else "cpu"  # the machine's name: GPU or CPU
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## {stamp}: feed (host side), {machine('cpu')}", "",
+    lines = [f"## {stamp}: feed (host side), {machine(device)}", "",
              f"`python benchmarks/feed.py {' '.join(sys.argv[1:])}`".replace(" `", "`")
              + f"; {versions()}; micro model (R*'s tokenizer, 1 layer, hidden 64), "
              f"--batch-tokens {GPU_BATCH_TOKENS} --replica-batch-rows {GPU_BATCH_ROWS} (a GPU's "
@@ -281,8 +295,14 @@ def main() -> int:
     parser.add_argument("--skip", nargs="*", default=[], choices=["text", "tokenized"])
     parser.add_argument("--workdir", help="keep data and model here between runs")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for CI; writes nothing")
+    parser.add_argument("--cores", type=int,
+                        help="run on this many of the cores this process may use (e.g. 2 "
+                             "on a GPU node); the jobs plan on those alone")
     parser.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = parser.parse_args()
+    if args.cores:
+        # inherited by the raw tokenizer's process, the jobs and their Ray processes
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
     if args.smoke:
         args.pairs, args.id_pairs, args.small = 2000, 2000, 500
     workdir = args.workdir or tempfile.mkdtemp(prefix="rstar-feed-")

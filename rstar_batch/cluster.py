@@ -12,7 +12,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any, Iterator, Optional
+import threading
+from typing import Any, Callable, Iterator, Optional
 
 from rstar_batch.base.cores import usable_cores
 
@@ -79,3 +80,30 @@ def ray_session(address: Optional[str] = None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def wait_at_most(seconds: float, what: str, call: Callable[[], Any]) -> None:
+    """Run a cleanup call into Ray, waiting for it at most `seconds`.
+
+    Such calls block for good where Ray's own processes are gone: a SIGTERM to the
+    whole process group (systemd stopping a unit, Slurm's scancel, `kill -- -PGID`)
+    ends the embedded Ray's GCS and raylet together with the driver, whose drain then
+    waited forever on its placement group's removal. A placement group, like the rest
+    of what the job made, ends with the job's Ray anyway; the call's own errors raise.
+    """
+    done, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the caller
+            errors.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"rstar-batch {what}", daemon=True).start()
+    if not done.wait(seconds):
+        log.warning("%s: Ray did not answer within %g s (are its processes gone?); going on",
+                    what, seconds)
+    elif errors:
+        raise errors[0]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pyarrow as pa
 
-from rstar_batch.cluster import Node
+from rstar_batch.cluster import Node, wait_at_most
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.drain import StopSignal, stop_requested
 from rstar_batch.io.scored import COMMITS
@@ -121,6 +121,10 @@ def _ray_cpus(cpus: float) -> float:
     return round(cpus, 4) if cpus < 1 else float(math.floor(cpus))
 
 
+# a removal takes milliseconds on a live cluster; past this, Ray is gone (wait_at_most)
+PLACEMENT_GROUP_REMOVAL_S = 5.0
+
+
 @contextlib.contextmanager
 def reserved(plan: ReplicaPlan) -> Iterator[ReplicaPlan]:
     """Hold the CPUs of the plan's CPU replicas for the job: a placement group of one
@@ -140,7 +144,8 @@ def reserved(plan: ReplicaPlan) -> Iterator[ReplicaPlan]:
     try:
         yield dataclasses.replace(plan, placement_group=name)
     finally:
-        remove_placement_group(group)
+        wait_at_most(PLACEMENT_GROUP_REMOVAL_S, "removing the replicas' placement group",
+                     lambda: remove_placement_group(group))
 
 
 def placement(plan: ReplicaPlan) -> dict[str, Any]:

@@ -107,11 +107,16 @@ class Job:
                 raise AssertionError("kill point not reached in time")
             time.sleep(0.05)
 
-    def terminate(self, timeout: float = 60) -> float:
-        """SIGTERM the driver alone (as Kubernetes and `ray job stop` do); return the
-        seconds until it exited. Whatever of its session survives is then killed."""
+    def terminate(self, timeout: float = 60, group: bool = False) -> float:
+        """SIGTERM the driver alone (as Kubernetes and `ray job stop` do), or with
+        `group` its whole process group, the embedded Ray's processes too (as systemd
+        stopping a unit and Slurm's scancel do); return the seconds until it exited.
+        Whatever of its session survives is then killed."""
         sent = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         finally:

@@ -86,7 +86,8 @@ class Job:
         self.proc = subprocess.Popen([sys.executable, "-m", "rstar_batch", *args],
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**base, **(env or {})},
-                                     preexec_fn=cores and (lambda: os.sched_setaffinity(0, cores)))
+                                     preexec_fn=None if cores is None else (
+                                         lambda: os.sched_setaffinity(0, cores)))
 
     def wait(self, timeout: float = 300) -> int:
         try:

@@ -29,7 +29,6 @@ def test_a_process_pinned_to_one_core_counts_one():
     out = subprocess.run([sys.executable, "-c", PRINT_CORES], check=True, text=True,
                          capture_output=True, preexec_fn=lambda: os.sched_setaffinity(0, {one}))
     assert int(out.stdout) == 1
-    assert usable_cores() == len(os.sched_getaffinity(0))  # this process: unpinned
 
 
 @pytest.mark.parametrize("files, quota", [

@@ -63,7 +63,8 @@ def test_a_job_pinned_to_one_core_plans_on_it_and_equals_the_reference(
     """`taskset -c N rstar-batch rerank ...`: the embedded Ray and the replica's threads
     are sized to the one core (not the machine's), and the job still completes."""
     out = str(tmp_path / "ranked")
-    job = run(["rerank", "--candidates", sample_dir, "--output", out, "--model", micro_model],
+    job = run(["rerank", "--candidates", sample_dir, "--output", out, "--model", micro_model,
+               "--dtype", "float32"],
               str(tmp_path / "job.log"), cores={min(os.sched_getaffinity(0))})
     assert job.proc.returncode == 0, job.output()[-3000:]
     assert "logical CPUs on 1 cores" in job.output()

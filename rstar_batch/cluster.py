@@ -16,6 +16,7 @@ import threading
 from typing import Any, Callable, Iterator, Optional
 
 from rstar_batch.base.cores import usable_cores
+from rstar_batch.faults import job_env
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ def ray_session(address: Optional[str] = None) -> Iterator[None]:
     try:  # what ray.init started is shut down even if ray.init itself is interrupted
         if address:
             log.info("joining Ray cluster at %s", address)
-            ray.init(address=address, log_to_driver=True)
+            faults = job_env()  # tests only: unset in production
+            ray.init(address=address, log_to_driver=True,
+                     **({"runtime_env": {"env_vars": faults}} if faults else {}))
         else:
             cores = usable_cores()  # not the machine's: taskset, cpusets and quotas
             cpus = cores + EMBEDDED_EXTRA_CPUS

@@ -7,8 +7,12 @@ RSTAR_BATCH_TEST_FAULT selects the fault:
   raise:always  every batch raises (the job must fail, naming the rows)
   slow:S        every batch takes S seconds longer: a heavier model's cost, so that
                 scoring is what the pool of replicas scales for
+  slowrank:S    every rank-pass task takes S seconds longer (scoring is not slowed): a
+                stop signalled once scoring is done lands inside the rank pass
 "Once per job" is kept by a marker file in RSTAR_BATCH_TEST_FAULT_DIR, which
-survives the replica's restart.
+survives the replica's restart. A job that joins a running cluster carries both
+variables to its workers (`job_env`), so tests can share one cluster between jobs
+with different faults.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ import time
 
 FAULT_ENV = "RSTAR_BATCH_TEST_FAULT"
 DIR_ENV = "RSTAR_BATCH_TEST_FAULT_DIR"
+
+
+def job_env() -> dict[str, str]:
+    """The fault variables this driver was started with, for its job's workers: a
+    cluster's workers start from their node's environment, not the driver's."""
+    return {k: os.environ[k] for k in (FAULT_ENV, DIR_ENV) if os.environ.get(k)}
 
 
 class InjectedFault(RuntimeError):
@@ -35,7 +45,7 @@ class FaultHook:
         return cls(os.environ.get(FAULT_ENV, ""), os.environ.get(DIR_ENV, ""))
 
     def before_batch(self) -> None:
-        if not self.kind:
+        if self.kind not in ("exit", "raise", "slow"):
             return
         if self.kind == "slow":
             time.sleep(float(self.when))
@@ -47,6 +57,10 @@ class FaultHook:
             if self.kind == "exit":
                 os._exit(17)
             raise InjectedFault(f"injected fault at batch {self.batches}")
+
+    def before_rank(self) -> None:
+        if self.kind == "slowrank":
+            time.sleep(float(self.when))
 
     def _claim(self) -> bool:
         try:

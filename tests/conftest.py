@@ -11,6 +11,7 @@ import pytest
 from rstar_batch.base.cores import usable_cores
 from rstar_batch.cluster import CORES_LABEL
 from rstar_batch.testing import MICRO_ARCHITECTURE, make_tiny_model, write_sample_data
+from tests.jobs import one_node_cluster
 from tests.reference import reference_scores
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -74,6 +75,15 @@ def sample_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def sample_reference(micro_model, sample_dir) -> dict:
     return reference_scores(micro_model, pq.read_table(sample_dir))
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """One Ray cluster that the end-to-end jobs of the whole session join (`run(...,
+    cluster=cluster)`), torn down by process id: tests about the job, not about
+    starting Ray, pay Ray's start once."""
+    with one_node_cluster() as shared:
+        yield shared
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import pyarrow as pa
 
 from rstar_batch.base.cores import usable_cores
-from rstar_batch.cluster import CORES_LABEL
+from rstar_batch.cluster import CORES_LABEL, EMBEDDED_EXTRA_CPUS
 from rstar_batch.faults import FAULT_ENV
 
 
@@ -79,10 +79,15 @@ class Job:
     """`python -m rstar_batch ARGS` in its own session, with its log in a file."""
 
     def __init__(self, args: list[str], log: str, env: Optional[dict] = None,
-                 cores: Optional[set[int]] = None) -> None:
-        """`cores`: pin the job (and the Ray it starts) to these CPUs, as taskset does."""
+                 cores: Optional[set[int]] = None,
+                 cluster: Optional["LocalCluster"] = None) -> None:
+        """`cores`: pin the job (and the Ray it starts) to these CPUs, as taskset does.
+        `cluster`: join it (`--address`) instead of starting a Ray of its own."""
         self.log = log
         base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        if cluster is not None:
+            args = [*args, "--address", cluster.address]
+            env = {**cluster.job_env, **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "rstar_batch", *args],
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**base, **(env or {})},
@@ -108,16 +113,17 @@ class Job:
                 raise AssertionError("kill point not reached in time")
             time.sleep(0.05)
 
-    def terminate(self, timeout: float = 60, group: bool = False) -> float:
-        """SIGTERM the driver alone (as Kubernetes and `ray job stop` do), or with
-        `group` its whole process group, the embedded Ray's processes too (as systemd
-        stopping a unit and Slurm's scancel do); return the seconds until it exited.
-        Whatever of its session survives is then killed."""
+    def terminate(self, timeout: float = 60, group: bool = False,
+                  sig: int = signal.SIGTERM) -> float:
+        """SIGTERM (or `sig`: SIGINT is Ctrl-C) the driver alone (as Kubernetes and
+        `ray job stop` do), or with `group` its whole process group, the embedded Ray's
+        processes too (as systemd stopping a unit and Slurm's scancel do); return the
+        seconds until it exited. Whatever of its session survives is then killed."""
         sent = time.monotonic()
         if group:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, sig)
         else:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout)
         finally:
@@ -139,8 +145,8 @@ def paced(seconds: float) -> dict[str, str]:
 
 
 def run(args: list[str], log: str, env: Optional[dict] = None, timeout: float = 300,
-        cores: Optional[set[int]] = None) -> Job:
-    job = Job(args, log, env, cores)
+        cores: Optional[set[int]] = None, cluster: Optional["LocalCluster"] = None) -> Job:
+    job = Job(args, log, env, cores, cluster)
     job.wait(timeout)
     return job
 
@@ -182,6 +188,11 @@ class LocalCluster:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def job_env(self) -> dict[str, str]:
+        """What a job's driver needs to join: token auth, and this cluster's token."""
+        return {k: self.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN") if k in self.env}
 
     @property
     def dashboard_url(self) -> str:
@@ -282,6 +293,24 @@ def local_cluster(worker_cpus: int, dashboard: bool = False, token: Optional[str
         yield cluster
     finally:
         cluster.stop()  # job drivers too: their command lines name files under base
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def one_node_cluster(env: Optional[dict] = None) -> Iterator[LocalCluster]:
+    """One node as the embedded Ray is (its logical CPUs and cores label), so jobs that
+    join it plan as they would alone; for tests about the job, not about starting Ray.
+    A job joins it in ~1 s where an embedded Ray takes ~8 s to start and stop. `env`
+    is added to the node's environment (its workers': an object store's endpoint)."""
+    base = tempfile.mkdtemp(prefix="rb-", dir="/tmp")
+    cluster = LocalCluster(base, token=new_token(), env=env)
+    cores = usable_cores()
+    try:
+        cluster.start("head", f"--num-cpus={cores + EMBEDDED_EXTRA_CPUS}",
+                      f"--labels={CORES_LABEL}={cores}")
+        yield cluster
+    finally:
+        cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -1,10 +1,14 @@
-"""The nightly job submitted with `ray job submit` to a real two-node Ray cluster."""
+"""Multi-node clusters: one real Ray of a head with the job API and no CPUs (as on
+KubeRay) and two CPU worker nodes, shared by this module's stories in order: the
+default plan scores on every node, the nightly job submitted with `ray job submit`,
+and, last since it kills a node, a job that survives losing one."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -14,19 +18,46 @@ import pytest
 
 from rstar_batch.testing import write_sample_data
 from tests.infra_files import REPO
-from tests.jobs import (LocalCluster, kill_until_gone, local_cluster, new_token, session_pids,
-                        venv_bin)
+from tests.jobs import (Job, committed_rows, LocalCluster, kill_until_gone, local_cluster, new_token, paced,
+                        run, session_pids, venv_bin, worker_args)
+from tests.test_rerank_job import _assert_matches_reference
+from tests.reference import reference_scores
+from tests.test_resume import PACED, TOTAL, _args, job_input  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 DATE = "2026-11-26"
 QUERIES, CANDIDATES = 10, 20
+WORKER_CPUS = 4
 
 
-@pytest.fixture
-def job_cluster() -> Iterator[LocalCluster]:
-    """A head with the job API (no CPUs, as on KubeRay) and one worker node."""
-    with local_cluster(worker_cpus=8, dashboard=True, token=new_token()) as cluster:
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[LocalCluster]:
+    """A head with the job API (no CPUs) and two worker nodes of WORKER_CPUS logical CPUs
+    and half this machine's cores each. Jobs carry their faults to the workers."""
+    with local_cluster(worker_cpus=WORKER_CPUS, workers=2, dashboard=True,
+                       token=new_token()) as cluster:
         yield cluster
+
+
+def test_default_plan_scores_on_every_node_of_a_cpu_cluster(
+        nodes, micro_model, sample_dir, sample_reference, tmp_path):
+    out = str(tmp_path / "ranked")
+    # Scoring costs about R*'s time on 2 cores (40 replica batches of 25 pairs, 1.5 s
+    # each), so the pool grows to its plan.
+    job = run(["rerank", "--candidates", sample_dir, "--output", out, "--model", micro_model,
+               "--dtype", "float32", "--replica-batch-rows", "25"],
+              str(tmp_path / "job.log"), paced(1.5), cluster=nodes)
+    assert job.proc.returncode == 0, job.output()[-5000:]
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    plan = manifest["replicas"]
+    # one replica a node, one thread each: as many as the CPUs it reserves
+    assert (plan["device"], plan["threads"], plan["num_cpus"], plan["max_size"]) == (
+        "cpu", 1, 1.0, 2)
+    # held for the job in a placement group, so tokenizers could not take their CPUs
+    assert plan["placement_group"].startswith("rstar-batch-replicas-")
+    scored = manifest["pairs_by_node"]
+    assert len(scored) == 2 and sum(scored.values()) == 1000, scored
+    _assert_matches_reference(pq.read_table(out).to_pylist(), sample_reference)
 
 
 def _submit(cluster: LocalCluster, workdir: str, log: Path, *entrypoint: str) -> tuple[int, str]:
@@ -54,23 +85,23 @@ def _record(output: str) -> dict:
 
 
 def test_nightly_job_on_a_cluster_succeeds_a_rerun_is_a_noop_a_bad_night_fails(
-        job_cluster, micro_model, tmp_path):
+        nodes, micro_model, tmp_path):
     data = tmp_path / "warehouse"
     write_sample_data(str(data / "candidates" / f"date={DATE}"), QUERIES, CANDIDATES,
                       files=2, seed=3)
     write_sample_data(str(data / "candidates" / "date=2026-11-25"), 2, 5)  # another night
-    config = os.path.join(job_cluster.base, "nightly.yaml")  # short, unique to this cluster
+    config = os.path.join(nodes.base, "nightly.yaml")  # short, unique to this cluster
     with open(config, "w") as fh:
         fh.write(f"candidates: ['{data}/candidates/date={{date}}/']\n"
                  f"output: '{data}/ranked/date={{date}}/'\n"
                  f"model: '{micro_model}'\nmax_length: 512\nrank_partitions: 2\n")
-    workdir = os.path.join(job_cluster.base, "wd")  # what `--working-dir .` would upload
+    workdir = os.path.join(nodes.base, "wd")  # what `--working-dir .` would upload
     shutil.copytree(REPO / "jobs", os.path.join(workdir, "jobs"),
                     ignore=shutil.ignore_patterns("__pycache__"))
     entrypoint = ["python", "jobs/nightly_rerank.py", "--config", config, "--date", DATE,
                   "--max-length", "64"]  # an option after the config overrides it
 
-    code, output = _submit(job_cluster, workdir, tmp_path / "submit1.log", *entrypoint)
+    code, output = _submit(nodes, workdir, tmp_path / "submit1.log", *entrypoint)
     assert code == 0, output[-5000:]
     out = data / "ranked" / f"date={DATE}"
     record = _record(output)
@@ -84,7 +115,7 @@ def test_nightly_job_on_a_cluster_succeeds_a_rerun_is_a_noop_a_bad_night_fails(
     manifest = (out / "_manifest.json").read_bytes()
     assert json.loads(manifest)["config"]["max_length"] == 64
 
-    code, output = _submit(job_cluster, workdir, tmp_path / "submit2.log", *entrypoint)
+    code, output = _submit(nodes, workdir, tmp_path / "submit2.log", *entrypoint)
     assert code == 0, output[-5000:]
     again = _record(output)
     assert again["already_done"] is True and again["status"] == "SUCCEEDED"
@@ -92,10 +123,25 @@ def test_nightly_job_on_a_cluster_succeeds_a_rerun_is_a_noop_a_bad_night_fails(
     assert (out / "_manifest.json").read_bytes() == manifest
 
     # A night whose candidates are missing fails the submission, and says why.
-    code, output = _submit(job_cluster, workdir, tmp_path / "submit3.log",
+    code, output = _submit(nodes, workdir, tmp_path / "submit3.log",
                            *entrypoint[:4], "--date", "2026-11-27")
     assert code != 0
     failed = _record(output)
     assert failed["status"] == "FAILED" and failed["date"] == "2026-11-27"
     assert failed["error"].startswith("InputError: candidates path")
     assert not (data / "ranked" / "date=2026-11-27" / "_SUCCESS").exists()
+
+
+def test_job_survives_losing_a_worker_node(nodes, job_input, micro_model, tmp_path):
+    out = str(tmp_path / "out")
+    job = Job(_args(job_input, out, micro_model), str(tmp_path / "run1.log"), PACED,
+              cluster=nodes)
+    job.wait_until(lambda: committed_rows(out) >= TOTAL // 3)
+    os.kill(nodes.raylet_of("worker1"), signal.SIGKILL)
+    nodes.start("worker3", *worker_args(WORKER_CPUS, 2))  # the replacement node
+    code = job.wait(timeout=300)
+    assert code == 0, job.output()[-3000:]  # it survives the loss, without a rerun
+    table = pq.read_table(out)
+    assert table.num_rows == TOTAL
+    reference = reference_scores(micro_model, pq.read_table(job_input), max_length=96)
+    _assert_matches_reference(table.to_pylist(), reference)

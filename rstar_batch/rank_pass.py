@@ -15,6 +15,7 @@ from rstar_batch import checkpoint
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import RerankConfig
+from rstar_batch.faults import FaultHook
 from rstar_batch.io.scored import bucket_pieces, mark_duplicates, read_bucket
 from rstar_batch.io.sinks import ranked_name
 from rstar_batch.stages.rank import rank_table, rejected_table
@@ -44,6 +45,7 @@ def rank_bucket(fs: pafs.FileSystem, root: str, bucket: int, files: list[str],
     The file name depends only on the bucket, so running this twice writes the
     same file twice rather than a duplicate.
     """
+    FaultHook.from_env().before_rank()
     table = mark_duplicates(read_bucket(fs, files)).drop_columns([C.CHUNK, C.ROW])
     rejected = pc.is_valid(table[C.REJECT])
     valid = table.filter(pc.invert(rejected))

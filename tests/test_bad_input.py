@@ -88,6 +88,20 @@ def test_output_holding_foreign_files_is_refused_unless_overwrite(tmp_path, micr
     assert "already holds 1 file(s) this tool did not write" in err
     assert "precious.csv" in err and "--overwrite" in err
     assert (out / "precious.csv").read_text() == "keep me"
+    # --overwrite: the job deletes them and takes the folder (before Ray starts)
+    import pyarrow.fs as pafs
+
+    from rstar_batch.checkpoint import MARKER, open_job
+    opened = open_job(pafs.LocalFileSystem(), str(out), str(out), {"plan": 1}, overwrite=True)
+    assert opened.run == 1 and not (out / "precious.csv").exists()
+    assert (out / MARKER).exists()
+
+
+def test_status_of_a_folder_this_tool_did_not_write_says_so(tmp_path, capsys):
+    (tmp_path / "precious.csv").write_text("keep me")
+    assert main(["status", str(tmp_path)]) == 2
+    assert capsys.readouterr().out.strip() == f"{tmp_path}: not an rstar-batch output"
+    assert (tmp_path / "precious.csv").read_text() == "keep me"
 
 
 def test_unreachable_hub_fails_fast_in_one_line(tmp_path, capsys, monkeypatch):

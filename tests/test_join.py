@@ -12,7 +12,6 @@ import rstar_batch
 from rstar_batch.testing import make_candidates
 from tests.reference import reference_scores
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -35,6 +34,7 @@ def split_inputs(tmp_path):
     return full, tmp_path
 
 
+@pytest.mark.slow
 def test_run_joined_with_corpus_and_queries_scores_like_the_reference(
         ray_local, micro_model, split_inputs, monkeypatch):
     from rstar_batch.io import join
@@ -64,6 +64,7 @@ def test_run_joined_with_corpus_and_queries_scores_like_the_reference(
     assert again.already_done
 
 
+@pytest.mark.slow
 def test_a_changed_corpus_is_refused_like_a_changed_input(ray_local, micro_model, split_inputs):
     from rstar_batch.checkpoint import ResumeError
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from rstar_batch import nightly
 from rstar_batch.config import ConfigError, RerankConfig
 from tests.infra_files import REPO
+from tests.jobs import committed_rows, kill_until_gone, paced, session_pids
 
 
 def _parse(*argv: str) -> tuple[RerankConfig, datetime.date]:
@@ -83,6 +88,54 @@ def test_a_drained_run_exits_75_and_reports_stopped_with_what_is_committed(
     assert record["error"].startswith("Stopped: stopped on SIGTERM: 640 of 1200")
 
 
+def test_an_unexpected_failure_exits_1_and_still_reports_for_the_scheduler(
+        config_file, monkeypatch):
+    from rstar_batch import pipeline
+
+    def broken(config):
+        raise RuntimeError("exactly-once check failed: the input has 3 rows but 2 came out")
+
+    monkeypatch.setattr(pipeline, "rerank", broken)
+    code, record = nightly.run(["--config", config_file, "--date", "2026-11-26"])
+    assert code == 1 and record["status"] == "FAILED"
+    assert record["error"] == ("RuntimeError: exactly-once check failed: the input has 3 rows "
+                               "but 2 came out")
+
+
+@pytest.mark.slow
+def test_a_signalled_nightly_job_drains_exits_75_and_prints_its_stopped_record(
+        micro_model, sample_dir, cluster, tmp_path):
+    """SIGTERM to the real entrypoint, as Kubernetes sends it before a spot node goes."""
+    shutil.copytree(sample_dir, tmp_path / "candidates" / "date=2026-11-26")
+    config = tmp_path / "nightly.yaml"
+    config.write_text(f"candidates: ['{tmp_path}/candidates/date={{date}}/']\n"
+                      f"output: '{tmp_path}/out/date={{date}}/'\n"
+                      f"model: '{micro_model}'\ncheckpoint_rows: 50\nreplica_batch_rows: 50\n"
+                      "max_length: 96\n")
+    log = tmp_path / "stdout.log"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "nightly_rerank.py"), "--config", str(config),
+         "--date", "2026-11-26"], stdout=open(log, "w"), stderr=subprocess.DEVNULL,
+        env={**os.environ, **cluster.job_env, **paced(0.5), "RAY_ADDRESS": cluster.address},
+        start_new_session=True)
+    out = str(tmp_path / "out" / "date=2026-11-26")
+    try:
+        deadline = time.monotonic() + 120
+        while committed_rows(out) < 100:
+            assert proc.poll() is None and time.monotonic() < deadline, "no commit in time"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 75
+    finally:
+        kill_until_gone(lambda: session_pids(proc.pid), "the nightly job")
+    record = json.loads(log.read_text().strip().splitlines()[-1])
+    assert record["status"] == "STOPPED" and record["pairs"] == 1000
+    assert 100 <= record["committed"] < 1000
+    assert record["committed"] == committed_rows(out)
+    assert record["error"].startswith(f"Stopped: stopped on SIGTERM: {record['committed']} of "
+                                      "1000 pairs are committed")
+
+
 def test_the_entrypoint_prints_the_record_as_its_last_stdout_line(tmp_path):
     config = tmp_path / "nightly.yaml"
     config.write_text(f"candidates: ['{tmp_path}/none/date={{date}}/']\n"
@@ -110,7 +163,7 @@ def test_score_corpus_fills_the_date_in_its_output_and_inputs_that_name_it():
 
 
 @pytest.mark.slow
-def test_the_score_corpus_entrypoint_succeeds_then_is_a_no_op(micro_model, tmp_path):
+def test_the_score_corpus_entrypoint_succeeds_then_is_a_no_op(micro_model, cluster, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -128,7 +181,9 @@ def test_the_score_corpus_entrypoint_succeeds_then_is_a_no_op(micro_model, tmp_p
                "--date", "2026-11-26"]
     records = []
     for _ in range(2):
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **cluster.job_env,
+                                   "RAY_ADDRESS": cluster.address})  # as `ray job submit`
         assert proc.returncode == 0, proc.stderr[-3000:]
         records.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert [r["status"] for r in records] == ["SUCCEEDED", "SUCCEEDED"]

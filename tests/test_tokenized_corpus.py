@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from rstar_batch.model import describe_model
 from rstar_batch.stages.pairs import PassagePolicy
 from rstar_batch.stages.tokenize import Tokenize
 from rstar_batch.testing import make_candidates
-from tests.jobs import assert_same_ranking, run
+from tests.jobs import Job, assert_same_ranking, committed_rows, paced, run
 
 LONG = " ".join(["glacier river engine"] * 300)   # far past 512 tokens
 FINGERPRINT = ("import sys, json; from transformers import AutoTokenizer; "
@@ -188,19 +187,43 @@ def _rows(folder: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_interrupted_tokenize_corpus_resumes_to_the_same_corpus(
-        micro_model, inputs, tokenized, tmp_path):
+        micro_model, inputs, tokenized, cluster, tmp_path):
     out = str(tmp_path / "T")
     args = ["tokenize-corpus", "--corpus", inputs["corpus"], "--output", out, "--model",
             micro_model, "--checkpoint-rows", "8", "--replica-batch-rows", "8",
             "--tokenize-workers", "1", "--max-rejected-fraction", "0.1"]
     fault = {"RSTAR_BATCH_TEST_FAULT": "raise:3", "RSTAR_BATCH_TEST_FAULT_DIR": str(tmp_path)}
-    first = run(args, str(tmp_path / "run1.log"), env=fault)
+    first = run(args, str(tmp_path / "run1.log"), env=fault, cluster=cluster)
     assert first.proc.returncode != 0 and "injected fault" in first.output()
-    assert glob.glob(os.path.join(out, "_work", "commits", "c*"))  # some chunks were done
+    done_before = committed_rows(out)
+    assert done_before > 0  # some chunks were done
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
-    second = run(args, str(tmp_path / "run2.log"), env=fault)  # the fault fired already
+    second = run(args, str(tmp_path / "run2.log"), env=fault, cluster=cluster)  # fired already
     assert second.proc.returncode == 0, second.output()[-3000:]
-    assert "in this run" in second.output()
+    corpus_rows = pq.read_table(inputs["corpus"]).num_rows
+    # it resumed: only the rows the first run did not commit were tokenized again
+    assert f"({corpus_rows - done_before} in this run)" in second.output()
     assert _rows(out) == _rows(tokenized)
-    third = run(args, str(tmp_path / "run3.log"))
-    assert "already done" in third.output()
+    third = run(args, str(tmp_path / "run3.log"), cluster=cluster)
+    assert third.proc.returncode == 0 and "already done" in third.output()
+
+
+@pytest.mark.slow
+def test_a_drained_tokenize_corpus_exits_75_and_its_rerun_finishes_the_same_corpus(
+        micro_model, inputs, tokenized, cluster, tmp_path):
+    out = str(tmp_path / "T")
+    args = ["tokenize-corpus", "--corpus", inputs["corpus"], "--output", out, "--model",
+            micro_model, "--checkpoint-rows", "8", "--replica-batch-rows", "8",
+            "--tokenize-workers", "1", "--max-rejected-fraction", "0.1"]
+    job = Job(args, str(tmp_path / "run1.log"), paced(1), cluster=cluster)  # writes paced
+    job.wait_until(lambda: committed_rows(out) > 0)
+    assert job.terminate() < 30
+    assert job.proc.returncode == 75, job.output()[-3000:]
+    done = committed_rows(out)
+    corpus_rows = pq.read_table(inputs["corpus"]).num_rows
+    assert f"stopped on SIGTERM: {done} of {corpus_rows} pairs are committed" in job.output()
+    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
+    rerun = run(args, str(tmp_path / "run2.log"), cluster=cluster)
+    assert rerun.proc.returncode == 0, rerun.output()[-3000:]
+    assert f"({corpus_rows - done} in this run)" in rerun.output()
+    assert _rows(out) == _rows(tokenized)

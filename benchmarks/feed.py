@@ -83,10 +83,12 @@ def _kind(cmdline: str, job_pid: int, pid: int) -> str:
     """Which part of the job a process (or the task it runs now) is."""
     if pid == job_pid:
         return "driver"
-    # the replica actor (ReplicaCommits) scores and writes and commits its runs
+    # the replica actor (ReplicaCommits) scores and hands slices to its node's commit
+    # writer (CommitWriter; older checkouts wrote and committed in WriteRuns)
     for part, label in (("Tokenize", "tokenize"), ("ReplicaCommits", "score"),
                         ("Score", "score"), ("ReadChunks", "read"),
-                        ("WriteRuns", "write runs"), ("rank_bucket", "rank pass"),
+                        ("CommitWriter", "write runs"), ("WriteRuns", "write runs"),
+                        ("rank_bucket", "rank pass"),
                         ("join_bucket", "join"), ("Bucketize", "join"),
                         ("ReadParquet", "join"), ("Write", "join")):
         if part in cmdline:

@@ -59,7 +59,9 @@ class Launch:
                                      start_new_session=True, env=env, cwd=source or None)
 
     def commits(self) -> list[str]:
-        return glob.glob(os.path.join(self.out, "_work", "commits", "c*"))
+        """Commit records (this version's `*.json`; older checkouts' `c*` markers)."""
+        folder = os.path.join(self.out, "_work", "commits")
+        return glob.glob(os.path.join(folder, "*.json")) + glob.glob(os.path.join(folder, "c*"))
 
     def poll(self) -> None:
         if self.first_commit is None and set(self.commits()) - self.before:

@@ -16,7 +16,7 @@ import typing
 from typing import Any, Optional, Sequence
 
 from rstar_batch.config import ConfigError, RerankConfig, field_type
-from rstar_batch.drain import EXIT_STOPPED, Stopped
+from rstar_batch.progress.drain import EXIT_STOPPED, Stopped
 
 
 def _flag(name: str) -> str:
@@ -345,7 +345,7 @@ COMMANDS = {"rerank": _run_rerank, "score-corpus": _run_score_corpus,
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors a user must fix: reported in one line, exit code 2, no traceback."""
-    from rstar_batch.checkpoint import OutputError
+    from rstar_batch.progress.checkpoint import OutputError
     from rstar_batch.io.sources import InputError
     from rstar_batch.model import ModelUnavailableError
     from rstar_batch.summary import TooManyRejectedError

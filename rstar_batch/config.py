@@ -98,8 +98,9 @@ class RerankConfig:
         4096, "Pairs per checkpoint chunk: a killed job redoes at most the chunks that "
         "were in flight.", "input/output")
     commit_seconds: float = _opt(
-        10.0, "Each replica commits what it scored at least about this often, so a "
-        "replica killed without notice loses about this much scoring.", "input/output")
+        10.0, "Each node's commit writer commits what its replicas scored at least about "
+        "this often, so a node killed without notice loses about this much scoring.",
+        "input/output")
     drain_seconds: float = _opt(
         20.0, "On SIGTERM or SIGINT, wait at most this long for scored rows to be "
         "committed, then exit with code 75 (a second signal exits at once). Keep it "

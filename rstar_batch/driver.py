@@ -21,11 +21,13 @@ import threading
 import time
 from typing import Any, Callable, ContextManager, Optional
 
-from rstar_batch import checkpoint
+from rstar_batch.io.scored import Writers
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.log import Progress, read_progress
 from rstar_batch.base import fs as fsio
 from rstar_batch.cluster import live_nodes, ray_session
 from rstar_batch.config import RerankConfig, resolve_activation
-from rstar_batch.drain import Drain, StopSignal
+from rstar_batch.progress.drain import Drain, StopSignal
 from rstar_batch.io.tokenized import open_tokenized, pairing_clause
 from rstar_batch.manifest import finish_job
 from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
@@ -38,6 +40,8 @@ from rstar_batch.summary import JobSummary, check_all_committed, check_rejected
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 30.0
+# How often the driver asks the commit writers what they committed (an actor call each)
+WRITER_POLL_S = 2.0
 
 
 class Job(abc.ABC):
@@ -55,6 +59,12 @@ class Job(abc.ABC):
     # A resumed run skips the rows committed runs cover in the chunks it redoes;
     # False: it redoes those chunks whole (a job that writes whole chunks).
     resumes_within_chunks = True
+    # Pass 1's replicas hand scored rows to commit writers (io/scored.py), which the
+    # driver starts for each pass as `sink`; False: the pass commits what it writes.
+    commits_through_writers = True
+    # Each query's best rows a writer keeps of all it is handed (score-corpus's top K),
+    # committing them as one running top K; None: it keeps every row.
+    writer_top_k: Optional[int] = None
 
     def __init__(self, config: RerankConfig) -> None:
         self.config = config
@@ -62,6 +72,7 @@ class Job(abc.ABC):
         self.plan: dict = {}
         self.run = 0  # this run's number, once the output is opened
         self.stop: Optional[StopSignal] = None  # the workers' view of a stop, in Ray
+        self.sink: Any = None  # where pass 1's replicas hand scored rows (the writers)
 
     @property
     def pairs_per_row(self) -> int:
@@ -95,7 +106,7 @@ class Job(abc.ABC):
     def scoring_pass(self, plan: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
         """Pass 1 over the pending chunks as a lazy Ray Data dataset of commits."""
 
-    def second_pass(self, progress: checkpoint.Progress,
+    def second_pass(self, progress: Progress,
                     stopping: Callable[[], bool]) -> list[dict]:
         return rank_all(self.fs, self.root, self.config, progress, stopping)
 
@@ -106,7 +117,7 @@ class Job(abc.ABC):
     def before_success(self, summary: JobSummary) -> None:
         """What the job writes once its summary checks out, before the manifest."""
 
-    def details(self, plan: ReplicaPlan, progress: checkpoint.Progress) -> dict[str, Any]:
+    def details(self, plan: ReplicaPlan, progress: Progress) -> dict[str, Any]:
         """The manifest's job-specific fields."""
         return {}
 
@@ -167,8 +178,8 @@ def _run(job: Job, drain: Drain) -> JobSummary:
             drain.watch()  # again: ray.init installs a SIGTERM handler of its own
             job.stop = drain.attach()
             chunks = job.chunks()
-            pending = checkpoint.read_progress(job.fs, job.root).pending(
-                chunks, within=job.resumes_within_chunks)
+            progress = read_progress(job.fs, job.root)
+            pending = progress.pending(chunks, within=job.resumes_within_chunks)
             per_row = job.pairs_per_row
             total = sum(c.rows for c in chunks) * per_row
             progress_log = ProgressLog(total, total - sum(c.todo for c in pending) * per_row)
@@ -183,11 +194,10 @@ def _run(job: Job, drain: Drain) -> JobSummary:
                 log.info(job.describe(pending, replicas))
                 # the manifest records the plan as held (its placement group's name)
                 with job.reserve(replicas) as replicas:
-                    run_scoring(job.scoring_pass(replicas, pending), progress_log, per_row,
-                                drain)
+                    progress = score_until_committed(job, replicas, chunks, pending,
+                                                     progress_log, drain)
             drain.check(committed)
             phases.mark()
-            progress = checkpoint.read_progress(job.fs, job.root)
             check_all_committed(progress, chunks)
             parts = job.second_pass(progress, lambda: drain.requested)
             drain.check(committed)
@@ -209,10 +219,44 @@ def _run(job: Job, drain: Drain) -> JobSummary:
     return summary
 
 
+# Passes over what is still pending after a pass whose rows a lost commit writer held
+SCORING_PASSES = 3
+# How long the end of a pass waits for the writers' last commits (beside a drain's own)
+FLUSH_TIMEOUT_S = 300.0
+
+
+def score_until_committed(job: Job, replicas: ReplicaPlan, chunks: list[checkpoint.Chunk],
+                          pending: list[checkpoint.Chunk], progress_log: "ProgressLog",
+                          drain: Drain) -> Progress:
+    """Pass 1 over `pending`, then over what no commit covers yet, until every chunk is
+    committed: a commit writer lost with its node takes the rows it held with it,
+    after the replicas' calls that scored them had returned. Returns the progress
+    read back from the commit log (what a rerun would see)."""
+    for attempt in range(SCORING_PASSES):
+        writers = Writers(job.fs, job.root, job.run, job.config.commit_seconds,
+                          job.writer_top_k) if job.commits_through_writers else None
+        job.sink = writers.sink() if writers else None
+        try:
+            run_scoring(job.scoring_pass(replicas, pending), progress_log, job.pairs_per_row,
+                        drain, writers)
+        finally:
+            if writers is not None:
+                timeout = drain.left() if drain.requested else FLUSH_TIMEOUT_S
+                progress_log.committed(writers.flush(timeout), job.pairs_per_row)
+                writers.close()
+        progress = read_progress(job.fs, job.root)
+        pending = progress.pending(chunks, within=job.resumes_within_chunks)
+        if not pending or drain.requested:
+            return progress
+        log.warning("%d rows were scored but not committed (a commit writer was lost); "
+                    "scoring them again", sum(c.todo for c in pending))
+    return progress
+
+
 def committed_pairs(job: Job) -> tuple[int, int]:
     """(pairs committed, pairs in all), from the output and the plan: a stop's report."""
     per_row = job.plan.get("pairs_per_row", 1)
-    rows = checkpoint.read_progress(job.fs, job.root).committed_rows()
+    rows = read_progress(job.fs, job.root).committed_rows()
     return rows * per_row, job.plan.get("total_rows", 0) * per_row
 
 
@@ -242,7 +286,18 @@ class ProgressLog:
         self.total, self.done, self.started_with = total, already, already
         self.started = self.last = time.monotonic()
         self.by_node: dict[str, int] = {}  # pairs each Ray node's replicas scored
+        self.counted: dict[str, dict] = {}  # rows by node of each commit counted
 
+
+    def committed(self, commits: list, pairs_per_row: int = 1) -> None:
+        """Count commits as they land (from the commit writers); a commit that replaces
+        another (a running top K) counts only what it adds to it."""
+        for commit in commits:
+            before = self.counted.pop(commit.replaces, {})
+            now = commit.nodes or {None: commit.rows}
+            self.counted[commit.name] = now
+            for node in now:
+                self.add((now[node] - before.get(node, 0)) * pairs_per_row, node)
 
     def add(self, rows: int, node: Optional[str] = None) -> None:
         self.done += rows
@@ -258,12 +313,15 @@ class ProgressLog:
 
 
 def run_scoring(plan: Any, progress: ProgressLog, pairs_per_row: int = 1,
-                drain: Optional[Drain] = None) -> int:
-    """Execute pass 1, consuming the commits as they land; return rows committed.
+                drain: Optional[Drain] = None, writers: Optional[Writers] = None) -> int:
+    """Execute pass 1; count its commits as they land; return rows handed over.
 
     A thread consumes the plan, so that this (main) thread only waits on a queue and
-    sees a drain's deadline even while the pipeline is silent. Once a stop is asked
-    the readers and replicas end the plan early; past the deadline it is left behind.
+    sees a drain's deadline even while the pipeline is silent. With commit writers,
+    progress counts what they committed (polled every few seconds); without, the
+    plan's rows are commits already (tokenize-corpus writes its own). Once a stop is
+    asked the readers and replicas end the plan early; past the deadline it is left
+    behind.
     """
     commits: queue.Queue = queue.Queue()
 
@@ -276,8 +334,14 @@ def run_scoring(plan: Any, progress: ProgressLog, pairs_per_row: int = 1,
             commits.put(exc)
 
     threading.Thread(target=consume, name="rstar-batch-commits", daemon=True).start()
-    rows = 0
+    rows, polled = 0, time.monotonic()
     while True:
+        if time.monotonic() - polled >= WRITER_POLL_S:
+            if writers is not None:
+                progress.committed(writers.take(), pairs_per_row)
+            if drain is not None:
+                drain.restate()
+            polled = time.monotonic()
         try:
             batch = commits.get(timeout=0.5)
         except queue.Empty:
@@ -295,4 +359,5 @@ def run_scoring(plan: Any, progress: ProgressLog, pairs_per_row: int = 1,
         for start, end, node in zip(batch["start"].to_pylist(), batch["end"].to_pylist(),
                                     nodes):
             rows += end - start
-            progress.add((end - start) * pairs_per_row, node)
+            if writers is None:
+                progress.add((end - start) * pairs_per_row, node)

@@ -9,6 +9,8 @@ RSTAR_BATCH_TEST_FAULT selects the fault:
                 scoring is what the pool of replicas scales for
   slowrank:S    every rank-pass task takes S seconds longer (scoring is not slowed): a
                 stop signalled once scoring is done lands inside the rank pass
+  writerexit:N  a commit writer's process dies (os._exit) at its N-th commit, once per
+                job, with the rows it was about to commit (its node lost, in effect)
 "Once per job" is kept by a marker file in RSTAR_BATCH_TEST_FAULT_DIR, which
 survives the replica's restart. A job that joins a running cluster carries both
 variables to its workers (`job_env`), so tests can share one cluster between jobs
@@ -57,6 +59,10 @@ class FaultHook:
             if self.kind == "exit":
                 os._exit(17)
             raise InjectedFault(f"injected fault at batch {self.batches}")
+
+    def before_commit(self, commits: int) -> None:
+        if self.kind == "writerexit" and commits >= int(self.when) and self._claim():
+            os._exit(17)
 
     def before_rank(self) -> None:
         if self.kind == "slowrank":

@@ -10,7 +10,7 @@ import math
 import time
 from typing import Any
 
-from rstar_batch import checkpoint
+from rstar_batch.progress import checkpoint
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import RerankConfig
 from rstar_batch.io.sources import CandidateFiles

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 from rstar_batch import cli
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.drain import EXIT_STOPPED, Stopped
+from rstar_batch.progress.drain import EXIT_STOPPED, Stopped
 
 log = logging.getLogger(__name__)
 

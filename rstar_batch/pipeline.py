@@ -21,16 +21,17 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rstar_batch import checkpoint, driver
+from rstar_batch import driver
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.log import Progress
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.columns import PREPARE_REASON
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.drain import StopSignal
+from rstar_batch.progress.drain import StopSignal
 from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
 from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, prepare_nested
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
-from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
 from rstar_batch.io.tokenized import inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
@@ -48,11 +49,10 @@ log = logging.getLogger(__name__)
 
 def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: ModelInfo,
                        replicas: ReplicaPlan, buckets: int, chunks: list[checkpoint.Chunk],
-                       out_fs: Any, root: str, run: int,
-                       assembler: Optional[PairAssembler] = None,
+                       sink: Any, assembler: Optional[PairAssembler] = None,
                        stop: Optional[StopSignal] = None) -> Any:
     """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit
-    (the replicas commit what they score)."""
+    (the replicas hand what they score to `sink`, the job's commit writers)."""
     import ray.data
 
     tasks = plan_read_tasks(chunks, source.paths, source.row_groups)
@@ -67,7 +67,7 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
     ds = ds.repartition(target_num_rows_per_block=rows)
     ds = on_tokenizers(ds, Tokenize, config, model, replicas, rows, assembler)
     return committing_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
-                               replicas.batch_rows, WriteRuns(out_fs, root, run), config, stop)
+                               replicas.batch_rows, sink, config, stop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +198,8 @@ class RerankJob(driver.Job):
 
     def scoring_pass(self, replicas: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
         return build_scoring_plan(self.config, self.source, self.model, replicas,
-                                  self.plan["buckets"], pending, self.fs, self.root, self.run,
-                                  self.assembler, self.stop)
+                                  self.plan["buckets"], pending, self.sink, self.assembler,
+                                  self.stop)
 
     def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
         pairs = self.source.num_rows
@@ -215,7 +215,7 @@ class RerankJob(driver.Job):
                           rejected=merge_rejected(p["rejected"] for p in parts),
                           seconds=round(seconds, 3))
 
-    def details(self, replicas: ReplicaPlan, progress: checkpoint.Progress) -> dict[str, Any]:
+    def details(self, replicas: ReplicaPlan, progress: Progress) -> dict[str, Any]:
         candidates = self.inputs.candidates
         return {
             "pairs_scored_per_run": {str(k): v for k, v in sorted(progress.rows_by_run.items())},

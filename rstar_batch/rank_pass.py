@@ -1,52 +1,93 @@
-"""Pass 2: per bucket, the committed scored rows read, ranked per query, written.
+"""Pass 2: each bucket's committed rows read, ranked per query, written.
 
-One Ray task per bucket: a bucket holds every row of its queries, so ranking it
-needs nothing from any other, and its file's name depends only on the bucket.
+A bucket holds every row of its queries, so ranking it needs nothing from any
+other, and its file's name depends only on the bucket. Ray tasks take consecutive
+buckets, a few tasks per CPU: a task reads its buckets' rows with one ranged GET
+per pack that holds any (packs keep buckets in order), so the requests are
+tasks × packs, not buckets × packs. The commit log says where the rows lie; the
+scored rows are never listed.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from rstar_batch import checkpoint
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import RerankConfig
 from rstar_batch.faults import FaultHook
-from rstar_batch.io.scored import bucket_pieces, mark_duplicates, read_bucket
+from rstar_batch.io.scored import mark_duplicates, once_each, read_buckets
 from rstar_batch.io.sinks import ranked_name
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.log import Progress, Segment
 from rstar_batch.stages.rank import rank_table, rejected_table
 
+# Rank tasks per logical CPU of the cluster: enough to keep every CPU busy while a
+# slow task finishes, few enough that each reads few ranged GETs per pack.
+TASKS_PER_CPU = 2
+# Rows one task holds at most (the buckets' rows, read together): ~100 bytes a row.
+TASK_ROWS = 4_000_000
 
-def rank_all(fs: Any, root: str, config: RerankConfig, progress: checkpoint.Progress,
+Reads = list[tuple[str, list[Segment]]]
+
+
+def plan_tasks(progress: Progress, cpus: float) -> list[tuple[list[int], Reads]]:
+    """Consecutive buckets per task, each task with the pack segments it reads."""
+    by_bucket = progress.segments_by_bucket()
+    if not by_bucket:
+        return []
+    rows = sum(s.rows for found in by_bucket.values() for _, s in found)
+    tasks = max(1, min(len(by_bucket), max(int(cpus * TASKS_PER_CPU),
+                                           math.ceil(rows / TASK_ROWS))))
+    buckets = list(by_bucket)
+    per = math.ceil(len(buckets) / tasks)
+    plan = []
+    for i in range(0, len(buckets), per):
+        mine = buckets[i:i + per]
+        packs: dict[str, list[Segment]] = {}
+        for bucket in mine:
+            for data, segment in by_bucket[bucket]:
+                packs.setdefault(data, []).append(segment)
+        plan.append((mine, sorted(packs.items())))
+    return plan
+
+
+def rank_all(fs: Any, root: str, config: RerankConfig, progress: Progress,
              stopping: Callable[[], bool] = lambda: False) -> list[dict]:
-    """Pass 2: one task per bucket; each writes its ranked file and rejected rows.
-    Returns early (with what is done) once `stopping()`: a rerun ranks again."""
+    """Pass 2: ranked files and rejected rows of every bucket; their counts. Returns
+    early (with what is done) once `stopping()`: a rerun ranks again."""
     import ray
 
-    committed = {checkpoint.run_name(chunk, start, end)
-                 for chunk, ranges in progress.covered.items() for start, end in ranges}
-    task = ray.remote(num_cpus=1)(rank_bucket)
-    refs = [task.remote(fs, root, bucket, files, config.keep_columns, config.top_k)
-            for bucket, files in bucket_pieces(fs, root, committed).items()]
+    task = ray.remote(num_cpus=1)(rank_buckets)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    refs = [task.remote(fs, root, reads, config.keep_columns, config.top_k)
+            for _, reads in plan_tasks(progress, cpus)]
     waiting = list(refs)
     while waiting and not stopping():
         _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)
-    return [] if waiting else ray.get(refs)
+    return [] if waiting else [part for parts in ray.get(refs) for part in parts]
 
 
-def rank_bucket(fs: pafs.FileSystem, root: str, bucket: int, files: list[str],
-                keep: list[str], top_k: Optional[int]) -> dict:
+def rank_buckets(fs: pafs.FileSystem, root: str, reads: Reads, keep: list[str],
+                 top_k: Optional[int]) -> list[dict]:
+    """Rank some buckets' committed rows into their output files; their counts."""
+    FaultHook.from_env().before_rank()
+    return [rank_bucket(fs, root, bucket, table, keep, top_k)
+            for bucket, table in sorted(read_buckets(fs, root, reads).items())]
+
+
+def rank_bucket(fs: pafs.FileSystem, root: str, bucket: int, table: Any, keep: list[str],
+                top_k: Optional[int]) -> dict:
     """Rank one bucket's scored rows into its output file; return its counts.
 
     The file name depends only on the bucket, so running this twice writes the
     same file twice rather than a duplicate.
     """
-    FaultHook.from_env().before_rank()
-    table = mark_duplicates(read_bucket(fs, files)).drop_columns([C.CHUNK, C.ROW])
+    table = mark_duplicates(once_each(table)).drop_columns([C.CHUNK, C.ROW])
     rejected = pc.is_valid(table[C.REJECT])
     valid = table.filter(pc.invert(rejected))
     ranked = rank_table(valid, keep, top_k)

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from rstar_batch.cluster import Node, wait_at_most
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.drain import StopSignal, stop_requested
+from rstar_batch.progress.drain import StopSignal, stop_requested
 from rstar_batch.io.scored import COMMITS
 from rstar_batch.model import auto_cpu_dtype
 from rstar_batch.stages.pairs import PassagePolicy
@@ -258,14 +258,16 @@ class CommitClock:
 
 
 class ReplicaCommits:
-    """A model replica that commits what it scores: `map_batches` class ending pass 1.
+    """A model replica whose scored rows go to be committed: `map_batches` class ending
+    pass 1.
 
-    It scores its batch in slices of consecutive rows, sized by a `CommitClock`, and
-    each slice goes to `sink` (WriteRuns) and is committed before the next one starts.
-    So a replica's work is committed about every `commit_seconds` however slow its
-    model, the first commit comes soon after it starts, and a replica lost at any
-    moment loses one slice. Once the job is asked to stop it takes no further slice.
-    Scored rows go straight to storage; the replica returns only its commits.
+    It scores its batch in slices of consecutive rows, sized by a `CommitClock` to
+    about `commit_seconds` each, and hands each slice to `sink` (io/scored.HandToWriter:
+    the commit writer on its node, which uploads beside scoring) before the next one
+    starts. So however slow its model, a replica hands over its work about every
+    `commit_seconds`, and once the job is asked to stop it takes no further slice.
+    Scored rows go to storage through the writer; the replica returns only what it
+    handed over.
     """
 
     def __init__(self, stage: type, stage_kwargs: dict[str, Any],
@@ -280,9 +282,13 @@ class ReplicaCommits:
         while start < batch.num_rows and not stop_requested(self.stop):
             rows = self.clock.next_rows(batch.num_rows - start)
             began = time.monotonic()
-            commits.append(self.sink(self.stage(batch.slice(start, rows))))
+            piece = batch.slice(start, rows)
+            commits.append(self.sink(self.stage(piece), piece))
             self.clock.took(rows, time.monotonic() - began)
             start += rows
+        settle = getattr(self.sink, "settle", None)
+        if settle is not None:  # the call's rows are the writer's before it returns
+            settle()
         return pa.concat_tables(commits)
 
 

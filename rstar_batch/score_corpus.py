@@ -4,13 +4,16 @@
       queries once
     pass 1 (Ray Data, streaming, checkpointed per corpus chunk):
       read pending corpus chunks → normalize → tokenize passages (CPU actors) →
-      score all queries × each block, keep every run's top K per query
-      (replicas) → write each run's top-K rows by bucket, commit the run
-    pass 2 (rerank's rank pass): per bucket, the runs' top K merged into the
+      score all queries × each block, keep the block's top K per query
+      (replicas) → the node's commit writer merges blocks into one running top K
+      per query and commits it every --commit-seconds, each commit replacing its
+      last (io/scored.py)
+    pass 2 (rerank's rank pass): per bucket, the writers' top K merged into the
       exact top K of each query
 
-The |queries| × |corpus| pairs never exist outside a replica's block, so the
-object store and the output hold O(queries × K × chunks) rows, not the product.
+The |queries| × |corpus| pairs never exist outside a replica's block, and _work/
+holds at most about 2 × writers × |queries| × K rows (a writer's last commit and
+the one replacing it), however large the corpus.
 A tokenized corpus (tokenize-corpus's output) skips tokenizing passages: its
 ids are cut as TokenizePassages cuts, and its rejected rows stayed in T.
 """
@@ -27,14 +30,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rstar_batch import checkpoint, driver
+from rstar_batch import driver
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.log import Progress
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.ids import id_buckets, stable_hash
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.drain import StopSignal
+from rstar_batch.progress.drain import StopSignal
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
-from rstar_batch.io.scored import WriteRuns
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
 from rstar_batch.io.tokenized import DOC_ID, inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
@@ -70,6 +74,7 @@ class ScoreCorpusJob(driver.Job):
     def __init__(self, config: RerankConfig) -> None:
         config.validate_for_corpus()
         super().__init__(config)
+        self.writer_top_k = config.top_k
 
     def check(self) -> dict:
         config = self.config
@@ -113,10 +118,10 @@ class ScoreCorpusJob(driver.Job):
 
     def scoring_pass(self, replicas: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
         return build_corpus_plan(self.config, self.corpus, self.model, self.queries, replicas,
-                                 pending, self.fs, self.root, self.run, self.tokenized,
+                                 pending, self.sink, self.tokenized,
                                  None if self.whole else self.assembler, self.stop)
 
-    def second_pass(self, progress: checkpoint.Progress,
+    def second_pass(self, progress: Progress,
                     stopping: Callable[[], bool]) -> list[dict]:
         if self.rejected.num_rows:
             fsio.write_table(self.fs, fsio.join(self.root, checkpoint.REJECTED, QUERIES_REJECTED),
@@ -127,7 +132,7 @@ class ScoreCorpusJob(driver.Job):
         return summarise(self.config, self.corpus.num_rows, len(self.queries), parts,
                          self.rejected, rows_this_run * len(self.queries), seconds)
 
-    def details(self, replicas: ReplicaPlan, progress: checkpoint.Progress) -> dict[str, Any]:
+    def details(self, replicas: ReplicaPlan, progress: Progress) -> dict[str, Any]:
         return {
             "passages_scored_per_run": {str(k): v
                                         for k, v in sorted(progress.rows_by_run.items())},
@@ -153,7 +158,7 @@ def _corpus_files(config: RerankConfig, tokenized: bool) -> tuple[CandidateFiles
 
 def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
                       queries: QuerySet, replicas: Any, chunks: list[checkpoint.Chunk],
-                      out_fs: Any, root: str, run: int, tokenized: bool = False,
+                      sink: Any, tokenized: bool = False,
                       assembler: Any = None, stop: Optional[StopSignal] = None) -> Any:
     """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit
     (a tokenized corpus: read → fit its ids → score → commit; no `assembler`, for a
@@ -184,7 +189,7 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
         queries=queries, top_k=config.top_k, passages=PassagePolicy.of(config),
         assembler=assembler, max_length=config.max_length,
         **scorer_kwargs(config, model, replicas)),
-        replicas, passages, WriteRuns(out_fs, root, run), config, stop)
+        replicas, passages, sink, config, stop)
 
 
 def corpus_plan(config: RerankConfig, corpus: CandidateFiles, query_files: CandidateFiles,

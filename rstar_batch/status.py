@@ -1,8 +1,8 @@
 """`rstar-batch status OUTPUT`: how far a job got, from the output folder alone.
 
-Reads only file names, times and the small JSON files that the job writes, so
-it works from any machine that can list the output, while the job runs and
-after it died.
+Reads only the small JSON files the job writes (its plan, runs and commit
+records), so it works from any machine that can read the output, while the job
+runs and after it died.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from rstar_batch import checkpoint
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.log import read_progress
 from rstar_batch.base import fs as fsio
 
 
@@ -66,7 +67,7 @@ def job_status(uri: str) -> JobStatus:
     if not fsio.exists(fs, plan_path):
         return JobStatus("NOT_STARTED", uri)
     plan = fsio.read_json(fs, plan_path)
-    progress = checkpoint.read_progress(fs, root)
+    progress = read_progress(fs, root)
     runs = checkpoint.list_runs(fs, root)
     run = max(runs, default=0)
     rate = idle = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Optional
 
-from rstar_batch import checkpoint
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.log import Progress
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import RerankConfig
 
@@ -82,7 +83,7 @@ def check_rejected(summary: JobSummary, config: RerankConfig,
             "Rerun with a higher --max-rejected-fraction to accept them")
 
 
-def check_all_committed(progress: checkpoint.Progress, chunks: list[checkpoint.Chunk]) -> None:
+def check_all_committed(progress: Progress, chunks: list[checkpoint.Chunk]) -> None:
     """Fail unless every chunk of the job was committed."""
     done = progress.done_chunks(chunks)
     missing = [c for c in chunks if c.id not in done]

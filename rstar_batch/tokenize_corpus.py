@@ -22,10 +22,12 @@ from typing import Any, Callable, Optional
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rstar_batch import checkpoint, driver
+from rstar_batch import driver
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.log import Progress
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.drain import StopSignal
+from rstar_batch.progress.drain import StopSignal
 from rstar_batch.io import tokenized as tok
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.sources import CandidateFiles, inspect_candidates
@@ -57,6 +59,7 @@ class TokenizeCorpusJob(driver.Job):
     replicas) that writes T's files itself, no rank pass, T's metadata at the end."""
 
     command = "tokenize-corpus"
+    commits_through_writers = False  # its writers write T's files and commit them
     phases = ("startup", "tokenize", "check")
 
     def __init__(self, config: RerankConfig) -> None:
@@ -98,7 +101,7 @@ class TokenizeCorpusJob(driver.Job):
         return _build_plan(self.config, self.corpus, self.model, pool, pending, self.fs,
                            self.root, self.run, self.stop)
 
-    def second_pass(self, progress: checkpoint.Progress,
+    def second_pass(self, progress: Progress,
                     stopping: Callable[[], bool]) -> list[dict]:
         """No ranking: check that no chunk was written twice in overlapping pieces."""
         overlapping = tok.overlapping_chunks(progress)
@@ -125,7 +128,7 @@ class TokenizeCorpusJob(driver.Job):
                        "passage_column": config.passage_column,
                        "fingerprint": self.plan["input"]["digest"]}})
 
-    def details(self, pool: ReplicaPlan, progress: checkpoint.Progress) -> dict[str, Any]:
+    def details(self, pool: ReplicaPlan, progress: Progress) -> dict[str, Any]:
         return {"model": dataclasses.asdict(self.model),
                 "input": {"files": len(self.corpus.paths), "rows": self.corpus.num_rows,
                           "fingerprint": self.plan["input"]["digest"]}}

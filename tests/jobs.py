@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -267,14 +268,24 @@ def new_token() -> str:
     return secrets.token_hex(32)
 
 
-def committed_rows(out: str, list_glob: Callable[[str], list[str]] = glob.glob) -> int:
-    """Input rows the job's commit markers cover (their names say which); `list_glob`
-    lists another filesystem's (e.g. s3fs's `glob`)."""
-    rows = 0
-    for path in list_glob(f"{out}/_work/commits/c*"):
-        _, start, end = path.rsplit("/", 1)[-1].split(".")[0].split("-")
-        rows += int(end) - int(start)
-    return rows
+def committed_rows(out: str, list_glob: Callable[[str], list[str]] = glob.glob,
+                   read: Callable[[str], bytes] = lambda p: open(p, "rb").read()) -> int:
+    """Input rows the job's commit records cover, overlaps counted once; `list_glob`
+    and `read` reach another filesystem (e.g. s3fs's `glob` and `cat_file`). A record
+    another one replaces (score-corpus's running top K) covers nothing more."""
+    records = {}
+    for path in list_glob(f"{out}/_work/commits/*.json"):
+        try:
+            records[path.rsplit("/", 1)[-1][:-5]] = json.loads(read(path))
+        except (OSError, ValueError):
+            continue  # replaced or removed meanwhile
+    void = {r.get("replaces") for r in records.values()}
+    rows: dict[int, set[int]] = {}
+    for name, record in records.items():
+        if name not in void:
+            for chunk, start, end in record["ranges"]:
+                rows.setdefault(chunk, set()).update(range(start, end))
+    return sum(len(r) for r in rows.values())
 
 
 @contextlib.contextmanager

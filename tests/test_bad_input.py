@@ -91,7 +91,7 @@ def test_output_holding_foreign_files_is_refused_unless_overwrite(tmp_path, micr
     # --overwrite: the job deletes them and takes the folder (before Ray starts)
     import pyarrow.fs as pafs
 
-    from rstar_batch.checkpoint import MARKER, open_job
+    from rstar_batch.progress.checkpoint import MARKER, open_job
     opened = open_job(pafs.LocalFileSystem(), str(out), str(out), {"plan": 1}, overwrite=True)
     assert opened.run == 1 and not (out / "precious.csv").exists()
     assert (out / MARKER).exists()

@@ -14,10 +14,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from rstar_batch import checkpoint
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.log import Commit, Progress
 from rstar_batch.base import columns as C
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.drain import Drain, Stopped, StopSignal
+from rstar_batch.progress.drain import Drain, Stopped, StopSignal
 from rstar_batch.driver import ProgressLog, run_scoring
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import COMMITS
@@ -53,7 +54,8 @@ class _Sink:
     def __init__(self) -> None:
         self.rows: list[int] = []
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table, covers: pa.Table) -> pa.Table:
+        assert covers[C.ROW].to_pylist() == batch[C.ROW].to_pylist()  # the input slice
         self.rows.extend(batch[C.ROW].to_pylist())
         chunk = batch[C.CHUNK][0].as_py()
         rows = batch[C.ROW].to_pylist()
@@ -99,9 +101,8 @@ def test_a_replica_asked_to_stop_takes_no_further_slice():
 
 def test_a_resumed_chunk_skips_the_rows_committed_runs_cover():
     chunks = checkpoint.plan_chunks([100, 50], 40)
-    progress = checkpoint.Progress(
-        covered={0: [(0, 40)], 1: [(0, 10), (5, 20), (30, 35)], 3: [(0, 10)]},
-        rows_by_run={1: 65}, last_commit=None)
+    progress = Progress([Commit(f"c{i}", 1, ranges) for i, ranges in enumerate(
+        [((0, 0, 40),), ((1, 0, 10), (1, 5, 20)), ((1, 30, 35), (3, 0, 10))])])
     assert progress.done_chunks(chunks) == {0} and progress.committed_rows() == 40 + 25 + 10
     pending = progress.pending(chunks)
     assert [c.id for c in pending] == [1, 2, 3, 4]

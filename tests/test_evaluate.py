@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rstar_batch import checkpoint
+from rstar_batch.progress import checkpoint
 from rstar_batch.base.order import group_starts
 from rstar_batch.cli import main
 from rstar_batch.config import ConfigError

@@ -66,7 +66,7 @@ def test_run_joined_with_corpus_and_queries_scores_like_the_reference(
 
 @pytest.mark.slow
 def test_a_changed_corpus_is_refused_like_a_changed_input(ray_local, micro_model, split_inputs):
-    from rstar_batch.checkpoint import ResumeError
+    from rstar_batch.progress.checkpoint import ResumeError
 
     full, base = split_inputs
     args = dict(candidates=[str(base / "run")], corpus=str(base / "corpus.parquet"),

@@ -14,8 +14,8 @@ PACKAGE = pathlib.Path(rstar_batch.__file__).parent
 # nothing may import in a circle. Folders fill one layer each.
 LAYERS = [
     {"base", "config"},                                       # vocabulary
-    {"model", "bert_cls", "plain_bert", "faults", "checkpoint", "cluster",
-     "drain"},                                                # what stages and io stand on
+    {"model", "bert_cls", "plain_bert", "faults", "progress", "cluster"},  # what stages
+                                                              # and io stand on
     {"io", "stages"},                                         # the pipeline's steps
     {"replicas", "summary", "manifest", "rank_pass", "driver", "pipeline", "score_corpus",
      "tokenize_corpus", "dataset", "length_bias", "evaluate", "export", "status", "testing",

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rstar_batch import checkpoint
+from rstar_batch.progress import checkpoint
 from rstar_batch.io.sources import InputError
 from rstar_batch.length_bias import _spearman_by, length_bias, plot_length_bias
 

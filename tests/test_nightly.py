@@ -75,7 +75,7 @@ def test_a_failed_run_exits_2_and_still_reports_for_the_scheduler(config_file):
 def test_a_drained_run_exits_75_and_reports_stopped_with_what_is_committed(
         config_file, monkeypatch):
     from rstar_batch import pipeline
-    from rstar_batch.drain import Stopped
+    from rstar_batch.progress.drain import Stopped
 
     def drained(config):
         raise Stopped("stopped on SIGTERM: 640 of 1200 pairs are committed; rerun the same "
@@ -111,6 +111,7 @@ def test_a_signalled_nightly_job_drains_exits_75_and_prints_its_stopped_record(
     config.write_text(f"candidates: ['{tmp_path}/candidates/date={{date}}/']\n"
                       f"output: '{tmp_path}/out/date={{date}}/'\n"
                       f"model: '{micro_model}'\ncheckpoint_rows: 50\nreplica_batch_rows: 50\n"
+                      "commit_seconds: 1\n"
                       "max_length: 96\n")
     log = tmp_path / "stdout.log"
     proc = subprocess.Popen(

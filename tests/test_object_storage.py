@@ -88,6 +88,7 @@ def _args(output: str, model: str, *extra: str) -> list[str]:
     return ["rerank", "--candidates", f"s3://{BUCKET}/candidates/*.parquet", "--output", output,
             "--model", model, "--dtype", "float32", "--max-length", str(MAX_LENGTH),
             "--checkpoint-rows", "60", "--replica-batch-rows", "60", "--rank-partitions", "4",
+            "--commit-seconds", "1",
             *extra]
 
 
@@ -139,7 +140,7 @@ def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
     # paced by the fault hook (each replica batch 0.5 s longer) so there is time to kill
     job = Job(_args(out, micro_model), str(tmp_path / "run1.log"),
               env={**s3_env, **paced(0.5)}, cluster=s3_cluster)
-    committed = lambda: committed_rows(f"{BUCKET}/resumed", s3.glob)  # noqa: E731
+    committed = lambda: committed_rows(f"{BUCKET}/resumed", s3.glob, s3.cat_file)  # noqa: E731
     job.wait_until(lambda: committed() >= TOTAL // 2, timeout=240)
     job.kill()
     logs.append(job.output())

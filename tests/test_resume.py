@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import rstar_batch
-from rstar_batch.checkpoint import ResumeError
 from rstar_batch.faults import FAULT_ENV
+from rstar_batch.progress.checkpoint import ResumeError
 from rstar_batch.testing import write_sample_data
 from tests.jobs import Job, assert_same_ranking, committed_rows, paced, run
 
@@ -36,6 +36,7 @@ def _args(candidates: str, output: str, model: str, *extra: str) -> list[str]:
     # Short pairs and small chunks keep each run to seconds while leaving 20 chunks to kill in.
     return ["rerank", "--candidates", candidates, "--output", output, "--model", model,
             "--dtype", "float32", "--max-length", "96", "--checkpoint-rows", "60",
+            "--commit-seconds", "1",
             "--replica-batch-rows", "60",
             "--rank-partitions", "4", *extra]
 
@@ -58,7 +59,7 @@ def _assert_same_output(out: str, baseline: pa.Table) -> None:
 
 
 def _commits(out: str) -> int:
-    return len(glob.glob(os.path.join(out, "_work", "commits", "c*")))
+    return len(glob.glob(os.path.join(out, "_work", "commits", "*.json")))
 
 
 KILL_POINTS = {
@@ -181,6 +182,23 @@ def test_replica_faults_are_retried_and_the_job_completes_exactly_once(
     assert job.proc.returncode == 0, job.output()[-3000:]
     assert os.path.exists(tmp_path / f"fired-{fault.split(':')[0]}")  # the fault did happen
     _assert_same_output(out, baseline)
+
+
+def test_rows_a_lost_commit_writer_held_are_scored_again_in_the_same_run(
+        job_input, micro_model, baseline, cluster, tmp_path):
+    """A writer's process dies at its first commit with the rows it held, after the
+    replica calls that scored them returned (its node lost, in effect)."""
+    out = str(tmp_path / "out")
+    job = run(_args(job_input, out, micro_model), str(tmp_path / "run.log"),
+              env={FAULT_ENV: "writerexit:1", "RSTAR_BATCH_TEST_FAULT_DIR": str(tmp_path)},
+              cluster=cluster)
+    assert job.proc.returncode == 0, job.output()[-3000:]
+    assert os.path.exists(tmp_path / "fired-writerexit")  # the writer did die
+    assert "were scored but not committed (a commit writer was lost); scoring them again" \
+        in job.output()
+    _assert_same_output(out, baseline)
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    assert manifest["pairs_scored_per_run"] == {"1": TOTAL}  # no rerun needed
 
 
 def test_batch_failing_every_retry_fails_the_job_naming_its_rows(job_input, micro_model, cluster,

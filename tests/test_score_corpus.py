@@ -71,7 +71,7 @@ def _args(corpus: str, queries: str, out: str, model: str, *extra: str) -> list[
     return ["score-corpus", "--corpus", corpus, "--queries", queries, "--output", out,
             "--model", model, "--dtype", "float32", "--top-k", str(TOP_K), "--max-length", "128",
             "--query-id-column", "qid", "--query-column", "text", "--keep-columns", "source",
-            "--checkpoint-rows", "60", "--replica-batch-rows", "32",
+            "--checkpoint-rows", "60", "--replica-batch-rows", "32", "--commit-seconds", "1",
             "--max-rejected-fraction", "0.05", *extra]
 
 
@@ -198,7 +198,7 @@ def test_a_block_of_rejected_passages_only_is_kept_with_its_reasons(micro_model)
     out = ScoreAllPairs(queries, 3, PassagePolicy(), tokenize.assembler, 64, model=info,
                         device="cpu", dtype="float32")(tokens)
     assert out[C.REJECT].to_pylist() == [C.NULL_PASSAGE, C.NULL_DOC_ID]
-    assert (out[C.RUN_START].to_pylist(), out[C.RUN_END].to_pylist()) == ([0, 0], [2, 2])
+    assert out[C.DOC_ID].to_pylist() == ["a", None] and out[C.ROW].to_pylist() == [0, 1]
 
 
 def test_passages_sent_cut_to_the_replicas_pair_as_the_whole_passage_would(micro_model):

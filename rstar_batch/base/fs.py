@@ -127,6 +127,23 @@ def list_files(fs: pafs.FileSystem, path: str, recursive: bool = True) -> list[p
     return [i for i in info if i.type == pafs.FileType.File and not i.path.endswith("/")]
 
 
+def list_top(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """The files and folders right under `path` (one listing: a LIST with a delimiter
+    on object stores), without object-store folder markers."""
+    info = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return [i for i in info if i.type != pafs.FileType.NotFound and not i.path.endswith("/")]
+
+
+def read_range(fs: pafs.FileSystem, path: str, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset + length) of a file: one ranged GET on object stores (no
+    HEAD first, as opening the file would cost)."""
+    handler = getattr(fs, "handler", None)
+    if isinstance(handler, pafs.FSSpecHandler):
+        return handler.fs.cat_file(path, start=offset, end=offset + length)
+    with fs.open_input_file(path) as src:
+        return src.read_at(length, offset)
+
+
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 
 

@@ -18,13 +18,3 @@ def split_runs(chunks: np.ndarray, rows: np.ndarray) -> list[tuple[int, int, int
             first, last = part[0], part[-1]
             runs.append((int(c[first]), int(r[first]), int(r[last]) + 1, order[part]))
     return runs
-
-
-def named_runs(chunks: np.ndarray, starts: np.ndarray, ends: np.ndarray
-               ) -> list[tuple[int, int, int, np.ndarray]]:
-    """(chunk, start, end, indices) for rows that name their run themselves."""
-    keys = np.stack([chunks, starts, ends], axis=1)
-    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    order = np.argsort(inverse.reshape(-1), kind="stable")
-    groups = np.split(order, np.cumsum(np.bincount(inverse.reshape(-1)))[:-1])
-    return [(int(c), int(s), int(e), rows) for (c, s, e), rows in zip(unique, groups)]

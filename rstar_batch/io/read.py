@@ -18,8 +18,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rstar_batch.base import columns as C
-from rstar_batch.checkpoint import Chunk
-from rstar_batch.drain import StopSignal, stop_requested
+from rstar_batch.progress.checkpoint import Chunk
+from rstar_batch.progress.drain import StopSignal, stop_requested
 
 READ_TASK_ROWS = 65536
 STREAM_BATCH_ROWS = 8192

@@ -1,14 +1,29 @@
 """Scored rows between the two passes: the pass-1 sink and the pass-2 source.
 
-`WriteRuns` ends pass 1: it splits a batch into runs (contiguous rows of one
-chunk, or, for score-corpus's top-K rows, the run each row names), writes each
-run's rows as one piece per bucket, then commits the run.
-Piece and commit names depend only on the rows they hold, so a retried batch
-overwrites its own files. `bucket_pieces` and `read_bucket` give pass 2 the
-committed rows of one bucket, each physical input row once.
+Replicas hand each scored slice to a `CommitWriter`, an actor on their node that
+the driver starts for the job, and go on scoring: uploads run beside scoring, never
+in a replica's way. A writer gathers what it is handed and commits it every
+`commit_seconds` (or once it holds `max_rows`): all of it as one object, a *pack*,
+then the commit's record (progress/log.py). So a commit costs two PUTs however many
+buckets its rows fall in, and the number of objects grows with replicas × time, not
+with pairs or buckets.
+
+A pack is the commit's rows sorted by bucket, each bucket's rows a whole Parquet
+file of its own, back to back; the record says where each one lies. The rank pass
+reads a bucket's rows from every pack that holds any with one ranged GET each, and
+never lists the scored rows. (The shape of Spark's sort-based shuffle: one data
+file per map task with each reducer's byte range in an index.)
 """
 
 from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+import uuid
+import zlib
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -16,71 +31,81 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rstar_batch import checkpoint
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.ids import fill_null_ids
-from rstar_batch.base.runs import named_runs, split_runs
+from rstar_batch.base.order import group_starts, positions_in_groups, rank_order
+from rstar_batch.base.runs import split_runs
+from rstar_batch.faults import FaultHook
+from rstar_batch.progress import log as commit_log
+from rstar_batch.progress.checkpoint import work_dir
 
-# One row per committed run: what WriteRuns returns and the driver counts.
+log = logging.getLogger(__name__)
+
+# What a replica's call returns: one row per run of rows it handed to a writer.
 COMMITS = pa.schema([("chunk", pa.int64()), ("start", pa.int64()), ("end", pa.int64()),
                      ("scored", pa.int64()), ("node", pa.string())])
 
-
-def bucket_dir(root: str, bucket: int) -> str:
-    return fsio.join(checkpoint.scored_dir(root), f"b{bucket:05d}")
-
-
-class WriteRuns:
-    """`map_batches` function ending pass 1; returns one row per committed run."""
-
-    def __init__(self, filesystem: pafs.FileSystem, root: str, run: int) -> None:
-        self.filesystem = filesystem
-        self.root = root
-        self.run = run
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        chunks = batch[C.CHUNK].to_numpy()
-        rows = batch[C.ROW].to_numpy()
-        buckets = batch[C.BUCKET].to_numpy()
-        named = C.RUN_END in batch.column_names
-        runs = (named_runs(chunks, batch[C.RUN_START].to_numpy(), batch[C.RUN_END].to_numpy())
-                if named else split_runs(chunks, rows))
-        data = batch.drop_columns([c for c in (C.BUCKET, C.RUN_START, C.RUN_END, C.NODE)
-                                   if c in batch.column_names])
-        nodes = batch[C.NODE] if C.NODE in batch.column_names else None
-        unscored = pc.is_valid(batch[C.REJECT]).to_numpy(zero_copy_only=False)
-        done = {"chunk": [], "start": [], "end": [], "scored": [], "node": []}
-        for chunk, start, end, index in runs:
-            name = checkpoint.run_name(chunk, start, end)
-            for bucket in np.unique(buckets[index]):
-                part = index[buckets[index] == bucket]
-                fsio.write_table(self.filesystem,
-                                 fsio.join(bucket_dir(self.root, int(bucket)), name + ".parquet"),
-                                 data.take(pa.array(part)))
-            checkpoint.write_commit(self.filesystem, self.root, chunk, start, end, self.run)
-            done["chunk"].append(chunk)
-            done["start"].append(start)
-            done["end"].append(end)
-            done["scored"].append(int(len(index) - np.count_nonzero(unscored[index])))
-            done["node"].append(None if nodes is None else nodes[int(index[0])].as_py())
-        return pa.table(done, schema=COMMITS)
+# A writer commits at least this often by rows, whatever the clock says: a pack of
+# about 20 bytes a row compressed, tens of MB.
+MAX_COMMIT_ROWS = 2_000_000
+# Tries of one upload before the writer fails the job (object stores throttle).
+UPLOAD_TRIES = 4
+# A writer's first commit comes this soon after its first rows (at most its interval),
+# so a run killed early still commits work: a resumed run on a busy cluster may live
+# little longer than its own start-up.
+FIRST_COMMIT_S = 1.0
 
 
-def bucket_pieces(fs: pafs.FileSystem, root: str, committed: set[str]) -> dict[int, list[str]]:
-    """Committed piece files of every bucket, from one listing of the scored folder."""
-    buckets: dict[int, list[str]] = {}
-    for info in fsio.list_files(fs, checkpoint.scored_dir(root)):
-        folder, name = info.path.rsplit("/", 2)[-2:]
-        if folder.startswith("b") and name.removesuffix(".parquet") in committed:
-            buckets.setdefault(int(folder[1:]), []).append(info.path)
-    return {b: sorted(files) for b, files in sorted(buckets.items())}
+# -- packs ----------------------------------------------------------------------------
+
+def encode_pack(table: pa.Table) -> tuple[bytes, list[commit_log.Segment]]:
+    """`table`'s rows by bucket (input order kept within one), each bucket's as one
+    Parquet file; the bytes and where each bucket's file lies in them."""
+    buckets = table[C.BUCKET].to_numpy()
+    order = np.argsort(buckets, kind="stable")
+    rows = table.drop_columns([C.BUCKET]).take(pa.array(order))
+    ordered = buckets[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(ordered)]
+    out, segments = io.BytesIO(), []
+    for start, end in zip(starts, ends):
+        offset = out.tell()
+        pq.write_table(rows.slice(int(start), int(end - start)), out, compression="zstd")
+        segments.append(commit_log.Segment(int(ordered[start]), offset, out.tell() - offset,
+                                           int(end - start)))
+    return out.getvalue(), segments
 
 
-def read_bucket(fs: pafs.FileSystem, files: list[str]) -> pa.Table:
+def decode_segment(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data))
+
+
+def pack_path(root: str, data: str) -> str:
+    """A pack's path from its record's `data` (relative to _work/)."""
+    return fsio.join(work_dir(root), data)
+
+
+def read_buckets(fs: pafs.FileSystem, root: str,
+                 reads: list[tuple[str, list[commit_log.Segment]]]) -> dict[int, pa.Table]:
+    """The rows of some buckets: `reads` gives, per pack, the segments wanted. Each pack
+    is read with one ranged GET spanning its wanted segments (a pack holds its
+    buckets in order, so a task's buckets are one span when they are consecutive)."""
+    found: dict[int, list[pa.Table]] = {}
+    for data, segments in reads:
+        first = min(s.offset for s in segments)
+        last = max(s.offset + s.length for s in segments)
+        span = fsio.read_range(fs, pack_path(root, data), first, last - first)
+        for s in segments:
+            found.setdefault(s.bucket, []).append(
+                decode_segment(span[s.offset - first:s.offset - first + s.length]))
+    return {b: pa.concat_tables(t, promote_options="permissive") for b, t in found.items()}
+
+
+def once_each(table: pa.Table) -> pa.Table:
     """A bucket's scored rows in input order, each (chunk, row, query) once even if
-    two runs overlapped (score-corpus has a row per query for each corpus row)."""
-    table = pq.read_table(files, filesystem=fs)
+    two commits overlapped (a retried batch; score-corpus has a row per query for each
+    corpus row)."""
     qids = fill_null_ids(table[C.QUERY_ID])
     query = pc.dictionary_encode(qids.combine_chunks()).indices.to_numpy()
     chunk, row = table[C.CHUNK].to_numpy(), table[C.ROW].to_numpy()
@@ -106,3 +131,280 @@ def mark_duplicates(table: pa.Table) -> pa.Table:
     repeat[firsts["_pos_min"].to_numpy()] = False
     reason = pc.if_else(pa.array(repeat), pa.scalar(C.DUPLICATE_PAIR), table[C.REJECT])
     return table.set_column(table.schema.get_field_index(C.REJECT), C.REJECT, reason)
+
+
+# -- the writer -------------------------------------------------------------------------
+
+class CommitWriter:
+    """A Ray actor (threaded: `add` and `flush` run beside its upload thread) that
+    commits scored rows handed to it by the replicas of its node.
+
+    `add` only queues; it blocks while `2 × max_rows` rows wait, so a store slower than
+    scoring slows the replicas instead of filling memory. The upload thread commits
+    what has waited `commit_seconds`, what reached `max_rows`, or everything once
+    `flush` asks. What a writer holds when it dies is lost; the driver scores it again
+    (driver.py), so a kill of the whole job loses about one commit interval.
+    """
+
+    def __init__(self, filesystem: pafs.FileSystem, root: str, run: int,
+                 commit_seconds: float, max_rows: int = MAX_COMMIT_ROWS,
+                 top_k: Optional[int] = None) -> None:
+        self.filesystem, self.root, self.run = filesystem, root, run
+        self.seconds, self.max_rows = commit_seconds, max_rows
+        self.top_k = top_k
+        # with top_k: what this writer committed so far, as one running top K per query
+        self.best: Optional[pa.Table] = None
+        self.covered: list[tuple[int, int, int]] = []
+        self.totals: tuple[int, dict[str, int]] = (0, {})
+        self.last: Optional[commit_log.Commit] = None
+        self.fault = FaultHook.from_env()
+        self.id = uuid.uuid4().hex[:8]  # a restarted writer's names never clash
+        self.seq = 0
+        self.cond = threading.Condition()
+        self.waiting: list[tuple[pa.Table, list, int, str]] = []
+        self.rows, self.since = 0, 0.0
+        self.busy = False          # an upload is under way
+        self.flushes = 0           # flushes asked for and not yet done
+        self.committed: list[dict] = []  # records not yet taken by the driver
+        self.error: Optional[BaseException] = None
+        threading.Thread(target=self._loop, name="rstar-batch-commits", daemon=True).start()
+
+    def add(self, rows: pa.Table, ranges: list[tuple[int, int, int]], scored: int,
+            node: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.rows < 2 * self.max_rows or self.error)
+            self._raise()
+            if not self.waiting:
+                self.since = time.monotonic()
+            self.waiting.append((rows, ranges, scored, node))
+            self.rows += rows.num_rows
+            self.cond.notify_all()
+
+    def flush(self) -> list[dict]:
+        """Commit everything handed in so far; return the records not yet taken."""
+        with self.cond:
+            self.flushes += 1
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: (not self.waiting and not self.busy) or self.error)
+            self.flushes -= 1
+            self._raise()
+        return self.take()
+
+    def take(self) -> list[dict]:
+        """(name, record) of the commits made since the last take."""
+        with self.cond:
+            self._raise()
+            done, self.committed = self.committed, []
+            return done
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"committing scored rows failed: {self.error}") from self.error
+
+    def _due(self) -> bool:
+        interval = self.seconds if self.seq else min(self.seconds, FIRST_COMMIT_S)
+        return bool(self.waiting) and (
+            self.flushes > 0 or self.rows >= self.max_rows
+            or time.monotonic() - self.since >= interval)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self._due():
+                    self.cond.wait(timeout=0.1)
+                batch, self.waiting, self.rows, self.busy = self.waiting, [], 0, True
+                self.cond.notify_all()
+            try:
+                record = self._commit(batch)
+            except BaseException as exc:  # noqa: BLE001 - raised in add/flush/take
+                with self.cond:
+                    self.error, self.busy = exc, False
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.committed.append(record)
+                self.busy = False
+                self.cond.notify_all()
+
+    def _commit(self, batch: list[tuple[pa.Table, list, int, str]]) -> dict:
+        self.seq += 1
+        self.fault.before_commit(self.seq)
+        name = commit_log.commit_name(self.run, self.id, self.seq)
+        rows = pa.concat_tables([b[0] for b in batch], promote_options="permissive")
+        ranges = [tuple(r) for b in batch for r in b[1]]
+        scored, nodes = sum(b[2] for b in batch), {}
+        for part, _, _, node in batch:
+            nodes[node] = nodes.get(node, 0) + part.num_rows
+        replaces = None
+        if self.top_k is not None:  # one running top K: this commit replaces the last
+            if self.best is not None:
+                rows = pa.concat_tables([self.best, rows], promote_options="permissive")
+            rows = self.best = top_k_rows(rows, self.top_k)
+            ranges = self.covered = self.covered + ranges
+            before, by_node = self.totals
+            nodes = {n: by_node.get(n, 0) + nodes.get(n, 0) for n in {*by_node, *nodes}}
+            scored += before
+            self.totals = (scored, nodes)
+            replaces = self.last
+        data, segments = encode_pack(rows)
+        commit = commit_log.Commit(
+            name, self.run, tuple(ranges), scored=scored, data=f"scored/{name}.pack",
+            segments=tuple(segments), nodes=nodes, time=time.time(),
+            replaces=replaces.name if replaces else "")
+        self._upload(commit, data)
+        if replaces is not None:  # after the new record: never a moment without one
+            commit_log.delete_commits(self.filesystem, self.root, [replaces])
+            self.filesystem.delete_file(pack_path(self.root, replaces.data))
+        self.last = commit
+        return {"name": name, **commit.to_json()}
+
+    def _upload(self, commit: commit_log.Commit, data: bytes) -> None:
+        for attempt in range(UPLOAD_TRIES):
+            try:
+                fsio.write_bytes(self.filesystem, pack_path(self.root, commit.data), data)
+                commit_log.write_commit(self.filesystem, self.root, commit)
+                return
+            except OSError as exc:
+                if attempt + 1 == UPLOAD_TRIES:
+                    raise
+                log.warning("commit %s failed (%s); trying again", commit.name, exc)
+                time.sleep(0.5 * 2 ** attempt)
+
+
+def top_k_rows(table: pa.Table, k: int) -> pa.Table:
+    """Each query's first k rows in the ranking's order (score desc, doc_id asc), and
+    every rejected row (no query): the rows a score-corpus commit keeps."""
+    rejected = pc.is_null(table[C.QUERY_ID])
+    ranked = table.filter(pc.invert(rejected))
+    order = rank_order(ranked, [C.QUERY_ID])
+    keep = order[positions_in_groups(group_starts(ranked[C.QUERY_ID].take(
+        pa.array(order)).combine_chunks())) < k]
+    return pa.concat_tables([ranked.take(pa.array(np.sort(keep))), table.filter(rejected)])
+
+
+class HandToWriter:
+    """A replica's sink: hands each scored slice to the commit writer of its node (or,
+    on a node that has none, one picked by the node's id) and returns at once with
+    the input rows it covers. Up to `in_flight` hand-overs wait at a time; a replica's
+    call waits for its own at its end (`settle`), so rows are the writer's once the
+    call returns. A writer that is gone (its node lost) gets no more: the slice goes to
+    the next one (what the lost one held is scored again after the pass)."""
+
+    def __init__(self, writers: dict[str, Any], in_flight: int = 4) -> None:
+        self.writers, self.in_flight = writers, in_flight
+        self.pending: list[tuple[Any, tuple, list[str]]] = []  # (ref, args, writers tried)
+
+    def _order(self, node: str) -> list[str]:
+        """The writers to try, this node's first."""
+        names = sorted(self.writers)
+        first = node if node in self.writers else names[zlib.crc32(node.encode()) % len(names)]
+        return [first] + [n for n in names if n != first]
+
+    def __call__(self, scored: pa.Table, covers: pa.Table) -> pa.Table:
+        """`scored`: the stage's output for the input rows `covers` (for score-corpus,
+        only each query's best rows of them)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        label = (scored[C.NODE][0].as_py() if C.NODE in scored.column_names
+                 and scored.num_rows else None) or node
+        unscored = pc.is_valid(covers[C.REJECT]).to_numpy(zero_copy_only=False)
+        done: dict[str, list] = {"chunk": [], "start": [], "end": [], "scored": [], "node": []}
+        for chunk, start, end, index in split_runs(covers[C.CHUNK].to_numpy(),
+                                                   covers[C.ROW].to_numpy()):
+            for key, value in zip(done, (chunk, start, end, int(
+                    len(index) - np.count_nonzero(unscored[index])), label)):
+                done[key].append(value)
+        ranges = list(zip(done["chunk"], done["start"], done["end"]))
+        data = scored.drop_columns([c for c in (C.NODE,) if c in scored.column_names])
+        args = (data, ranges, sum(done["scored"]), label)
+        order = self._order(node)
+        self.pending.append((self.writers[order[0]].add.remote(*args), args, order[:1]))
+        if len(self.pending) > self.in_flight:
+            self._wait(self.pending.pop(0), node)
+        return pa.table(done, schema=COMMITS)
+
+    def _wait(self, item: tuple[Any, tuple, list[str]], node: str) -> None:
+        import ray
+
+        ref, args, tried = item
+        while True:
+            try:
+                ray.get(ref)
+                return
+            except ray.exceptions.RayActorError:  # gone or restarting: another one
+                left = [n for n in self._order(node) if n not in tried]
+                if not left:
+                    raise
+                tried.append(left[0])
+                ref = self.writers[left[0]].add.remote(*args)
+
+    def settle(self) -> None:
+        """Wait until the writers hold every slice handed over (not until committed)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        pending, self.pending = self.pending, []
+        for item in pending:
+            self._wait(item, node)
+
+
+class Writers:
+    """The job's commit writers, as the driver holds them: one per node that can run
+    replicas (a CPU or GPU to offer), placed there so that a slice goes to its writer
+    through the node's shared memory; one anywhere while the cluster has no such node
+    (an autoscaler's, scaling from zero). A writer reserves no CPU: it encodes and
+    uploads, about a core's hundredth per million rows."""
+
+    POLL_TIMEOUT_S = 10.0
+
+    def __init__(self, filesystem: pafs.FileSystem, root: str, run: int,
+                 commit_seconds: float, top_k: Optional[int] = None) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        actor = ray.remote(num_cpus=0, max_concurrency=4, max_restarts=2,
+                           max_task_retries=2)(CommitWriter)
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and (
+            n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
+        self.handles = {
+            node: actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node, soft=True)).remote(filesystem, root, run, commit_seconds, top_k=top_k)
+            for node in nodes} or {"any": actor.remote(filesystem, root, run, commit_seconds,
+                                                       top_k=top_k)}
+
+    def sink(self) -> HandToWriter:
+        return HandToWriter(self.handles)
+
+    def take(self) -> list[commit_log.Commit]:
+        """The commits made since the last call; a writer that is gone (its node lost)
+        gives none: what it held is scored again after the pass."""
+        return self._gather("take", self.POLL_TIMEOUT_S)
+
+    def flush(self, timeout: float) -> list[commit_log.Commit]:
+        """Commit what every writer holds; wait at most `timeout` seconds."""
+        return self._gather("flush", timeout)
+
+    def _gather(self, method: str, timeout: float) -> list[commit_log.Commit]:
+        import ray
+
+        refs = {getattr(h, method).remote(): node for node, h in self.handles.items()}
+        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        if late:
+            log.warning("%d commit writer(s) did not answer %s within %g s", len(late),
+                        method, timeout)
+        found = []
+        for ref in ready:
+            try:
+                records = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                log.warning("commit writer on node %s is gone: %s", refs[ref], exc)
+                continue
+            found += [commit_log.Commit.from_json(r.pop("name"), r) for r in records]
+        return found
+
+    def close(self) -> None:
+        import ray
+
+        for handle in self.handles.values():
+            ray.kill(handle)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rstar_batch import checkpoint
+from rstar_batch.progress import checkpoint
 from rstar_batch.base import fs as fsio
 
 log = logging.getLogger(__name__)

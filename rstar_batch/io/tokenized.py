@@ -17,20 +17,24 @@ a text corpus, and score-corpus refuses repeats as it does for a text corpus.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
+import time
+import uuid
 from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from rstar_batch import checkpoint
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.runs import split_runs
 from rstar_batch.config import ConfigError
 from rstar_batch.faults import FaultHook
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress import log as commit_log
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
 from rstar_batch.model import ModelInfo
 
@@ -142,6 +146,7 @@ class WriteTokenized:
     def __init__(self, filesystem: pafs.FileSystem, root: str, run: int,
                  sources: dict[int, tuple[str, int]]) -> None:
         self.filesystem, self.root, self.run, self.sources = filesystem, root, run, sources
+        self.writer, self.seq = uuid.uuid4().hex[:8], itertools.count(1)
         self.fault = FaultHook.from_env()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -164,7 +169,9 @@ class WriteTokenized:
                     DOC_ID: bad[C.DOC_ID], "passage": bad[C.PASSAGE], "reason": bad[C.REJECT],
                     "file": pa.array([path] * bad.num_rows, pa.string()),
                     "row": pc.add(bad[C.ROW].cast(pa.int64()), first)}))
-            checkpoint.write_commit(self.filesystem, self.root, chunk, start, end, self.run)
+            commit_log.write_commit(self.filesystem, self.root, commit_log.Commit(
+                commit_log.commit_name(self.run, self.writer, next(self.seq)), self.run,
+                ((chunk, start, end),), scored=int(good.num_rows), time=time.time()))
             for key, value in zip(done, (chunk, start, end)):
                 done[key].append(value)
         return pa.table(done)
@@ -176,14 +183,15 @@ def drop_chunks(fs: pafs.FileSystem, root: str, chunks: set[int]) -> int:
     found = [i.path for folder in (root, fsio.join(root, REJECTED))
              for i in fsio.list_files(fs, folder, recursive=False)
              if (m := _PART.match(i.path.rsplit("/", 1)[-1])) and int(m.group(1)) in chunks]
-    found += [i.path for i in fsio.list_files(fs, checkpoint.commits_dir(root), recursive=False)
-              if (c := checkpoint.parse_commit(i.path.rsplit("/", 1)[-1])) and c[0] in chunks]
     for path in found:
         fs.delete_file(path)
-    return len(found)
+    stale = [c for c in commit_log.read_commits(fs, root)
+             if any(chunk in chunks for chunk, _, _ in c.ranges)]
+    commit_log.delete_commits(fs, root, stale)
+    return len(found) + len(stale)
 
 
-def overlapping_chunks(progress: checkpoint.Progress) -> set[int]:
+def overlapping_chunks(progress: commit_log.Progress) -> set[int]:
     """Chunks whose committed runs overlap (only a batch re-split on retry does that)."""
     bad = set()
     for chunk, ranges in progress.covered.items():

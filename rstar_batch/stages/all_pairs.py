@@ -2,10 +2,10 @@
 
 The score-corpus stage. Queries arrive tokenized once (in the driver), passages
 tokenized once (`TokenizePassages`); pairs are assembled here from the two, so
-|queries| × |corpus| pairs exist only a block at a time, inside a replica. Each
-run of a block (consecutive rows of one checkpoint chunk) keeps its own top K
-per query, ordered as the final ranking is (score desc, doc_id asc): whatever is
-in the global top K is then in its run's top K, so merging runs is exact.
+|queries| × |corpus| pairs exist only a block at a time, inside a replica. A
+block keeps its top K per query, ordered as the final ranking is (score desc,
+doc_id asc): whatever is in the global top K is then in its block's top K, so
+merging blocks (the commit writer's running top K, then the rank pass) is exact.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import pyarrow.compute as pc
 
 from rstar_batch.base import columns as C
 from rstar_batch.base.order import group_starts, positions_in_groups, rank_order
-from rstar_batch.base.runs import split_runs
 from rstar_batch.faults import FaultHook
 from rstar_batch.stages.contract import Stage
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy, TokenTable
@@ -69,11 +68,12 @@ class ScoreAllPairs(Stage):
     Pairs are assembled from the passages' ids with the driver's verified
     `assembler`; without one (a tokenizer whose pair template could not be learned)
     blocks carry passage texts and each pair is tokenized whole, as rerank does.
-    It keeps each run's top K per query and every rejected row: rows are selected, so
-    exactly-once is the job's check (every query gets exactly min(K, passages) rows).
+    It keeps the block's top K per query and every rejected row: rows are selected,
+    so exactly-once is the job's check (every query gets exactly min(K, passages)
+    rows). The commit writer merges blocks into a running top K (io/scored.py).
     """
 
-    writes = (C.QUERY_ID, C.SCORE, C.BUCKET, C.RUN_START, C.RUN_END, C.NODE)
+    writes = (C.QUERY_ID, C.SCORE, C.BUCKET, C.NODE)
     one_row_per_row = False
 
     def __init__(self, queries: QuerySet, top_k: int, passages: PassagePolicy,
@@ -121,11 +121,6 @@ class ScoreAllPairs(Stage):
         return query, passage, scores
 
     def process(self, batch: pa.Table) -> pa.Table:
-        chunks, rows = batch[C.CHUNK].to_numpy(), batch[C.ROW].to_numpy()
-        run_of = np.empty(batch.num_rows, dtype=np.int64)
-        runs = split_runs(chunks, rows)
-        for r, (_, _, _, index) in enumerate(runs):
-            run_of[index] = r
         scored = pc.is_null(batch[C.REJECT]).combine_chunks()
         valid = np.flatnonzero(scored.to_numpy(zero_copy_only=False))
         take = pa.array(valid)
@@ -143,17 +138,12 @@ class ScoreAllPairs(Stage):
             scores = np.zeros(0, dtype=np.float32)
         else:
             query, passage, scores = self._score(passages, empty, doc_ids)
-        keep = block_top_k(run_of[valid][passage], query, scores,
+        keep = block_top_k(np.zeros(len(query), dtype=np.int64), query, scores,
                            doc_ids.take(pa.array(passage)), self.top_k)
         best = self._rows(batch, valid[passage[keep]], query[keep], scores[keep])
         rejected = np.setdiff1d(np.arange(batch.num_rows), valid)
         out = pa.concat_tables([best, self._rows(batch, rejected, None, None)])
-        source = np.concatenate([valid[passage[keep]], rejected])
-        starts = np.array([start for _, start, _, _ in runs])[run_of[source]]
-        ends = np.array([end for _, _, end, _ in runs])[run_of[source]]
-        return (out.append_column(C.RUN_START, pa.array(starts, pa.int64()))
-                .append_column(C.RUN_END, pa.array(ends, pa.int64()))
-                .append_column(C.NODE, node_column(self.node, out.num_rows)))
+        return out.append_column(C.NODE, node_column(self.node, out.num_rows))
 
     def _rows(self, batch: pa.Table, rows: np.ndarray, query: Any, scores: Any) -> pa.Table:
         """Output rows for corpus rows `rows`: scored against `query` or, without

@@ -1,21 +1,20 @@
-"""Progress, manifest and resume rules.
+"""Chunks, the plan a resume must match, and the resume rules.
 
 The input is cut into *chunks*: fixed row ranges of one file (`checkpoint_rows`
 long), a pure function of the input files' row counts, so every run of the same
-job cuts the same chunks. Scored rows are written in *runs*: a contiguous range
-of one chunk's rows, one Parquet piece per bucket, then a commit marker whose
-name says which rows it holds:
+job cuts the same chunks. What is done is what the commit log (log.py) covers:
 
-    _work/plan.json                            what this output is being built from
-    _work/scored/b00003/c00000012-0-4096.parquet   a run's rows of bucket 3
-    _work/commits/c00000012-0-4096.r1              committed by run 1 of the job
+    _work/plan.json                         what this output is being built from
+    _work/runs/r2.json                      run 2 of the job started then
+    _work/commits/r0002-5f3a9c1e-000017.json   a commit: the rows it covers, where they lie
+    _work/scored/r0002-5f3a9c1e-000017.pack    its scored rows, by bucket (io/scored.py)
 
-A chunk is done when its committed runs cover all its rows. A kill loses only
-uncommitted runs; the next run reads only the rows no run covers (a job that
-writes whole chunks, tokenize-corpus, redoes the chunks that are not done). If a
-retried batch commits an overlapping run, the rank pass keeps each (chunk, row) once.
-Everything above is derived from file names, so `status` works from any machine
-that can list the output, while the job runs and after it died.
+A chunk is done when commits cover all its rows. A kill loses only what was not
+committed; the next run reads only the rows no commit covers (a job that writes
+whole chunks, tokenize-corpus, redoes the chunks that are not done). If a retried
+batch commits overlapping rows, the rank pass keeps each (chunk, row) once.
+`status` reads the same records, so it works from any machine that can read the
+output, while the job runs and after it died.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import time
 from typing import Any, Optional
 
@@ -37,7 +35,6 @@ MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 REJECTED = "_rejected"
 PLAN = "plan.json"
-_COMMIT = re.compile(r"^c(\d+)-(\d+)-(\d+)\.r(\d+)$")
 
 # Fields whose change would change the output; the rest (scaling, cluster,
 # batch sizes) may differ between a run and its resume.
@@ -83,30 +80,12 @@ def plan_chunks(file_rows: list[int], chunk_rows: int) -> list[Chunk]:
 
 
 def run_name(chunk: int, start: int, end: int) -> str:
-    """Base name of a run of rows [start, end) of a chunk (pieces and commit share it)."""
+    """Base name of a run of rows [start, end) of a chunk (a file of tokenize-corpus's)."""
     return f"c{chunk:08d}-{start}-{end}"
-
-
-def commit_name(chunk: int, start: int, end: int, run: int) -> str:
-    return f"{run_name(chunk, start, end)}.r{run}"
-
-
-def parse_commit(name: str) -> Optional[tuple[int, int, int, int]]:
-    """(chunk, start, end, run) from a commit name, or None for other files."""
-    match = _COMMIT.match(name)
-    return tuple(int(g) for g in match.groups()) if match else None  # type: ignore
 
 
 def work_dir(root: str) -> str:
     return fsio.join(root, "_work")
-
-
-def commits_dir(root: str) -> str:
-    return fsio.join(work_dir(root), "commits")
-
-
-def scored_dir(root: str) -> str:
-    return fsio.join(work_dir(root), "scored")
 
 
 def prepared_dir(root: str) -> str:
@@ -151,74 +130,6 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
-# -- what has been done ---------------------------------------------------------------
-
-@dataclasses.dataclass
-class Progress:
-    """Committed runs, from the commit markers' names (and their times)."""
-
-    covered: dict[int, list[tuple[int, int]]]  # chunk → committed [start, end) ranges
-    rows_by_run: dict[int, int]
-    last_commit: Optional[float]
-
-    def done_chunks(self, chunks: list[Chunk]) -> set[int]:
-        return {c.id for c in chunks if _covers(self.covered.get(c.id, []), c.rows)}
-
-    def pending(self, chunks: list[Chunk], within: bool = True) -> list[Chunk]:
-        """The chunks not done; `within`: each with the ranges committed runs cover as
-        its `skip`, so that a resumed run scores only rows no run has committed."""
-        done = self.done_chunks(chunks)
-        return [dataclasses.replace(c, skip=merge_ranges(self.covered.get(c.id, []), c.rows)
-                                    if within else ())
-                for c in chunks if c.id not in done]
-
-    def committed_rows(self) -> int:
-        """Rows covered by committed runs (overlaps counted once)."""
-        return sum(end - start for ranges in self.covered.values()
-                   for start, end in merge_ranges(ranges, max(e for _, e in ranges)))
-
-
-def merge_ranges(ranges: list[tuple[int, int]], rows: int) -> tuple[tuple[int, int], ...]:
-    """Sorted, disjoint [start, end) ranges covering what `ranges` cover, within rows."""
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        start, end = max(0, start), min(rows, end)
-        if start >= end:
-            continue
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return tuple(merged)
-
-
-def _covers(ranges: list[tuple[int, int]], rows: int) -> bool:
-    return merge_ranges(ranges, rows) == ((0, rows),)
-
-
-def read_progress(fs: pafs.FileSystem, root: str) -> Progress:
-    covered: dict[int, list[tuple[int, int]]] = {}
-    by_run: dict[int, int] = {}
-    last = None
-    for info in fsio.list_files(fs, commits_dir(root), recursive=False):
-        parsed = parse_commit(info.path.rsplit("/", 1)[-1])
-        if parsed is None:
-            continue
-        chunk, start, end, run = parsed
-        covered.setdefault(chunk, []).append((start, end))
-        by_run[run] = by_run.get(run, 0) + end - start
-        when = info.mtime.timestamp() if info.mtime else None
-        if when is not None:
-            last = max(last or when, when)
-    return Progress(covered, by_run, last)
-
-
-def write_commit(fs: pafs.FileSystem, root: str, chunk: int, start: int, end: int,
-                 run: int) -> None:
-    fsio.write_bytes(fs, fsio.join(commits_dir(root), commit_name(chunk, start, end, run)),
-                     b"")
-
-
 def runs_dir(root: str) -> str:
     return fsio.join(work_dir(root), "runs")
 
@@ -252,7 +163,7 @@ def _refuse(uri: str, what: str, changes: list[str]) -> ResumeError:
 def open_job(fs: pafs.FileSystem, root: str, uri: str, plan: dict, *,
              overwrite: bool = False, restart: bool = False) -> Opened:
     """Decide between a fresh start, a resume and a no-op; refuse what would mix jobs."""
-    existing = fsio.list_files(fs, root)
+    existing = fsio.list_top(fs, root)  # one LIST, never the whole of _work/
     if existing and not fsio.exists(fs, fsio.join(root, MARKER)):
         if not overwrite:
             sample = ", ".join(i.path.rsplit("/", 1)[-1] for i in existing[:3])

@@ -115,6 +115,10 @@ class Drain:
     def overdue(self) -> bool:
         return self.requested and time.monotonic() - self.requested_at > self.seconds
 
+    def left(self) -> float:
+        """Seconds left until the deadline of a requested stop (at least one)."""
+        return max(1.0, self.seconds - (time.monotonic() - self.requested_at))
+
     def watch(self) -> None:
         """Handle SIGTERM and SIGINT (only the main thread may; elsewhere: do nothing)."""
         if threading.current_thread() is not threading.main_thread():
@@ -139,11 +143,25 @@ class Drain:
         """The flag the workers read, in the running Ray (set already if asked before)."""
         import ray
 
-        self.flag = ray.remote(num_cpus=0)(StopFlag).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # A worker node lost mid-job took a flag placed on it along, which its readers
+        # took for a stop: no chunk was read again. So the flag goes to the driver's node
+        # and comes back if its node is lost anyway (it starts unset then; a drain that
+        # was asked before says so again, `restate`). It dies for good with the driver.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                              soft=True)
+        self.flag = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(
+            StopFlag).options(scheduling_strategy=here).remote()
         self.signal = StopSignal(self.flag)
         if self.requested:
             self.flag.stop.remote()
         return self.signal
+
+    def restate(self) -> None:
+        """Tell the flag again that a stop was asked (a restarted flag starts unset)."""
+        if self.requested and self.flag is not None:
+            self.flag.stop.remote()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name

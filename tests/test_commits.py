@@ -1,0 +1,175 @@
+"""The commit layer for object storage: packs, the commit writer, the commit log and the
+rank pass's reads, in-process on a local folder (the jobs on S3 are in
+test_object_storage.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+
+from rstar_batch.base import columns as C
+from rstar_batch.io.scored import CommitWriter, encode_pack, decode_segment, read_buckets
+from rstar_batch.progress.log import Commit, Progress, Segment, read_commits, read_progress
+from rstar_batch.rank_pass import plan_tasks
+
+
+def _scored(chunk: int, start: int, end: int, buckets: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    n = end - start
+    return pa.table({C.CHUNK: pa.array([chunk] * n, pa.int64()),
+                     C.ROW: pa.array(np.arange(start, end), pa.int64()),
+                     C.QUERY_ID: pa.array(rng.integers(0, 50, n)),
+                     C.DOC_ID: pa.array(np.arange(start, end) + 1000 * chunk),
+                     C.SCORE: pa.array(rng.random(n), pa.float32()),
+                     C.REJECT: pa.nulls(n, pa.string()),
+                     C.BUCKET: pa.array(rng.integers(0, buckets, n), pa.int32())})
+
+
+def test_a_pack_holds_each_buckets_rows_as_a_parquet_file_of_its_own():
+    table = _scored(3, 0, 500, buckets=7)
+    data, segments = encode_pack(table)
+    assert [s.bucket for s in segments] == sorted({s.bucket for s in segments})
+    assert sum(s.rows for s in segments) == 500
+    assert segments[-1].offset + segments[-1].length == len(data)
+    buckets = table[C.BUCKET].to_numpy()
+    for s in segments:
+        part = decode_segment(data[s.offset:s.offset + s.length])
+        want = table.filter(pa.array(buckets == s.bucket)).drop_columns([C.BUCKET])
+        assert part.equals(want)  # every row of the bucket, in input order
+
+
+def _writer(tmp_path, seconds: float = 60.0, max_rows: int = 10**6) -> CommitWriter:
+    return CommitWriter(pafs.LocalFileSystem(), str(tmp_path), run=2, commit_seconds=seconds,
+                        max_rows=max_rows)
+
+
+def test_the_writer_commits_everything_handed_in_as_one_pack_and_one_record(tmp_path):
+    writer = _writer(tmp_path)
+    for i in range(5):
+        writer.add(_scored(i, 0, 100, buckets=4, seed=i), [(i, 0, 100)], 100, "n1")
+    records = writer.flush()
+    assert len(records) == 1 and writer.take() == []
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    name = records[0]["name"]
+    assert files == [f"_work/commits/{name}.json", f"_work/scored/{name}.pack"]
+    (commit,) = read_commits(pafs.LocalFileSystem(), str(tmp_path))
+    assert commit.run == 2 and commit.rows == 500 and commit.scored == 500
+    assert commit.nodes == {"n1": 500}
+    tables = read_buckets(pafs.LocalFileSystem(), str(tmp_path),
+                          [(commit.data, list(commit.segments))])
+    assert sum(t.num_rows for t in tables.values()) == 500
+
+
+def test_the_writer_commits_on_its_clock_without_being_asked(tmp_path):
+    writer = _writer(tmp_path, seconds=0.3)
+    writer.add(_scored(0, 0, 10, buckets=2), [(0, 0, 10)], 10, "n1")
+    deadline = time.monotonic() + 10
+    while not (found := writer.take()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(found) == 1 and found[0]["ranges"] == [[0, 0, 10]]
+
+
+def test_the_writer_holds_back_adds_while_twice_its_commit_size_waits(tmp_path, monkeypatch):
+    writer = _writer(tmp_path, max_rows=100)
+    gate = threading.Event()
+    commit = writer._commit
+    monkeypatch.setattr(writer, "_commit", lambda batch: (gate.wait(), commit(batch))[1])
+    writer.add(_scored(0, 0, 100, 2), [(0, 0, 100)], 100, "n")  # due: uploading, held
+    time.sleep(0.3)
+    writer.add(_scored(1, 0, 100, 2), [(1, 0, 100)], 100, "n")
+    writer.add(_scored(2, 0, 100, 2), [(2, 0, 100)], 100, "n")  # 200 waiting now
+    blocked = threading.Thread(target=writer.add,
+                               args=(_scored(3, 0, 100, 2), [(3, 0, 100)], 100, "n"))
+    blocked.start()
+    time.sleep(0.3)
+    assert blocked.is_alive()  # backpressure: the replica waits for the store
+    gate.set()
+    blocked.join(10)
+    assert not blocked.is_alive()
+    records = writer.flush()
+    assert sorted(r for rec in records for r in map(tuple, rec["ranges"])) == [
+        (i, 0, 100) for i in range(4)]
+
+
+def test_a_failed_upload_fails_the_next_add_and_flush_naming_it(tmp_path, monkeypatch):
+    writer = _writer(tmp_path, seconds=0.05)
+    monkeypatch.setattr("rstar_batch.io.scored.UPLOAD_TRIES", 1)
+    monkeypatch.setattr("rstar_batch.base.fs.write_bytes",
+                        lambda *a: (_ for _ in ()).throw(OSError("SlowDown: 503")))
+    writer.add(_scored(0, 0, 10, 2), [(0, 0, 10)], 10, "n")
+    with pytest.raises(RuntimeError, match="committing scored rows failed: SlowDown"):
+        writer.flush()
+    with pytest.raises(RuntimeError, match="SlowDown"):
+        writer.add(_scored(1, 0, 10, 2), [(1, 0, 10)], 10, "n")
+
+
+def test_progress_from_records_merges_overlapping_commits():
+    commits = [Commit("a", 1, ((0, 0, 60),)), Commit("b", 2, ((0, 40, 100), (1, 0, 5)))]
+    progress = Progress(commits)
+    assert progress.committed_rows() == 105 and progress.rows_by_run == {1: 60, 2: 65}
+    assert progress.covered == {0: [(0, 60), (40, 100)], 1: [(0, 5)]}
+
+
+def test_rank_tasks_take_consecutive_buckets_and_read_each_pack_once(tmp_path):
+    packs = [Commit(f"c{i}", 1, ((i, 0, 10),), data=f"scored/c{i}.pack",
+                    segments=tuple(Segment(b, 100 * b, 100, 5) for b in range(40)))
+             for i in range(3)]
+    plan = plan_tasks(Progress(packs), cpus=4)
+    assert len(plan) == 8
+    assert [b for buckets, _ in plan for b in buckets] == list(range(40))
+    for buckets, reads in plan:
+        assert [data for data, _ in reads] == [c.data for c in packs]  # one read each
+        for _, segments in reads:
+            assert [s.bucket for s in segments] == buckets
+
+
+def test_status_and_resume_read_records_not_the_scored_rows(tmp_path):
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    writer = _writer(tmp_path)
+    writer.add(_scored(0, 0, 30, 3), [(0, 0, 30)], 30, "n")
+    writer.flush()
+    (tmp_path / "_work" / "scored" / "orphan.pack").write_bytes(b"no record: not committed")
+    progress = read_progress(fs, root)
+    assert progress.committed_rows() == 30
+    assert {data for data, _ in progress.segments_by_bucket()[0]} == {
+        progress.commits[0].data}
+
+
+def test_a_top_k_writer_commits_one_running_top_k_that_replaces_its_last(tmp_path):
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    writer = CommitWriter(fs, root, run=1, commit_seconds=60, top_k=3)
+    blocks = [_scored(c, 0, 40, buckets=2, seed=c) for c in range(4)]
+    writer.add(blocks[0], [(0, 0, 40)], 40, "n")
+    writer.add(blocks[1], [(1, 0, 40)], 40, "n")
+    (first,) = writer.flush()
+    writer.add(blocks[2], [(2, 0, 40)], 40, "n")
+    writer.add(blocks[3], [(3, 0, 40)], 40, "n")
+    (second,) = writer.flush()
+    assert second["replaces"] == first["name"]
+    assert sorted(p.name for p in (tmp_path / "_work").rglob("*") if p.is_file()) == [
+        f"{second['name']}.json", f"{second['name']}.pack"]  # the replaced one is gone
+    (commit,) = read_commits(fs, root)
+    assert sorted(commit.ranges) == [(c, 0, 40) for c in range(4)] and commit.scored == 160
+    got = pa.concat_tables(read_buckets(fs, root, [(commit.data, list(commit.segments))])
+                           .values())
+    every = pa.concat_tables(blocks)
+    for qid in set(every[C.QUERY_ID].to_pylist()):
+        rows = [r for r in every.to_pylist() if r[C.QUERY_ID] == qid]
+        want = sorted(rows, key=lambda r: (-r[C.SCORE], r[C.DOC_ID]))[:3]
+        mine = [r for r in got.to_pylist() if r[C.QUERY_ID] == qid]
+        assert sorted(r[C.DOC_ID] for r in mine) == sorted(r[C.DOC_ID] for r in want)
+
+
+def test_a_replaced_commit_left_by_a_kill_is_void():
+    old = Commit("a", 1, ((0, 0, 10),), data="scored/a.pack",
+                 segments=(Segment(0, 0, 5, 3),))
+    new = Commit("b", 1, ((0, 0, 10), (1, 0, 10)), data="scored/b.pack",
+                 segments=(Segment(0, 0, 5, 3),), replaces="a")
+    progress = Progress([old, new])
+    assert [c.name for c in progress.commits] == ["b"] and progress.committed_rows() == 20
+    assert [d for d, _ in progress.segments_by_bucket()[0]] == ["scored/b.pack"]

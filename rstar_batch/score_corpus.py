@@ -90,10 +90,10 @@ class ScoreCorpusJob(driver.Job):
         check_unique_doc_ids(self.corpus, doc_id)
         self.valid, self.rejected = read_queries(self.query_files, config,
                                                  self.corpus.schema.field(doc_id).type)
-        rows_per_chunk = max(1, math.ceil(config.checkpoint_rows / self.valid.num_rows))
+        rows_per_chunk = corpus_chunk_rows(config.checkpoint_rows, self.valid.num_rows,
+                                           self.corpus.num_rows)
         self.all_chunks = checkpoint.plan_chunks(self.corpus.file_rows, rows_per_chunk)
-        return corpus_plan(config, self.corpus, self.query_files, model, self.valid.num_rows,
-                           len(self.all_chunks), rows_per_chunk)
+        return corpus_plan(config, self.corpus, self.query_files, model, self.valid.num_rows)
 
     @property
     def pairs_per_row(self) -> int:
@@ -192,15 +192,29 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
         replicas, passages, sink, config, stop)
 
 
+# The most chunks a corpus is cut into. A chunk is checkpoint_rows pairs (MS MARCO's
+# 6,980 dev queries: one passage), but what a resume redoes is what no commit covers,
+# not whole chunks, so larger chunks cost a resume nothing; 8.8M one-passage chunks
+# cost the driver gigabytes of plan and each writer's record megabytes of ranges.
+MAX_CORPUS_CHUNKS = 20_000
+
+
+def corpus_chunk_rows(checkpoint_rows: int, queries: int, corpus_rows: int) -> int:
+    """Passages per chunk: checkpoint_rows pairs' worth, or more for a corpus that
+    would otherwise be cut into more than MAX_CORPUS_CHUNKS chunks."""
+    return max(1, math.ceil(checkpoint_rows / queries),
+               math.ceil(corpus_rows / MAX_CORPUS_CHUNKS))
+
+
 def corpus_plan(config: RerankConfig, corpus: CandidateFiles, query_files: CandidateFiles,
-                model: Any, queries: int, chunks: int, rows_per_chunk: int) -> dict:
+                model: Any, queries: int) -> dict:
     """rerank's plan over the corpus and queries, with score-corpus's own sizes.
 
-    Buckets are sized by the rows the rank pass merges: each chunk gives up to
-    K rows per query.
+    Buckets are sized by the rows the rank pass merges: each commit writer's running
+    top K, up to K rows per query each (sized for two writers' worth).
     """
     plan = job_plan(config, [corpus, query_files], model.fingerprint)
-    merged = queries * min(config.top_k, rows_per_chunk) * chunks
+    merged = queries * min(config.top_k, corpus.num_rows) * 2
     buckets = bucket_count(config, merged, most=min(queries, 4096))
     return {**plan, "command": "score-corpus", "pairs_per_row": queries,
             "total_rows": corpus.num_rows, "buckets": buckets}

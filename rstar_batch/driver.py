@@ -25,7 +25,7 @@ from rstar_batch.io.scored import Writers
 from rstar_batch.progress import checkpoint
 from rstar_batch.progress.log import Progress, read_progress
 from rstar_batch.base import fs as fsio
-from rstar_batch.cluster import live_nodes, ray_session
+from rstar_batch.cluster import live_nodes, ray_session, wait_at_most
 from rstar_batch.config import RerankConfig, resolve_activation
 from rstar_batch.progress.drain import Drain, StopSignal
 from rstar_batch.io.tokenized import open_tokenized, pairing_clause
@@ -223,6 +223,7 @@ def _run(job: Job, drain: Drain) -> JobSummary:
 SCORING_PASSES = 3
 # How long the end of a pass waits for the writers' last commits (beside a drain's own)
 FLUSH_TIMEOUT_S = 300.0
+WRITERS_CLOSE_S = 5.0
 
 
 def score_until_committed(job: Job, replicas: ReplicaPlan, chunks: list[checkpoint.Chunk],
@@ -241,9 +242,7 @@ def score_until_committed(job: Job, replicas: ReplicaPlan, chunks: list[checkpoi
                         drain, writers)
         finally:
             if writers is not None:
-                timeout = drain.left() if drain.requested else FLUSH_TIMEOUT_S
-                progress_log.committed(writers.flush(timeout), job.pairs_per_row)
-                writers.close()
+                close_writers(writers, progress_log, job.pairs_per_row, drain)
         progress = read_progress(job.fs, job.root)
         pending = progress.pending(chunks, within=job.resumes_within_chunks)
         if not pending or drain.requested:
@@ -251,6 +250,26 @@ def score_until_committed(job: Job, replicas: ReplicaPlan, chunks: list[checkpoi
         log.warning("%d rows were scored but not committed (a commit writer was lost); "
                     "scoring them again", sum(c.todo for c in pending))
     return progress
+
+
+def close_writers(writers: Writers, progress_log: "ProgressLog", pairs_per_row: int,
+                  drain: Drain) -> None:
+    """Have the writers commit what they hold, then end them. On a drain this waits at
+    most the drain's time left, and a Ray that is gone (a SIGTERM to the whole process
+    group ends the embedded Ray with the driver) only means nothing more is committed:
+    calls into it go through `wait_at_most`, which never blocks the stop."""
+    timeout = drain.left() if drain.requested else FLUSH_TIMEOUT_S
+    flushed: list = []
+    try:
+        wait_at_most(timeout + 1, "committing what the writers hold",
+                     lambda: flushed.extend(writers.flush(timeout)))
+        wait_at_most(WRITERS_CLOSE_S, "ending the commit writers", writers.close)
+    except Exception as exc:  # noqa: BLE001 - only while draining, below
+        if not drain.requested:
+            raise
+        log.warning("the commit writers did not answer while stopping (%s); stopping "
+                    "with what is committed", exc)
+    progress_log.committed(flushed, pairs_per_row)
 
 
 def committed_pairs(job: Job) -> tuple[int, int]:
@@ -337,10 +356,13 @@ def run_scoring(plan: Any, progress: ProgressLog, pairs_per_row: int = 1,
     rows, polled = 0, time.monotonic()
     while True:
         if time.monotonic() - polled >= WRITER_POLL_S:
-            if writers is not None:
+            if drain is not None and drain.requested:
+                # say the stop again (a flag lost with its node comes back unset); the
+                # writers are asked once the pass ends (close_writers), not while Ray
+                # may be going away under the stop
+                wait_at_most(1.0, "restating the stop", drain.restate)
+            elif writers is not None:
                 progress.committed(writers.take(), pairs_per_row)
-            if drain is not None:
-                drain.restate()
             polled = time.monotonic()
         try:
             batch = commits.get(timeout=0.5)

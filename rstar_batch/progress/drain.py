@@ -159,9 +159,13 @@ class Drain:
         return self.signal
 
     def restate(self) -> None:
-        """Tell the flag again that a stop was asked (a restarted flag starts unset)."""
+        """Tell the flag again that a stop was asked (a restarted flag starts unset).
+        Best effort: a Ray that is gone has no readers left to tell."""
         if self.requested and self.flag is not None:
-            self.flag.stop.remote()
+            try:
+                self.flag.stop.remote()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("the stop flag did not take the stop again: %s", exc)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name

@@ -3,12 +3,13 @@
 A spot node's notice, Kubernetes ending a pod, `ray job stop` and Ctrl-C all send
 the driver SIGTERM (or SIGINT) and give it a grace period before SIGKILL. On the
 first signal the job stops taking new input: the readers emit no more chunks, each
-model replica commits the slice it is scoring and takes no other, and the driver
-waits for that, at most `drain_seconds`, then reports what is committed and exits
-with `EXIT_STOPPED`. A rerun resumes as after any kill; it only redoes less.
+model replica hands over the slice it is scoring and takes no other, the commit
+writers commit what they hold, and the driver waits for that, at most
+`drain_seconds`, then reports what is committed and exits with `EXIT_STOPPED`. A
+rerun resumes as after any kill; it only redoes less.
 
-Replicas commit on a clock (replicas.ReplicaCommits), so a replica lost without any
-notice (its node killed outright) loses at most one slice, about `commit_seconds`.
+Writers commit on a clock (io/scored.CommitWriter), so a node lost without any notice
+loses about `commit_seconds` of its scoring.
 """
 
 from __future__ import annotations

@@ -76,6 +76,29 @@ class CountingFS(MemoryFileSystem):
         return super().rm_file(path)
 
 
+def counting_fs() -> tuple[CountingFS, pafs.FileSystem]:
+    """A fresh counting in-memory filesystem, and pyarrow's view of it."""
+    memory = CountingFS(skip_instance_cache=True)
+    memory.store.clear()
+    memory.pseudo_dirs.clear()
+    return memory, pafs.PyFileSystem(pafs.FSSpecHandler(memory))
+
+
+def read_log_measured(fs: pafs.FileSystem, root: str, chunks: list,
+                      then: Any = lambda progress: None) -> tuple[Any, ...]:
+    """The driver's read of the log, its pending chunks and `then(progress)` (the rank
+    pass's plan): (progress, pending, what `then` gave, seconds, peak MB)."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    progress = commit_log.read_progress(fs, root)
+    pending = progress.pending(chunks)
+    planned = then(progress)
+    seconds = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return progress, pending, planned, seconds, peak
+
+
 def pack_bytes_per_row() -> float:
     """What encode_pack writes per scored row (ids, score, chunk/row, reject), measured
     on 200k rows over 500 buckets."""
@@ -92,10 +115,8 @@ def pack_bytes_per_row() -> float:
 
 
 def simulate(pairs: int, args: argparse.Namespace, row_bytes: float) -> dict[str, Any]:
-    memory = CountingFS(skip_instance_cache=True)
-    memory.store.clear()
-    memory.pseudo_dirs.clear()
-    fs, root = pafs.PyFileSystem(pafs.FSSpecHandler(memory)), "/out"
+    memory, fs = counting_fs()
+    root = "/out"
     config = RerankConfig(candidates=["s3://in/"], output="s3://out/")
     buckets = bucket_count(config, pairs)
     files = math.ceil(pairs / args.file_rows)
@@ -142,14 +163,8 @@ def simulate(pairs: int, args: argparse.Namespace, row_bytes: float) -> dict[str
     memory.requests.clear()
 
     # the driver: read the log (a resume, the end of pass 1, status), check, plan ranks
-    tracemalloc.start()
-    started = time.perf_counter()
-    progress = commit_log.read_progress(fs, root)
-    pending = progress.pending(chunks)
-    tasks = plan_tasks(progress, args.cluster_cpus)
-    driver_s = time.perf_counter() - started
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    progress, pending, tasks, driver_s, peak_mb = read_log_measured(
+        fs, root, chunks, lambda p: plan_tasks(p, args.cluster_cpus))
     assert not pending and progress.committed_rows() == pairs
     driver_requests = dict(memory.requests)
     rank_gets = sum(len(reads) for _, reads in tasks)
@@ -166,7 +181,7 @@ def simulate(pairs: int, args: argparse.Namespace, row_bytes: float) -> dict[str
         "work_requests_per_million": round((sum(writer_requests.values())
                                             + sum(driver_requests.values()) + rank_gets)
                                            * per_m, 2),
-        "driver_peak_mb": round(peak / 2**20, 1),
+        "driver_peak_mb": round(peak_mb, 1),
         "driver_bookkeeping_s": round(driver_s, 2), "plan_s": round(plan_s, 2),
         "log_read_at_latency_s": round(latency_s, 2),
         "pack_mb": round(per_commit * row_bytes / 2**20, 1),
@@ -177,10 +192,8 @@ def simulate_corpus(args: argparse.Namespace, row_bytes: float) -> dict[str, Any
     """score-corpus of `--corpus-passages` × `--corpus-queries`, top `--top-k`: each
     node's writer commits its running top K every commit interval, each commit
     replacing its last, through the real records and Progress."""
-    memory = CountingFS(skip_instance_cache=True)
-    memory.store.clear()
-    memory.pseudo_dirs.clear()
-    fs, root = pafs.PyFileSystem(pafs.FSSpecHandler(memory)), "/out"
+    memory, fs = counting_fs()
+    root = "/out"
     queries, passages, k = args.corpus_queries, args.corpus_passages, args.top_k
     config = RerankConfig(checkpoint_rows=4096)
     per_chunk = corpus_chunk_rows(config.checkpoint_rows, queries, passages)
@@ -227,13 +240,7 @@ def simulate_corpus(args: argparse.Namespace, row_bytes: float) -> dict[str, Any
             held[n] = (commit, rows)
     writer_requests = dict(memory.requests)
     memory.requests.clear()
-    tracemalloc.start()
-    started = time.perf_counter()
-    progress = commit_log.read_progress(fs, root)
-    pending = progress.pending(chunks)
-    driver_s = time.perf_counter() - started
-    peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
+    progress, pending, _, driver_s, peak_mb = read_log_measured(fs, root, chunks)
     assert not pending and progress.committed_rows() == passages
     bound = queries * k
     return {"queries": queries, "passages": passages, "top_k": k, "chunks": len(chunks),

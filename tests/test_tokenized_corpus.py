@@ -185,13 +185,18 @@ def _rows(folder: str) -> list[dict]:
     return sorted(pq.read_table(folder).to_pylist(), key=lambda r: r["doc_id"])
 
 
+def _tokenize_args(inputs: dict, out: str, model: str) -> list[str]:
+    """tokenize-corpus in chunks and writer calls of 8 rows, so a stop lands between."""
+    return ["tokenize-corpus", "--corpus", inputs["corpus"], "--output", out, "--model",
+            model, "--checkpoint-rows", "8", "--replica-batch-rows", "8",
+            "--tokenize-workers", "1", "--max-rejected-fraction", "0.1"]
+
+
 @pytest.mark.slow
 def test_interrupted_tokenize_corpus_resumes_to_the_same_corpus(
         micro_model, inputs, tokenized, cluster, tmp_path):
     out = str(tmp_path / "T")
-    args = ["tokenize-corpus", "--corpus", inputs["corpus"], "--output", out, "--model",
-            micro_model, "--checkpoint-rows", "8", "--replica-batch-rows", "8",
-            "--tokenize-workers", "1", "--max-rejected-fraction", "0.1"]
+    args = _tokenize_args(inputs, out, micro_model)
     fault = {"RSTAR_BATCH_TEST_FAULT": "raise:3", "RSTAR_BATCH_TEST_FAULT_DIR": str(tmp_path)}
     first = run(args, str(tmp_path / "run1.log"), env=fault, cluster=cluster)
     assert first.proc.returncode != 0 and "injected fault" in first.output()
@@ -212,9 +217,7 @@ def test_interrupted_tokenize_corpus_resumes_to_the_same_corpus(
 def test_a_drained_tokenize_corpus_exits_75_and_its_rerun_finishes_the_same_corpus(
         micro_model, inputs, tokenized, cluster, tmp_path):
     out = str(tmp_path / "T")
-    args = ["tokenize-corpus", "--corpus", inputs["corpus"], "--output", out, "--model",
-            micro_model, "--checkpoint-rows", "8", "--replica-batch-rows", "8",
-            "--tokenize-workers", "1", "--max-rejected-fraction", "0.1"]
+    args = _tokenize_args(inputs, out, micro_model)
     job = Job(args, str(tmp_path / "run1.log"), paced(1), cluster=cluster)  # writes paced
     job.wait_until(lambda: committed_rows(out) > 0)
     assert job.terminate() < 30

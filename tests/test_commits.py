@@ -143,7 +143,8 @@ def test_status_and_resume_read_records_not_the_scored_rows(tmp_path):
 def test_a_top_k_writer_commits_one_running_top_k_that_replaces_its_last(tmp_path):
     fs, root = pafs.LocalFileSystem(), str(tmp_path)
     writer = CommitWriter(fs, root, run=1, commit_seconds=60, top_k=3)
-    blocks = [_scored(c, 0, 40, buckets=2, seed=c) for c in range(4)]
+    # each block covers 40 input rows, of which a replica handed over its best 25
+    blocks = [_scored(c, 0, 40, buckets=2, seed=c).slice(0, 25) for c in range(4)]
     writer.add(blocks[0], [(0, 0, 40)], 40, "n")
     writer.add(blocks[1], [(1, 0, 40)], 40, "n")
     (first,) = writer.flush()
@@ -155,6 +156,7 @@ def test_a_top_k_writer_commits_one_running_top_k_that_replaces_its_last(tmp_pat
         f"{second['name']}.json", f"{second['name']}.pack"]  # the replaced one is gone
     (commit,) = read_commits(fs, root)
     assert sorted(commit.ranges) == [(c, 0, 40) for c in range(4)] and commit.scored == 160
+    assert commit.nodes == {"n": 160}  # input rows covered, not the 3 per query kept
     got = pa.concat_tables(read_buckets(fs, root, [(commit.data, list(commit.segments))])
                            .values())
     every = pa.concat_tables(blocks)

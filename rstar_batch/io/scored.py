@@ -152,11 +152,8 @@ class CommitWriter:
         self.filesystem, self.root, self.run = filesystem, root, run
         self.seconds, self.max_rows = commit_seconds, max_rows
         self.top_k = top_k
-        # with top_k: what this writer committed so far, as one running top K per query
-        self.best: Optional[pa.Table] = None
-        self.covered: list[tuple[int, int, int]] = []
-        self.totals: tuple[int, dict[str, int]] = (0, {})
-        self.last: Optional[commit_log.Commit] = None
+        self.last: Optional[commit_log.Commit] = None  # with top_k: it covers all before
+        self.best: Optional[pa.Table] = None  # with top_k: the last commit's rows
         self.fault = FaultHook.from_env()
         self.id = uuid.uuid4().hex[:8]  # a restarted writer's names never clash
         self.seq = 0
@@ -233,19 +230,18 @@ class CommitWriter:
         rows = pa.concat_tables([b[0] for b in batch], promote_options="permissive")
         ranges = [tuple(r) for b in batch for r in b[1]]
         scored, nodes = sum(b[2] for b in batch), {}
-        for part, _, _, node in batch:
-            nodes[node] = nodes.get(node, 0) + part.num_rows
+        for _, covers, _, node in batch:  # input rows, not the rows kept of them
+            nodes[node] = nodes.get(node, 0) + sum(end - start for _, start, end in covers)
         replaces = None
         if self.top_k is not None:  # one running top K: this commit replaces the last
-            if self.best is not None:
-                rows = pa.concat_tables([self.best, rows], promote_options="permissive")
-            rows = self.best = top_k_rows(rows, self.top_k)
-            ranges = self.covered = self.covered + ranges
-            before, by_node = self.totals
-            nodes = {n: by_node.get(n, 0) + nodes.get(n, 0) for n in {*by_node, *nodes}}
-            scored += before
-            self.totals = (scored, nodes)
             replaces = self.last
+            if replaces is not None:
+                rows = pa.concat_tables([self.best, rows], promote_options="permissive")
+                ranges = list(replaces.ranges) + ranges
+                scored += replaces.scored
+                for node, count in replaces.nodes.items():
+                    nodes[node] = nodes.get(node, 0) + count
+            rows = self.best = top_k_rows(rows, self.top_k)
         data, segments = encode_pack(rows)
         commit = commit_log.Commit(
             name, self.run, tuple(ranges), scored=scored, data=f"scored/{name}.pack",

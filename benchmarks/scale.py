@@ -130,7 +130,7 @@ def simulate(pairs: int, args: argparse.Namespace, row_bytes: float) -> dict[str
     nodes = math.ceil(args.replicas / args.replicas_per_node)
     per_commit = min(MAX_COMMIT_ROWS,  # a writer commits early once it holds that many
                      int(args.rate * args.replicas_per_node * args.commit_seconds))
-    commits, position, seq = 0, 0, 0
+    commits, seq = 0, 0
     cursor = [(c.id, 0, c.rows) for c in chunks]
     at = 0
     while at < len(cursor):
@@ -158,7 +158,6 @@ def simulate(pairs: int, args: argparse.Namespace, row_bytes: float) -> dict[str
                 name, 1, tuple(ranges), scored=rows, data=f"scored/{name}.pack",
                 segments=segments, nodes={f"node{node}": rows}, time=float(seq)))
             commits += 1
-            position += rows
     writer_requests = dict(memory.requests)
     memory.requests.clear()
 

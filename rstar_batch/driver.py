@@ -21,16 +21,16 @@ import threading
 import time
 from typing import Any, Callable, ContextManager, Optional
 
-from rstar_batch.io.scored import Writers
-from rstar_batch.progress import checkpoint
-from rstar_batch.progress.log import Progress, read_progress
 from rstar_batch.base import fs as fsio
 from rstar_batch.cluster import live_nodes, ray_session, wait_at_most
 from rstar_batch.config import RerankConfig, resolve_activation
-from rstar_batch.progress.drain import Drain, StopSignal
+from rstar_batch.io.scored import Writers
 from rstar_batch.io.tokenized import open_tokenized, pairing_clause
 from rstar_batch.manifest import finish_job
 from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.drain import Drain, StopSignal
+from rstar_batch.progress.log import Progress, read_progress
 from rstar_batch.rank_pass import rank_all
 from rstar_batch.replicas import ReplicaPlan, plan_replicas, reserved
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
@@ -233,7 +233,7 @@ def score_until_committed(job: Job, replicas: ReplicaPlan, chunks: list[checkpoi
     committed: a commit writer lost with its node takes the rows it held with it,
     after the replicas' calls that scored them had returned. Returns the progress
     read back from the commit log (what a rerun would see)."""
-    for attempt in range(SCORING_PASSES):
+    for _ in range(SCORING_PASSES):
         writers = Writers(job.fs, job.root, job.run, job.config.commit_seconds,
                           job.writer_top_k) if job.commits_through_writers else None
         job.sink = writers.sink() if writers else None
@@ -306,7 +306,6 @@ class ProgressLog:
         self.started = self.last = time.monotonic()
         self.by_node: dict[str, int] = {}  # pairs each Ray node's replicas scored
         self.counted: dict[str, dict] = {}  # rows by node of each commit counted
-
 
     def committed(self, commits: list, pairs_per_row: int = 1) -> None:
         """Count commits as they land (from the commit writers); a commit that replaces

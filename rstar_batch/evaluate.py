@@ -26,11 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rstar_batch.progress import checkpoint
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError
 from rstar_batch.export import ranked_parts, read_part
 from rstar_batch.io.convert import FORMATS, read_text
+from rstar_batch.progress import checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rstar_batch.progress import checkpoint
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.order import group_starts
 from rstar_batch.config import ConfigError
+from rstar_batch.progress import checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ import math
 import time
 from typing import Any
 
-from rstar_batch.progress import checkpoint
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import RerankConfig
 from rstar_batch.io.sources import CandidateFiles
+from rstar_batch.progress import checkpoint
 from rstar_batch.summary import JobSummary
 
 log = logging.getLogger(__name__)

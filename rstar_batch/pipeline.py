@@ -22,13 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rstar_batch import driver
-from rstar_batch.progress import checkpoint
-from rstar_batch.progress.log import Progress
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.columns import PREPARE_REASON
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.progress.drain import StopSignal
 from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
 from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, prepare_nested
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
@@ -36,6 +33,9 @@ from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
 from rstar_batch.io.tokenized import inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
 from rstar_batch.model import ModelInfo
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.drain import StopSignal
+from rstar_batch.progress.log import Progress
 from rstar_batch.replicas import (ReplicaPlan, committing_replicas, describe_plan, on_tokenizers,
                                   scorer_kwargs, tokenizer_batch_rows)
 from rstar_batch.stages.normalize import Normalize

@@ -19,9 +19,9 @@ import pyarrow as pa
 
 from rstar_batch.cluster import Node, wait_at_most
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.progress.drain import StopSignal, stop_requested
 from rstar_batch.io.scored import COMMITS
 from rstar_batch.model import auto_cpu_dtype
+from rstar_batch.progress.drain import StopSignal, stop_requested
 from rstar_batch.stages.pairs import PassagePolicy
 
 

@@ -31,17 +31,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rstar_batch import driver
-from rstar_batch.progress import checkpoint
-from rstar_batch.progress.log import Progress
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.ids import id_buckets, stable_hash
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.progress.drain import StopSignal
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
 from rstar_batch.io.tokenized import DOC_ID, inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.drain import StopSignal
+from rstar_batch.progress.log import Progress
 from rstar_batch.replicas import (ReplicaPlan, committing_replicas, describe_plan, on_tokenizers,
                                   scorer_kwargs)
 from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs

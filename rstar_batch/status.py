@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from rstar_batch.base import fs as fsio
 from rstar_batch.progress import checkpoint
 from rstar_batch.progress.log import read_progress
-from rstar_batch.base import fs as fsio
 
 
 @dataclasses.dataclass(frozen=True)

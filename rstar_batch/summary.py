@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Optional
 
-from rstar_batch.progress import checkpoint
-from rstar_batch.progress.log import Progress
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import RerankConfig
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.log import Progress
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,15 +23,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rstar_batch import driver
-from rstar_batch.progress import checkpoint
-from rstar_batch.progress.log import Progress
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.progress.drain import StopSignal
 from rstar_batch.io import tokenized as tok
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.sources import CandidateFiles, inspect_candidates
 from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.drain import StopSignal
+from rstar_batch.progress.log import Progress
 from rstar_batch.replicas import TOKENIZER_BATCH_ROWS, ReplicaPlan, on_tokenizers
 from rstar_batch.stages.corpus_tokens import TokenizeWhole
 from rstar_batch.stages.normalize import NormalizePassages

@@ -14,14 +14,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from rstar_batch.progress import checkpoint
-from rstar_batch.progress.log import Commit, Progress
 from rstar_batch.base import columns as C
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.progress.drain import Drain, Stopped, StopSignal
 from rstar_batch.driver import ProgressLog, run_scoring
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import COMMITS
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress.drain import Drain, Stopped, StopSignal
+from rstar_batch.progress.log import Commit, Progress
 from rstar_batch.replicas import CommitClock, ReplicaCommits
 
 

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rstar_batch.progress import checkpoint
 from rstar_batch.base.order import group_starts
 from rstar_batch.cli import main
 from rstar_batch.config import ConfigError
 from rstar_batch.evaluate import evaluate, read_qrels, read_run
 from rstar_batch.export import export_trec, trec_scores
+from rstar_batch.progress import checkpoint
 from rstar_batch.testing import make_candidates, make_qrels
 
 QRELS = """\

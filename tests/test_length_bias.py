@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rstar_batch.progress import checkpoint
 from rstar_batch.io.sources import InputError
 from rstar_batch.length_bias import _spearman_by, length_bias, plot_length_bias
+from rstar_batch.progress import checkpoint
 
 
 def write_output(folder, rows: list[tuple]) -> str:

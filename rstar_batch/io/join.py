@@ -30,7 +30,6 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rstar_batch.progress import checkpoint
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.columns import PREPARE_REASON
@@ -38,6 +37,7 @@ from rstar_batch.base.ids import id_buckets
 from rstar_batch.config import Columns
 from rstar_batch.io import tokenized as tok
 from rstar_batch.io.sources import CandidateFiles
+from rstar_batch.progress import checkpoint
 
 CORPUS_BUCKET_BYTES = 256 << 20   # compressed corpus Parquet per join task
 RUN_BUCKET_ROWS = 1_000_000       # candidates per join task (held in its memory)

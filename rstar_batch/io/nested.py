@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from rstar_batch.progress import checkpoint
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import Columns
 from rstar_batch.io.sources import CandidateFiles, InputError, is_id_type, is_text_type
+from rstar_batch.progress import checkpoint
 
 
 def _struct_fields(t: pa.DataType) -> Optional[pa.StructType]:

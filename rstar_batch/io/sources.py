@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rstar_batch.progress import checkpoint
 from rstar_batch.base import fs as fsio
+from rstar_batch.progress import checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from rstar_batch.base import fs as fsio
 from rstar_batch.base.runs import split_runs
 from rstar_batch.config import ConfigError
 from rstar_batch.faults import FaultHook
-from rstar_batch.progress import checkpoint
-from rstar_batch.progress import log as commit_log
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
 from rstar_batch.model import ModelInfo
+from rstar_batch.progress import checkpoint
+from rstar_batch.progress import log as commit_log
 
 FORMAT_VERSION = 1
 METADATA = "_tokenized_corpus.json"

@@ -175,3 +175,70 @@ def test_a_replaced_commit_left_by_a_kill_is_void():
     progress = Progress([old, new])
     assert [c.name for c in progress.commits] == ["b"] and progress.committed_rows() == 20
     assert [d for d, _ in progress.segments_by_bucket()[0]] == ["scored/b.pack"]
+
+
+class _Writer:
+    """A commit writer as a replica's sink sees it: `add.remote` gives a reference
+    that `ray.get` answers from `fails` (exceptions raised in turn, then success)."""
+
+    def __init__(self, name: str, fails: list) -> None:
+        self.name, self.fails, self.held = name, fails, []
+        self.add = self
+
+    def remote(self, *args):
+        return (self, args)
+
+
+def _fake_get(ref):
+    writer, args = ref
+    if writer.fails:
+        raise writer.fails.pop(0)
+    writer.held.append(args)
+
+
+def _hand_over(writers, monkeypatch, node="a"):
+    import ray
+    from rstar_batch.io.scored import HandToWriter
+
+    monkeypatch.setattr(ray, "get", _fake_get)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    sink = HandToWriter({w.name: w for w in writers})
+    args = ("slice", [(0, 0, 10)], 10, node)
+    sink._wait((writers[0].add.remote(*args), args, [writers[0].name]), node)
+    return args
+
+
+def test_a_slice_whose_writer_died_goes_to_the_next_one(monkeypatch):
+    import ray
+
+    lost, other = _Writer("a", [ray.exceptions.ActorDiedError()]), _Writer("b", [])
+    args = _hand_over([lost, other], monkeypatch)
+    assert lost.held == [] and other.held == [args]
+
+
+def test_a_slice_waits_while_every_writer_is_unreachable_then_lands(monkeypatch):
+    """Losing a node makes its writer unreachable while it restarts elsewhere, and a
+    replica on that node reaches no writer at all until Ray ends it: neither fails
+    the slice (a failed slice fails the whole pass)."""
+    import ray
+
+    def unavailable():
+        return ray.exceptions.ActorUnavailableError("restarting", None)
+
+    a = _Writer("a", [unavailable(), unavailable(), unavailable()])
+    b = _Writer("b", [unavailable(), unavailable(), unavailable()])
+    args = _hand_over([a, b], monkeypatch)  # a, b, pause, a, b, pause, a, b, pause, a
+    assert a.held == [args] and b.held == []
+
+
+def test_a_slice_no_writer_takes_in_time_fails_the_replicas_call(monkeypatch):
+    import ray
+
+    from rstar_batch.io.scored import HandToWriter
+
+    monkeypatch.setattr(HandToWriter, "PATIENCE_S", 0.0)
+    a = _Writer("a", [ray.exceptions.ActorUnavailableError("node lost", None)] * 9)
+    b = _Writer("b", [ray.exceptions.ActorDiedError()])
+    with pytest.raises(ray.exceptions.RayActorError):
+        _hand_over([a, b], monkeypatch)
+    assert a.held == b.held == []

@@ -286,6 +286,8 @@ class HandToWriter:
     call returns. A writer that is gone (its node lost) gets no more: the slice goes to
     the next one (what the lost one held is scored again after the pass)."""
 
+    PATIENCE_S = 120.0  # how long a slice waits for some writer to be reachable
+
     def __init__(self, writers: dict[str, Any], in_flight: int = 4) -> None:
         self.writers, self.in_flight = writers, in_flight
         self.pending: list[tuple[Any, tuple, list[str]]] = []  # (ref, args, writers tried)
@@ -321,19 +323,34 @@ class HandToWriter:
         return pa.table(done, schema=COMMITS)
 
     def _wait(self, item: tuple[Any, tuple, list[str]], node: str) -> None:
+        """Wait until a writer holds the slice. A writer that died for good is passed
+        over; one that is only unreachable (restarting elsewhere after its node was
+        lost, or this replica's own node going down) is tried again after a pause, in
+        turn with the others, for up to `PATIENCE_S`. A replica on a lost node is
+        ended by Ray meanwhile and Ray Data gives its block to another replica."""
         import ray
 
         ref, args, tried = item
+        order, dead, pause = self._order(node), set(), 0.25
+        deadline = time.monotonic() + self.PATIENCE_S
         while True:
             try:
                 ray.get(ref)
                 return
-            except ray.exceptions.RayActorError:  # gone or restarting: another one
-                left = [n for n in self._order(node) if n not in tried]
-                if not left:
+            except ray.exceptions.RayActorError as exc:
+                if isinstance(exc, ray.exceptions.ActorDiedError):
+                    dead.add(tried[-1])
+                left = [n for n in order if n not in dead]
+                if not left or time.monotonic() > deadline:
                     raise
-                tried.append(left[0])
-                ref = self.writers[left[0]].add.remote(*args)
+                following = [n for n in left if n not in tried]
+                if not following:  # each one failed once: pause, then a new round
+                    time.sleep(pause)
+                    pause = min(pause * 2, 8.0)
+                    tried.clear()
+                    following = left
+                tried.append(following[0])
+                ref = self.writers[following[0]].add.remote(*args)
 
     def settle(self) -> None:
         """Wait until the writers hold every slice handed over (not until committed)."""

@@ -9,12 +9,9 @@ the last line on stdout is one JSON record: status, date, output, pairs,
 queries, seconds, already_done (and error on failure). See rstar_batch/nightly.py.
 """
 
-import json
 import sys
 
 from rstar_batch import nightly
 
 if __name__ == "__main__":
-    code, record = nightly.run(sys.argv[1:])
-    print(json.dumps(record), flush=True)
-    sys.exit(code)
+    sys.exit(nightly.entrypoint(sys.argv[1:]))

@@ -12,12 +12,9 @@ pairs, queries, seconds, already_done (and error on failure). See
 rstar_batch/nightly.py and rstar_batch/score_corpus.py.
 """
 
-import json
 import sys
 
 from rstar_batch import nightly
 
 if __name__ == "__main__":
-    code, record = nightly.run(sys.argv[1:], job="score-corpus")
-    print(json.dumps(record), flush=True)
-    sys.exit(code)
+    sys.exit(nightly.entrypoint(sys.argv[1:], job="score-corpus"))

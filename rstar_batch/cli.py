@@ -15,6 +15,7 @@ import sys
 import typing
 from typing import Any, Optional, Sequence
 
+from rstar_batch import supervise
 from rstar_batch.config import ConfigError, RerankConfig, field_type
 from rstar_batch.progress.drain import EXIT_STOPPED, Stopped
 
@@ -375,9 +376,32 @@ def setup_process(log_level: str) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+JOBS = ("rerank", "score-corpus", "tokenize-corpus")  # what may start a Ray of its own
+
+
+def report_stop(args: argparse.Namespace, signal_name: str) -> int:
+    """A watcher's report for a job whose driver died after a stop was asked: what
+    the output says is committed, as the driver would have said it."""
+    from rstar_batch.status import job_status
+
+    try:
+        status = job_status(config_from_args(args).output)
+    except Exception as exc:  # the watcher still exits as a stopped job
+        print(f"rstar-batch: stopped on {signal_name}; what is committed could not be read "
+              f"({type(exc).__name__}: {exc}); rerun the same command to resume")
+        return EXIT_STOPPED
+    if status.state == "DONE":
+        print(f"rstar-batch: finished before the stop: {status.summary}")
+        return 0
+    print(f"rstar-batch: {Stopped.on(signal_name, status.done, status.total)}")
+    return EXIT_STOPPED
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_process(args.log_level)
+    if argv is None and args.command in JOBS and supervise.wanted(getattr(args, "address", None)):
+        return supervise.watch(lambda name: report_stop(args, name))  # see supervise.py
     try:
         return COMMANDS[args.command](args)
     except user_errors() as exc:

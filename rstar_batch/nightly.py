@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import re
 import time
 from typing import Any, Optional, Sequence
 
-from rstar_batch import cli
+from rstar_batch import cli, supervise
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.progress.drain import EXIT_STOPPED, Stopped
@@ -138,6 +139,50 @@ def run(argv: Sequence[str], job: str = "rerank") -> tuple[int, dict[str, Any]]:
     if error is not None:
         record["error"] = _describe(error)
     return code, record
+
+
+def entrypoint(argv: Sequence[str], job: str = "rerank") -> int:
+    """jobs/nightly_rerank.py and jobs/score_corpus.py: run the job, print its record as
+    the last line on stdout, return its exit code. A job that starts a Ray of its own
+    runs in a watched child (rstar_batch/supervise.py); the watcher prints the record
+    itself only where the child died without one after a stop."""
+    started = time.monotonic()
+    try:
+        args: Optional[argparse.Namespace] = build_parser(job).parse_args(argv)
+    except SystemExit as exc:
+        if exc.code in (0, None):  # --help
+            raise
+        args = None  # run() says what is wrong
+    if args is not None and supervise.wanted(getattr(args, "address", None)):
+        return supervise.watch(lambda name: _stopped(args, job, name, started))
+    code, record = run(argv, job)
+    print(json.dumps(record), flush=True)
+    return code
+
+
+def _stopped(args: argparse.Namespace, job: str, signal_name: str, started: float) -> int:
+    """The record of a job whose driver died after a stop was asked, from its output."""
+    from rstar_batch.status import job_status
+
+    record: dict[str, Any] = {"status": "STOPPED", "date": None, "output": None,
+                              "pairs": None, "queries": None, "already_done": False}
+    code = EXIT_STOPPED
+    try:
+        config, day = config_from_args(args, job)
+        record.update(date=day.isoformat(), output=fsio.redact(config.output))
+        status = job_status(config.output)
+        if status.state == "DONE":
+            code = 0
+            record.update(status="SUCCEEDED", pairs=status.total)
+        else:
+            stop = Stopped.on(signal_name, status.done, status.total)
+            record.update(pairs=stop.total, committed=stop.committed)
+            log.warning("%s", stop)
+    except Exception as exc:  # the scheduler still gets its record
+        record["error"] = _describe(exc)
+    record["seconds"] = round(time.monotonic() - started, 3)
+    print(json.dumps(record), flush=True)
+    return code
 
 
 def _describe(error: BaseException) -> str:

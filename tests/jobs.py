@@ -41,6 +41,21 @@ def session_pids(sid: int) -> list[int]:
     return [pid for pid, (_, s) in _live_processes().items() if s == sid]
 
 
+def job_pids(sid: int) -> Callable[[], list[int]]:
+    """A finder of a job's live processes: its session's, and those of the sessions
+    its processes started (a job that starts its own Ray runs it in a watched child of
+    its own session, rstar_batch/supervise.py), remembered once seen, so that they are
+    found after their parent is gone."""
+    sessions = {sid}
+
+    def find() -> list[int]:
+        table = _live_processes()
+        sessions.update(table[pid][1] for pid in tree_pids(sessions) if pid in table)
+        return [pid for pid, (_, s) in table.items() if s in sessions]
+
+    return find
+
+
 def tree_pids(sids: Iterable[int]) -> list[int]:
     """Live processes of the sessions and all their descendants.
 
@@ -94,6 +109,7 @@ class Job:
                                      start_new_session=True, env={**base, **(env or {})},
                                      preexec_fn=None if cores is None else (
                                          lambda: os.sched_setaffinity(0, cores)))
+        self.pids = job_pids(self.proc.pid)
 
     def wait(self, timeout: float = 300) -> int:
         try:
@@ -133,7 +149,7 @@ class Job:
 
     def kill(self) -> None:
         """SIGKILL the driver and every process of its session; wait until none is left."""
-        kill_until_gone(lambda: session_pids(self.proc.pid), "the killed job")
+        kill_until_gone(self.pids, "the killed job")
         self.proc.wait()
 
 

@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(rstar_batch.__file__).parent
 # nothing may import in a circle. Folders fill one layer each.
 LAYERS = [
     {"base", "config"},                                       # vocabulary
-    {"model", "bert_cls", "plain_bert", "faults", "progress", "cluster"},  # what stages
+    {"model", "bert_cls", "plain_bert", "faults", "progress", "cluster", "supervise"},  # what stages
                                                               # and io stand on
     {"io", "stages"},                                         # the pipeline's steps
     {"replicas", "summary", "manifest", "rank_pass", "driver", "pipeline", "score_corpus",

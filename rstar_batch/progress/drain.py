@@ -35,6 +35,11 @@ class Stopped(Exception):
         super().__init__(message)
         self.committed, self.total = committed, total
 
+    @classmethod
+    def on(cls, signal_name: str, done: int, total: int) -> "Stopped":
+        return cls(f"stopped on {signal_name}: {done} of {total} pairs are committed; "
+                   "rerun the same command to resume", done, total)
+
 
 class StopFlag:
     """The Ray actor behind `StopSignal`: set once by the driver, read by the workers."""
@@ -184,6 +189,4 @@ class Drain:
     def check(self, committed: Callable[[], tuple[int, int]]) -> None:
         """Raise `Stopped` if a stop was asked; `committed()` gives (done, total) pairs."""
         if self.requested:
-            done, total = committed()
-            raise Stopped(f"stopped on {self.signal_name}: {done} of {total} pairs are "
-                          "committed; rerun the same command to resume", done, total)
+            raise Stopped.on(self.signal_name, *committed())

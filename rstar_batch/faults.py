@@ -1,7 +1,7 @@
 """Test-only fault injection into the score stage and tokenize-corpus's writer.
 Unset in production.
 
-RSTAR_BATCH_TEST_FAULT selects the fault:
+RSTAR_BATCH_TEST_FAULT selects the faults, comma-separated (`exit:3,writerexit:1`):
   exit:N        the replica process dies (os._exit) at its N-th batch, once per job
   raise:N       the N-th batch raises once per job (its retry succeeds)
   raise:always  every batch raises (the job must fail, naming the rows)
@@ -38,7 +38,8 @@ class InjectedFault(RuntimeError):
 
 class FaultHook:
     def __init__(self, spec: str = "", marker_dir: str = "") -> None:
-        self.kind, _, self.when = spec.partition(":")
+        self.faults = {kind: when for kind, _, when in
+                       (part.strip().partition(":") for part in spec.split(",")) if kind}
         self.marker_dir = marker_dir
         self.batches = 0
 
@@ -47,30 +48,30 @@ class FaultHook:
         return cls(os.environ.get(FAULT_ENV, ""), os.environ.get(DIR_ENV, ""))
 
     def before_batch(self) -> None:
-        if self.kind not in ("exit", "raise", "slow"):
-            return
-        if self.kind == "slow":
-            time.sleep(float(self.when))
-            return
+        if "slow" in self.faults:
+            time.sleep(float(self.faults["slow"]))
         self.batches += 1
-        if self.when == "always":
-            raise InjectedFault("injected fault: every batch fails")
-        if self.batches >= int(self.when) and self._claim():
-            if self.kind == "exit":
-                os._exit(17)
-            raise InjectedFault(f"injected fault at batch {self.batches}")
+        for kind in ("raise", "exit"):
+            when = self.faults.get(kind)
+            if when == "always":
+                raise InjectedFault("injected fault: every batch fails")
+            if when is not None and self.batches >= int(when) and self._claim(kind):
+                if kind == "exit":
+                    os._exit(17)
+                raise InjectedFault(f"injected fault at batch {self.batches}")
 
     def before_commit(self, commits: int) -> None:
-        if self.kind == "writerexit" and commits >= int(self.when) and self._claim():
+        when = self.faults.get("writerexit")
+        if when is not None and commits >= int(when) and self._claim("writerexit"):
             os._exit(17)
 
     def before_rank(self) -> None:
-        if self.kind == "slowrank":
-            time.sleep(float(self.when))
+        if "slowrank" in self.faults:
+            time.sleep(float(self.faults["slowrank"]))
 
-    def _claim(self) -> bool:
+    def _claim(self, kind: str) -> bool:
         try:
-            os.close(os.open(os.path.join(self.marker_dir, f"fired-{self.kind}"),
+            os.close(os.open(os.path.join(self.marker_dir, f"fired-{kind}"),
                              os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             return True
         except FileExistsError:

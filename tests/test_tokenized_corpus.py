@@ -193,40 +193,32 @@ def _tokenize_args(inputs: dict, out: str, model: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_interrupted_tokenize_corpus_resumes_to_the_same_corpus(
+def test_a_failed_then_drained_tokenize_corpus_resumes_to_the_same_corpus(
         micro_model, inputs, tokenized, cluster, tmp_path):
+    """One output through four runs: one fails on an injected fault part way; its rerun
+    is drained by SIGTERM (exit 75); the third finishes, tokenizing only the rows
+    neither before it committed; the fourth finds it done."""
     out = str(tmp_path / "T")
     args = _tokenize_args(inputs, out, micro_model)
+    corpus_rows = pq.read_table(inputs["corpus"]).num_rows
     fault = {"RSTAR_BATCH_TEST_FAULT": "raise:3", "RSTAR_BATCH_TEST_FAULT_DIR": str(tmp_path)}
     first = run(args, str(tmp_path / "run1.log"), env=fault, cluster=cluster)
     assert first.proc.returncode != 0 and "injected fault" in first.output()
     done_before = committed_rows(out)
-    assert done_before > 0  # some chunks were done
+    assert 0 < done_before < corpus_rows  # some chunks were done
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
-    second = run(args, str(tmp_path / "run2.log"), env=fault, cluster=cluster)  # fired already
-    assert second.proc.returncode == 0, second.output()[-3000:]
-    corpus_rows = pq.read_table(inputs["corpus"]).num_rows
-    # it resumed: only the rows the first run did not commit were tokenized again
-    assert f"({corpus_rows - done_before} in this run)" in second.output()
-    assert _rows(out) == _rows(tokenized)
-    third = run(args, str(tmp_path / "run3.log"), cluster=cluster)
-    assert third.proc.returncode == 0 and "already done" in third.output()
 
-
-@pytest.mark.slow
-def test_a_drained_tokenize_corpus_exits_75_and_its_rerun_finishes_the_same_corpus(
-        micro_model, inputs, tokenized, cluster, tmp_path):
-    out = str(tmp_path / "T")
-    args = _tokenize_args(inputs, out, micro_model)
-    job = Job(args, str(tmp_path / "run1.log"), paced(1), cluster=cluster)  # writes paced
-    job.wait_until(lambda: committed_rows(out) > 0)
+    job = Job(args, str(tmp_path / "run2.log"), paced(1), cluster=cluster)  # writes paced
+    job.wait_until(lambda: committed_rows(out) > done_before)
     assert job.terminate() < 30
     assert job.proc.returncode == 75, job.output()[-3000:]
     done = committed_rows(out)
-    corpus_rows = pq.read_table(inputs["corpus"]).num_rows
     assert f"stopped on SIGTERM: {done} of {corpus_rows} pairs are committed" in job.output()
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
-    rerun = run(args, str(tmp_path / "run2.log"), cluster=cluster)
+
+    rerun = run(args, str(tmp_path / "run3.log"), cluster=cluster)
     assert rerun.proc.returncode == 0, rerun.output()[-3000:]
     assert f"({corpus_rows - done} in this run)" in rerun.output()
     assert _rows(out) == _rows(tokenized)
+    again = run(args, str(tmp_path / "run4.log"), cluster=cluster)
+    assert again.proc.returncode == 0 and "already done" in again.output()

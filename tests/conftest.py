@@ -11,7 +11,7 @@ import pytest
 from rstar_batch.base.cores import usable_cores
 from rstar_batch.cluster import CORES_LABEL
 from rstar_batch.testing import MICRO_ARCHITECTURE, make_tiny_model, write_sample_data
-from tests.jobs import one_node_cluster
+from tests.jobs import moto_s3, one_node_cluster
 from tests.reference import reference_scores
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -78,11 +78,19 @@ def sample_reference(micro_model, sample_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
-def cluster():
+def s3_env(tmp_path_factory) -> dict[str, str]:
+    """A local S3 API (moto's server) for the session, and the environment that reaches it."""
+    with moto_s3(str(tmp_path_factory.mktemp("aws"))) as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def cluster(s3_env):
     """One Ray cluster that the end-to-end jobs of the whole session join (`run(...,
     cluster=cluster)`), torn down by process id: tests about the job, not about
-    starting Ray, pay Ray's start once."""
-    with one_node_cluster() as shared:
+    starting Ray, pay Ray's start once. Its node reaches the session's S3 as a job's
+    driver does (the object-storage tests' jobs run on it)."""
+    with one_node_cluster(env=s3_env) as shared:
         yield shared
 
 

@@ -323,6 +323,34 @@ def local_cluster(worker_cpus: int, dashboard: bool = False, token: Optional[str
         shutil.rmtree(base, ignore_errors=True)
 
 
+S3_SECRET = "rstar-secret-" + secrets.token_hex(16)  # grepped for in everything jobs write
+
+
+@contextlib.contextmanager
+def moto_s3(folder: str) -> Iterator[dict[str, str]]:
+    """An S3 API (moto's server) on a free port of 127.0.0.1, and the environment that
+    reaches it with S3_SECRET as its secret key; `folder` stands in for ~/.aws."""
+    import logging
+
+    import moto.server as moto_server  # the test extra: a missing one fails, never skips
+
+    werkzeug = logging.getLogger("werkzeug")  # one log line per request otherwise
+    level = werkzeug.level
+    werkzeug.setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        nowhere = os.path.join(folder, "none")  # no ~/.aws settings leak in
+        yield {"AWS_ACCESS_KEY_ID": "rstar-test-key", "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+               "AWS_CONFIG_FILE": nowhere, "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+               "AWS_EC2_METADATA_DISABLED": "true"}
+    finally:
+        server.stop()
+        werkzeug.setLevel(level)
+
+
 @contextlib.contextmanager
 def one_node_cluster(env: Optional[dict] = None) -> Iterator[LocalCluster]:
     """One node as the embedded Ray is (its logical CPUs and cores label), so jobs that

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 
-import moto.server as moto_server  # the test extra: a missing one fails, never skips
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,8 +21,8 @@ import rstar_batch
 from rstar_batch.config import ConfigError
 from rstar_batch.io.sources import InputError
 from rstar_batch.testing import make_candidates
-from tests.jobs import (Job, assert_same_ranking, committed_rows, one_node_cluster, paced,
-                        run)
+from tests.jobs import S3_SECRET as SECRET
+from tests.jobs import Job, assert_same_ranking, committed_rows, paced, run
 from tests.reference import reference_scores
 from tests.test_rerank_job import _assert_matches_reference
 
@@ -34,34 +32,6 @@ QUERIES, CANDIDATES = 20, 30
 TOTAL = QUERIES * CANDIDATES
 MAX_LENGTH = 96
 BUCKET = "rstar-test"
-SECRET = "rstar-secret-" + secrets.token_hex(16)  # grepped for in everything the job writes
-
-
-@pytest.fixture(scope="module")
-def s3_env(tmp_path_factory):
-    """An S3 API on a free port of 127.0.0.1 and the environment that reaches it."""
-    werkzeug = logging.getLogger("werkzeug")  # one log line per request otherwise
-    level = werkzeug.level
-    werkzeug.setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        nowhere = str(tmp_path_factory.mktemp("aws") / "none")  # no ~/.aws settings leak in
-        yield {"AWS_ACCESS_KEY_ID": "rstar-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-               "AWS_CONFIG_FILE": nowhere, "AWS_SHARED_CREDENTIALS_FILE": nowhere,
-               "AWS_EC2_METADATA_DISABLED": "true"}
-    finally:
-        server.stop()
-        werkzeug.setLevel(level)
-
-
-@pytest.fixture(scope="module")
-def s3_cluster(s3_env):
-    """The jobs' Ray, its node's workers reaching the S3 API as the job's driver does."""
-    with one_node_cluster(env=s3_env) as cluster:
-        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +74,10 @@ def _assert_each_query_in_one_file(s3, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(s3_env, s3_cluster, s3, candidates, micro_model, tmp_path_factory) -> dict:
+def uninterrupted(s3_env, cluster, s3, candidates, micro_model, tmp_path_factory) -> dict:
     """One uninterrupted job, S3 to S3; its log and output."""
     log = str(tmp_path_factory.mktemp("s3-full") / "run.log")
-    job = run(_args(f"s3://{BUCKET}/full/", micro_model), log, env=s3_env, cluster=s3_cluster)
+    job = run(_args(f"s3://{BUCKET}/full/", micro_model), log, env=s3_env, cluster=cluster)
     assert job.proc.returncode == 0, job.output()[-3000:]
     return {"log": job.output(), "table": _read_output(s3, "full")}
 
@@ -134,12 +104,12 @@ def test_job_reads_and_writes_s3_and_equals_the_one_pair_reference(
 
 
 def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
-        uninterrupted, s3_env, s3_cluster, s3, micro_model, tmp_path):
+        uninterrupted, s3_env, cluster, s3, micro_model, tmp_path):
     out = f"s3://{BUCKET}/resumed/"
     logs = []
     # paced by the fault hook (each replica batch 0.5 s longer) so there is time to kill
     job = Job(_args(out, micro_model), str(tmp_path / "run1.log"),
-              env={**s3_env, **paced(0.5)}, cluster=s3_cluster)
+              env={**s3_env, **paced(0.5)}, cluster=cluster)
     committed = lambda: committed_rows(f"{BUCKET}/resumed", s3.glob, s3.cat_file)  # noqa: E731
     job.wait_until(lambda: committed() >= TOTAL // 2, timeout=240)
     job.kill()
@@ -152,7 +122,7 @@ def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
     assert f"/{TOTAL} pairs scored" in status and "rerun the same command" in status
 
     rerun = run(_args(out, micro_model), str(tmp_path / "run2.log"), env=s3_env,
-                cluster=s3_cluster)
+                cluster=cluster)
     logs.append(rerun.output())
     assert rerun.proc.returncode == 0, rerun.output()[-3000:]
     assert "resuming run 2" in rerun.output()

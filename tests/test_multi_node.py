@@ -28,6 +28,12 @@ pytestmark = pytest.mark.slow
 DATE = "2026-11-26"
 QUERIES, CANDIDATES = 10, 20
 WORKER_CPUS = 4
+# The GCS checks each node every second and calls it lost after 3 missed answers
+# (Ray's defaults: every 3 s, 5 misses of up to 10 s each): the test of surviving a
+# node's loss then waits seconds, not half a minute, for Ray to notice it.
+NODE_LOSS_SEEN_IN_SECONDS = {"RAY_health_check_period_ms": "1000",
+                             "RAY_health_check_timeout_ms": "1000",
+                             "RAY_health_check_failure_threshold": "3"}
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +41,18 @@ def nodes() -> Iterator[LocalCluster]:
     """A head with the job API (no CPUs) and two worker nodes of WORKER_CPUS logical CPUs
     and half this machine's cores each. Jobs carry their faults to the workers."""
     with local_cluster(worker_cpus=WORKER_CPUS, workers=2, dashboard=True,
-                       token=new_token()) as cluster:
+                       token=new_token(), env=NODE_LOSS_SEEN_IN_SECONDS) as cluster:
         yield cluster
 
 
 def test_default_plan_scores_on_every_node_of_a_cpu_cluster(
         nodes, micro_model, sample_dir, sample_reference, tmp_path):
     out = str(tmp_path / "ranked")
-    # Scoring costs about R*'s time on 2 cores (40 replica batches of 25 pairs, 1.5 s
+    # Scoring costs about R*'s time on 2 cores (40 replica batches of 25 pairs, 1 s
     # each), so the pool grows to its plan.
     job = run(["rerank", "--candidates", sample_dir, "--output", out, "--model", micro_model,
                "--dtype", "float32", "--replica-batch-rows", "25"],
-              str(tmp_path / "job.log"), paced(1.5), cluster=nodes)
+              str(tmp_path / "job.log"), paced(1), cluster=nodes)
     assert job.proc.returncode == 0, job.output()[-5000:]
     manifest = json.load(open(os.path.join(out, "_manifest.json")))
     plan = manifest["replicas"]

@@ -6,8 +6,11 @@
 
 For each checkout, every run is `rstar-batch rerank` in its own process (an embedded
 local Ray, default options but `--checkpoint-rows 256`), watched by polling the output's
-commit markers:
-  1. a fresh run to the end: seconds from launch to its first commit, and to exit;
+commit records:
+  1. a fresh run to the end: seconds from launch to its first commit, and to exit; and
+     how far its log's progress lines trail the commit records (what `rstar-batch
+     status` reads), sampled every second: for each sample, the seconds until a
+     progress line (or the summary) says at least as much;
   2. three runs in a row, each SIGKILLed 45 s after its launch (a node preempted every
      minute), then one to the end: pairs committed after each kill, each resumed run's
      seconds from launch to its first new commit, and whether the final output equals
@@ -23,6 +26,7 @@ import datetime
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,6 +58,7 @@ class Launch:
         self.out, self.started = out, time.monotonic()
         self.before = set(self.commits())
         self.first_commit: Optional[float] = None
+        self.samples: Optional[list[tuple[float, int]]] = None  # set to a list to sample
         self.proc = subprocess.Popen([sys.executable, "-m", "rstar_batch", "rerank", *args],
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True, env=env, cwd=source or None)
@@ -66,6 +71,9 @@ class Launch:
     def poll(self) -> None:
         if self.first_commit is None and set(self.commits()) - self.before:
             self.first_commit = time.monotonic() - self.started
+        now = time.time()
+        if self.samples is not None and now - (self.samples[-1][0] if self.samples else 0) >= 1:
+            self.samples.append((now, committed(self.out)))
 
     def wait(self, until=lambda: False, timeout: float = 1800) -> float:
         """Poll until the process exits or `until()`; return seconds since launch."""
@@ -103,11 +111,35 @@ def _session(stat: str) -> Optional[int]:
 
 
 def committed(out: str) -> int:
+    """Pairs the output's commit records cover (older checkouts: their `c*` markers)."""
+    if glob.glob(os.path.join(out, "_work", "commits", "*.json")):
+        from rstar_batch.base import fs as fsio
+        from rstar_batch.progress.log import read_progress
+
+        return read_progress(*fsio.resolve(out)).committed_rows()
     rows = 0
     for path in glob.glob(os.path.join(out, "_work", "commits", "c*")):
         _, start, end = os.path.basename(path).split(".")[0].split("-")
         rows += int(end) - int(start)
     return rows
+
+
+def progress_lag(log: str, samples: list[tuple[float, int]]) -> tuple[int, float]:
+    """The progress lines the log holds, and the most seconds any sample of the commit
+    records waited for a line (a progress line or the final summary) saying as much."""
+    lines = []
+    for line in open(log):
+        found = re.match(r"(\S+ \S+) INFO rstar_batch\.(driver: progress: (\d+)/|manifest: "
+                         r"rstar-batch: (\d+) pairs)", line)
+        if found:
+            at = datetime.datetime.strptime(found[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            lines.append((at, int(found[3] or found[4]), found[3] is not None))
+    worst = 0.0
+    for t, pairs in samples:
+        said = [at for at, n, _ in lines if n >= pairs]
+        if pairs and said:
+            worst = max(worst, min(said) - t)
+    return sum(1 for *_, progress in lines if progress), worst
 
 
 def ranked(out: str) -> dict:
@@ -129,8 +161,10 @@ def measure(source: Optional[str], candidates: str, model: str, work: str, total
     # 1. fresh, to the end
     out = os.path.join(work, "fresh")
     run = Launch(source, args(out), out, out + ".log")
+    run.samples = []
     result["fresh_seconds"] = run.wait()
     result["fresh_first_commit"] = run.first_commit
+    result["progress_lines"], result["progress_lag"] = progress_lag(out + ".log", run.samples)
     assert run.proc.returncode == 0, open(out + ".log").read()[-2000:]
     result["fresh_phases"] = json.load(open(os.path.join(out, "_manifest.json")))[
         "seconds_by_phase"]
@@ -182,6 +216,9 @@ def report(results: dict[str, dict], total: int, kill_after: float) -> str:
     rows = [
         ("fresh run: launch → first commit, s", lambda r: _s(r["fresh_first_commit"])),
         ("fresh run: launch → exit, s", lambda r: _s(r["fresh_seconds"])),
+        ("fresh run: progress lines logged", lambda r: str(r["progress_lines"])),
+        ("fresh run: most seconds the log trailed the commit records",
+         lambda r: _s(r["progress_lag"])),
         ("fresh run: its manifest's start-up, scoring and rank phases, s",
          lambda r: " / ".join(_s(r["fresh_phases"].get(k)) for k in ("startup", "scoring",
                                                                       "rank"))),

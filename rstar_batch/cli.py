@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from rstar_batch import supervise
 from rstar_batch.config import ConfigError, RerankConfig, field_type
-from rstar_batch.progress.drain import EXIT_STOPPED, Stopped
+from rstar_batch.progress.drain import EXIT_STOPPED, Stopped, watch_from_the_start
 
 
 def _flag(name: str) -> str:
@@ -53,7 +53,8 @@ def add_config_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ..
 CANDIDATE_ONLY = ("candidates", "nested_column", "on_bad_file")
 # What tokenize-corpus reads of the config: the corpus, the tokenizer, the job's own knobs.
 TOKENIZE_FIELDS = ("corpus", "output", "overwrite", "restart", "max_rejected_fraction",
-                   "checkpoint_rows", "drain_seconds", "doc_id_column", "passage_column",
+                   "checkpoint_rows", "drain_seconds", "progress_seconds", "doc_id_column",
+                   "passage_column",
                    "model", "revision", "trust_remote_code", "tokenize_workers",
                    "replica_batch_rows", "address")
 NOT_TOKENIZE = tuple(f.name for f in dataclasses.fields(RerankConfig)
@@ -400,8 +401,10 @@ def report_stop(args: argparse.Namespace, signal_name: str) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_process(args.log_level)
-    if argv is None and args.command in JOBS and supervise.wanted(getattr(args, "address", None)):
-        return supervise.watch(lambda name: report_stop(args, name))  # see supervise.py
+    if argv is None and args.command in JOBS:
+        if supervise.wanted(getattr(args, "address", None)):
+            return supervise.watch(lambda name: report_stop(args, name))  # supervise.py
+        watch_from_the_start()  # a stop while it imports and checks: it stops, says so
     try:
         return COMMANDS[args.command](args)
     except user_errors() as exc:

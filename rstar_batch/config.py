@@ -105,6 +105,9 @@ class RerankConfig:
         20.0, "On SIGTERM or SIGINT, wait at most this long for scored rows to be "
         "committed, then exit with code 75 (a second signal exits at once). Keep it "
         "under the grace period before SIGKILL (Kubernetes: 30 s).", "input/output")
+    progress_seconds: float = _opt(
+        30.0, "Log a progress line (pairs committed, pairs/s, ETA) at most this often, "
+        "as commits land.", "input/output")
 
     # -- columns ----------------------------------------------------------------------
     query_id_column: str = _opt("query_id", "Input column holding the query id.", "columns")
@@ -208,7 +211,7 @@ class RerankConfig:
         if isinstance(self.batch_retries, bool) or not isinstance(self.batch_retries, int) \
                 or self.batch_retries < 0:
             raise ConfigError(f"batch_retries must be 0 or more, got {self.batch_retries!r}")
-        for name in ("commit_seconds", "drain_seconds"):
+        for name in ("commit_seconds", "drain_seconds", "progress_seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{name} must be a number of seconds above 0, got {value!r}")

@@ -39,7 +39,6 @@ from rstar_batch.summary import JobSummary, check_all_committed, check_rejected
 
 log = logging.getLogger(__name__)
 
-PROGRESS_EVERY_S = 30.0
 # How often the driver asks the commit writers what they committed (an actor call each)
 WRITER_POLL_S = 2.0
 
@@ -182,7 +181,8 @@ def _run(job: Job, drain: Drain) -> JobSummary:
             pending = progress.pending(chunks, within=job.resumes_within_chunks)
             per_row = job.pairs_per_row
             total = sum(c.rows for c in chunks) * per_row
-            progress_log = ProgressLog(total, total - sum(c.todo for c in pending) * per_row)
+            progress_log = ProgressLog(total, total - sum(c.todo for c in pending) * per_row,
+                                       every=config.progress_seconds)
             if progress_log.done:
                 log.info("resuming run %d: %d of %d chunks already done, %d pairs left",
                          opened.run, len(chunks) - len(pending), len(chunks),
@@ -299,10 +299,11 @@ class Phases:
 
 
 class ProgressLog:
-    """A periodic log line: pairs done of total, pairs/s, ETA."""
+    """A log line, at most every `every` seconds as commits land: pairs committed of
+    total, pairs/s, ETA."""
 
-    def __init__(self, total: int, already: int) -> None:
-        self.total, self.done, self.started_with = total, already, already
+    def __init__(self, total: int, already: int, every: float) -> None:
+        self.total, self.done, self.started_with, self.every = total, already, already, every
         self.started = self.last = time.monotonic()
         self.by_node: dict[str, int] = {}  # pairs each Ray node's replicas scored
         self.counted: dict[str, dict] = {}  # rows by node of each commit counted
@@ -322,7 +323,7 @@ class ProgressLog:
         if node is not None:
             self.by_node[node] = self.by_node.get(node, 0) + rows
         now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY_S:
+        if now - self.last >= self.every:
             self.last = now
             rate = (self.done - self.started_with) / max(now - self.started, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 from rstar_batch import cli, supervise
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.progress.drain import EXIT_STOPPED, Stopped
+from rstar_batch.progress.drain import EXIT_STOPPED, Stopped, watch_from_the_start
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ def entrypoint(argv: Sequence[str], job: str = "rerank") -> int:
         args = None  # run() says what is wrong
     if args is not None and supervise.wanted(getattr(args, "address", None)):
         return supervise.watch(lambda name: _stopped(args, job, name, started))
+    watch_from_the_start()
     code, record = run(argv, job)
     print(json.dumps(record), flush=True)
     return code

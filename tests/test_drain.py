@@ -215,14 +215,17 @@ def test_a_drain_past_its_deadline_stops_waiting_for_a_silent_pipeline():
     drain = Drain(seconds=0.5)
     drain.requested_at, drain.signal_name = time.monotonic(), "SIGTERM"
     began = time.monotonic()
-    assert run_scoring(_Silent(), ProgressLog(9, 0), 1, drain) == 5
+    assert run_scoring(_Silent(), ProgressLog(9, 0, every=30), 1, drain) == 5
     assert time.monotonic() - began < 5
 
 
-def test_commit_and_drain_seconds_must_be_positive_and_stay_out_of_the_resume_key():
+def test_commit_drain_and_progress_seconds_must_be_positive_and_stay_out_of_the_resume_key():
     with pytest.raises(ConfigError, match="commit_seconds must be a number of seconds"):
         RerankConfig(commit_seconds=0)
     with pytest.raises(ConfigError, match="drain_seconds"):
         RerankConfig(drain_seconds=-1)
-    key = checkpoint.config_key(RerankConfig(commit_seconds=3, drain_seconds=5))
+    with pytest.raises(ConfigError, match="progress_seconds"):
+        RerankConfig(progress_seconds=0)
+    key = checkpoint.config_key(RerankConfig(commit_seconds=3, drain_seconds=5,
+                                             progress_seconds=1))
     assert key == checkpoint.config_key(RerankConfig())

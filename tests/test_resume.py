@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import os
+import re
 import shutil
 import signal
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,7 +66,6 @@ def _commits(out: str) -> int:
 
 
 KILL_POINTS = {
-    "before_any_write": lambda out: os.path.exists(os.path.join(out, "_work", "plan.json")),
     "during_final_pass": lambda out: committed_rows(out) >= TOTAL,
 }
 
@@ -92,10 +94,20 @@ def test_a_job_killed_then_interrupted_resumes_each_time_without_loss_or_duplica
     assert f"{done_at_kill}/{TOTAL} pairs scored" in status
     assert "rerun the same command" in status
 
-    job = Job(args, str(tmp_path / "run2.log"), PACED, cluster=cluster)
-    job.wait_until(lambda: committed_rows(out) >= 2 * TOTAL // 3)
+    # Replica calls of 240 pairs span several commits; the log says what is committed
+    # each second: the progress it logs must follow what the commit records say.
+    samples: list[tuple[float, int]] = []  # (when, pairs committed) as the test saw them
+
+    def two_thirds() -> bool:
+        samples.append((time.time(), committed_rows(out)))
+        return samples[-1][1] >= 2 * TOTAL // 3
+
+    job = Job([*args, "--replica-batch-rows", "240", "--progress-seconds", "1"],
+              str(tmp_path / "run2.log"), PACED, cluster=cluster)
+    job.wait_until(two_thirds)
     seconds = job.terminate(sig=signal.SIGINT)
     text = job.output()
+    _assert_logged_progress_follows_the_commits(text, samples, committed_rows(out))
     assert seconds < 30, f"took {seconds:.1f} s to stop"
     assert job.proc.returncode == 75, text[-3000:]
     assert "SIGINT: draining" in text
@@ -110,11 +122,51 @@ def test_a_job_killed_then_interrupted_resumes_each_time_without_loss_or_duplica
     assert sum(per_run.values()) == TOTAL  # and nothing was scored twice
 
 
-@pytest.mark.parametrize("point", ["before_any_write", "during_final_pass"])
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` handles `sig` yet (its SigCgt mask)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            mask = next(line.split()[1] for line in fh if line.startswith("SigCgt:"))
+    except (FileNotFoundError, StopIteration):
+        return False
+    return bool(int(mask, 16) >> (sig - 1) & 1)
+
+
+def test_sigterm_before_ray_starts_then_during_start_up_stops_and_the_rerun_resumes(
+        job_input, micro_model, baseline, cluster, tmp_path):
+    """SIGTERM to the driver as soon as it handles one at all (it is still importing
+    and checking: it must stop there, say so and exit 75, not die of the signal), then
+    to a rerun as soon as its plan is written (Ray starting); the third run finishes."""
+    out = str(tmp_path / "out")
+    args = _args(job_input, out, micro_model, "--drain-seconds", "20")
+    job = Job(args, str(tmp_path / "run1.log"), cluster=cluster)
+    job.wait_until(lambda: _catches(job.proc.pid, signal.SIGTERM), timeout=60)
+    seconds = job.terminate()
+    text = job.output()
+    assert job.proc.returncode == 75, text[-3000:]
+    assert f"rstar-batch: stopped on SIGTERM: 0 of {TOTAL} pairs are committed" in text
+    assert "joining Ray cluster" not in text and seconds < 30  # stopped before Ray
+
+    job = Job(args, str(tmp_path / "run2.log"), PACED, cluster=cluster)
+    job.wait_until(lambda: os.path.exists(os.path.join(out, "_work", "plan.json")))
+    seconds = job.terminate()
+    text = job.output()
+    assert job.proc.returncode == 75 and seconds < 30, text[-3000:]
+    assert "SIGTERM: draining" in text
+    done_at_stop = committed_rows(out)
+    assert f"stopped on SIGTERM: {done_at_stop} of {TOTAL} pairs are committed" in text
+
+    per_run = _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
+                                         cluster, log="run3.log")
+    assert sum(per_run.values()) == TOTAL  # nothing scored twice
+
+
+@pytest.mark.parametrize("point", ["during_final_pass"])
 def test_sigterm_drains_stops_within_the_bound_and_the_rerun_resumes(
         point, job_input, micro_model, baseline, cluster, tmp_path):
-    """SIGTERM to the driver alone, as Kubernetes and `ray job stop` send it (in the
-    middle of scoring: the test above, with SIGINT)."""
+    """SIGTERM to the driver alone, as Kubernetes and `ray job stop` send it, in the
+    rank pass (in the middle of scoring: the first test, with SIGINT; before Ray and
+    in start-up: the test above)."""
     sig = signal.SIGTERM
     name = signal.Signals(sig).name
     out = str(tmp_path / "out")
@@ -160,6 +212,24 @@ def test_sigterm_to_the_whole_process_group_still_stops_with_what_is_committed(
     per_run = _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
                                          cluster)
     assert per_run[1] == done_at_stop and per_run[1] + per_run.get(2, 0) == TOTAL
+
+
+# A commit lands within --commit-seconds (1) of scoring; the driver asks the writers
+# every 2 s and logs at most every --progress-seconds (1); 2 s for a busy machine.
+PROGRESS_LAG_S = 1 + 2 + 1 + 2
+
+
+def _assert_logged_progress_follows_the_commits(text: str, samples: list, final: int) -> None:
+    """Each progress line counts at least what was committed PROGRESS_LAG_S before it
+    and never more than was ever committed; at least two lines while scoring."""
+    logged = [(datetime.datetime.strptime(at, "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(pairs))
+              for at, pairs in re.findall(
+                  rf"^(\S+ \S+) INFO rstar_batch.driver: progress: (\d+)/{TOTAL} pairs",
+                  text, re.M)]
+    assert len(logged) >= 2, text[-3000:]
+    for at, pairs in logged:
+        seen = max((n for t, n in samples if t <= at - PROGRESS_LAG_S), default=0)
+        assert seen <= pairs <= final, (at, pairs, seen, samples)
 
 
 def _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,

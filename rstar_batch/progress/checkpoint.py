@@ -42,9 +42,11 @@ _SCALING_GROUPS = {"scaling", "cluster"}
 # The output is where the progress lives, and the input is compared by its
 # fingerprint (resolved paths, sizes, times), so neither is compared as typed.
 # The rejected-rows limit only decides whether the job passes, not what it writes;
-# how often replicas commit and how long a stop waits decide neither.
+# how often replicas commit, how long a stop waits and how often the job logs its
+# progress decide neither.
 _NOT_IN_KEY = {"overwrite", "restart", "address", "output", "candidates", "corpus",
-               "queries", "max_rejected_fraction", "commit_seconds", "drain_seconds"}
+               "queries", "max_rejected_fraction", "commit_seconds", "drain_seconds",
+               "progress_seconds"}
 
 
 class OutputError(ValueError):

@@ -96,6 +96,31 @@ def stop_requested(stop: Optional[StopSignal]) -> bool:
     return stop is not None and stop.is_set()
 
 
+# A stop asked before the job's drain watched: (signal name, when), for `Drain.watch`.
+_EARLY: list[tuple[str, float]] = []
+
+
+def watch_from_the_start() -> None:
+    """For an entrypoint, once it has parsed its arguments: a SIGTERM or SIGINT that
+    comes while the job imports, checks its inputs and model or plans is kept for its
+    drain (`Drain.watch`), which then stops it at its first check, before Ray starts,
+    with the usual line and exit code 75; without this, the signal's default action
+    ended the process with nothing said. A second signal exits at once."""
+    def early(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if _EARLY:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        _EARLY.append((name, time.monotonic()))
+        log.warning("%s before the job started: it stops before Ray starts (a second "
+                    "signal exits at once)", name)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in _SIGNALS:
+            signal.signal(sig, early)
+
+
 class Drain:
     """The driver's side: signal handlers, the flag the workers read, the deadline.
 
@@ -132,6 +157,8 @@ class Drain:
         for sig in _SIGNALS:
             previous = signal.signal(sig, self._on_signal)
             self._previous.setdefault(sig, previous)
+        if _EARLY and not self.requested:
+            self.signal_name, self.requested_at = _EARLY[0]
 
     def restore(self) -> None:
         """Put the previous handlers back; end the flag if the caller's Ray lives on."""

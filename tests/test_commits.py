@@ -115,10 +115,22 @@ def test_progress_from_records_merges_overlapping_commits():
     assert progress.covered == {0: [(0, 60), (40, 100)], 1: [(0, 5)]}
 
 
+def _packs(rows_per_segment: int) -> list[Commit]:
+    return [Commit(f"c{i}", 1, ((i, 0, 10),), data=f"scored/c{i}.pack",
+                   segments=tuple(Segment(b, 100 * b, 100, rows_per_segment)
+                                  for b in range(40)))
+            for i in range(3)]
+
+
+def test_rank_tasks_are_as_many_as_the_rows_are_worth():
+    assert len(plan_tasks(Progress(_packs(5)), cpus=4)) == 1  # 600 rows: one process
+    assert len(plan_tasks(Progress(_packs(5_000)), cpus=4)) == 3  # 600k: 250k a task
+    assert len(plan_tasks(Progress(_packs(50_000)), cpus=4)) == 8  # 2 a CPU
+    assert len(plan_tasks(Progress(_packs(2_000_000)), cpus=4)) == 40  # a bucket each (6M rows)
+
+
 def test_rank_tasks_take_consecutive_buckets_and_read_each_pack_once(tmp_path):
-    packs = [Commit(f"c{i}", 1, ((i, 0, 10),), data=f"scored/c{i}.pack",
-                    segments=tuple(Segment(b, 100 * b, 100, 5) for b in range(40)))
-             for i in range(3)]
+    packs = _packs(50_000)
     plan = plan_tasks(Progress(packs), cpus=4)
     assert len(plan) == 8
     assert [b for buckets, _ in plan for b in buckets] == list(range(40))

@@ -11,8 +11,9 @@ commit records:
      how far its log's progress lines trail the commit records (what `rstar-batch
      status` reads), sampled every second: for each sample, the seconds until a
      progress line (or the summary) says at least as much;
-  2. three runs in a row, each SIGKILLed 45 s after its launch (a node preempted every
-     minute), then one to the end: pairs committed after each kill, each resumed run's
+  2. three runs in a row, each SIGKILLed N s after its launch (a node preempted every N
+     s; N: the fresh run's first commit plus half its scoring, or --kill-after), then one
+     to the end: pairs committed after each kill, each resumed run's
      seconds from launch to its first new commit, and whether the final output equals
      run 1's;
   3. a run sent SIGTERM once half the pairs are committed, then one to the end: seconds
@@ -156,7 +157,7 @@ def same_output(a: dict, b: dict) -> bool:
 def measure(source: Optional[str], candidates: str, model: str, work: str, total: int,
             kill_after: float, kills: int) -> dict:
     args = lambda out: ["--candidates", candidates, "--output", out, "--model", model,  # noqa: E731
-                        "--checkpoint-rows", str(CHECKPOINT_ROWS)]
+                        "--checkpoint-rows", str(CHECKPOINT_ROWS), "--dtype", "float32"]
     result: dict = {}
     # 1. fresh, to the end
     out = os.path.join(work, "fresh")
@@ -169,6 +170,9 @@ def measure(source: Optional[str], candidates: str, model: str, work: str, total
     result["fresh_phases"] = json.load(open(os.path.join(out, "_manifest.json")))[
         "seconds_by_phase"]
     reference = ranked(out)
+    if kill_after is None:  # mid-scoring, whatever this machine's speed
+        kill_after = round(result["fresh_first_commit"] + 0.5 * result["fresh_phases"]["scoring"])
+    result["kill_after"] = kill_after
     # 2. SIGKILL kill_after s into each of `kills` runs, then to the end
     out = os.path.join(work, "killed")
     result["after_kills"], result["resume_first_commit"] = [], []
@@ -211,7 +215,7 @@ def _s(value: Optional[float]) -> str:
     return "none" if value is None else f"{value:.1f}"
 
 
-def report(results: dict[str, dict], total: int, kill_after: float) -> str:
+def report(results: dict[str, dict], total: int) -> str:
     lines = [f"| | {' | '.join(results)} |", f"| --- |{' ---: |' * len(results)}"]
     rows = [
         ("fresh run: launch → first commit, s", lambda r: _s(r["fresh_first_commit"])),
@@ -222,8 +226,8 @@ def report(results: dict[str, dict], total: int, kill_after: float) -> str:
         ("fresh run: its manifest's start-up, scoring and rank phases, s",
          lambda r: " / ".join(_s(r["fresh_phases"].get(k)) for k in ("startup", "scoring",
                                                                       "rank"))),
-        (f"pairs committed after SIGKILLs {kill_after:g} s into each run",
-         lambda r: " → ".join(str(c) for c in r["after_kills"])),
+        ("pairs committed after SIGKILLs N s into each run",
+         lambda r: f"{' → '.join(str(c) for c in r['after_kills'])} (N = {r['kill_after']:g})"),
         ("resumed runs: launch → first new commit, s",
          lambda r: ", ".join(_s(s) for s in r["resume_first_commit"])),
         ("final run after the kills: launch → first commit, s",
@@ -245,7 +249,9 @@ def report(results: dict[str, dict], total: int, kill_after: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=4000)
-    parser.add_argument("--kill-after", type=float, default=45.0)
+    parser.add_argument("--kill-after", type=float, default=None,
+                        help="seconds into each killed run (default: the fresh run's "
+                        "first commit plus half its scoring)")
     parser.add_argument("--before", help="an older checkout to measure the same way")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     args = parser.parse_args()
@@ -267,8 +273,9 @@ def main() -> None:
                                     folder, total, kill_after, kills)
     print(f"## Restart and drain ({datetime.date.today()}; {machine('cpu')})\n")
     print(f"{total} pairs, R*'s architecture (random weights), `--checkpoint-rows "
-          f"{CHECKPOINT_ROWS}`, other options default; {versions()}.\n")
-    print(report(results, total, kill_after))
+          f"{CHECKPOINT_ROWS} --dtype float32` (scores equal run to run; bfloat16's differ "
+          f"with the batches' padding), other options default; {versions()}.\n")
+    print(report(results, total))
 
 
 if __name__ == "__main__":

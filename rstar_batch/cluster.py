@@ -88,10 +88,11 @@ def ray_session(address: Optional[str] = None) -> Iterator[None]:
 def wait_at_most(seconds: float, what: str, call: Callable[[], Any]) -> None:
     """Run a cleanup call into Ray, waiting for it at most `seconds`.
 
-    Such calls block for good where Ray's own processes are gone: a SIGTERM to the
-    whole process group (systemd stopping a unit, Slurm's scancel, `kill -- -PGID`)
-    ends the embedded Ray's GCS and raylet together with the driver, whose drain then
-    waited forever on its placement group's removal. A placement group, like the rest
+    Such calls block for good where Ray's own processes are gone: a SIGTERM to every
+    process of the job (systemd's default signals the unit's whole cgroup) ends the
+    embedded Ray's GCS and raylet together with the driver, whose drain then waited
+    forever on its placement group's removal. (A signal to the process group alone no
+    longer reaches them: supervise.py.) A placement group, like the rest
     of what the job made, ends with the job's Ray anyway; the call's own errors raise.
     """
     done, errors = threading.Event(), []

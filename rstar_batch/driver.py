@@ -255,8 +255,8 @@ def score_until_committed(job: Job, replicas: ReplicaPlan, chunks: list[checkpoi
 def close_writers(writers: Writers, progress_log: "ProgressLog", pairs_per_row: int,
                   drain: Drain) -> None:
     """Have the writers commit what they hold, then end them. On a drain this waits at
-    most the drain's time left, and a Ray that is gone (a SIGTERM to the whole process
-    group ends the embedded Ray with the driver) only means nothing more is committed:
+    most the drain's time left, and a Ray that is gone (a SIGTERM to every process of
+    the job ends the embedded Ray with the driver) only means nothing more is committed:
     calls into it go through `wait_at_most`, which never blocks the stop."""
     timeout = drain.left() if drain.requested else FLUSH_TIMEOUT_S
     flushed: list = []

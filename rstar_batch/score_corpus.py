@@ -5,15 +5,16 @@
     pass 1 (Ray Data, streaming, checkpointed per corpus chunk):
       read pending corpus chunks → normalize → tokenize passages (CPU actors) →
       score all queries × each block, keep the block's top K per query
-      (replicas) → the node's commit writer merges blocks into one running top K
-      per query and commits it every --commit-seconds, each commit replacing its
-      last (io/scored.py)
+      (replicas) → the node's forwarder merges blocks into its running top K per
+      query and passes on what enters it → the job's one committer merges those
+      into the job's running top K and commits it every --commit-seconds, each
+      commit replacing its last (io/scored.py)
     pass 2 (rerank's rank pass): per bucket, the writers' top K merged into the
       exact top K of each query
 
 The |queries| × |corpus| pairs never exist outside a replica's block, and _work/
-holds at most about 2 × writers × |queries| × K rows (a writer's last commit and
-the one replacing it), however large the corpus.
+holds at most about 2 × |queries| × K rows (the committer's last commit and the
+one replacing it), however large the corpus and the cluster.
 A tokenized corpus (tokenize-corpus's output) skips tokenizing passages: its
 ids are cut as TokenizePassages cuts, and its rejected rows stayed in T.
 """

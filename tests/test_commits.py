@@ -13,7 +13,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from rstar_batch.base import columns as C
-from rstar_batch.io.scored import CommitWriter, encode_pack, decode_segment, read_buckets
+from rstar_batch.io.scored import (CommitWriter, TopKForwarder, encode_pack, decode_segment,
+                                  once_each, read_buckets)
 from rstar_batch.progress.log import Commit, Progress, Segment, read_commits, read_progress
 from rstar_batch.rank_pass import plan_tasks
 
@@ -177,6 +178,62 @@ def test_a_top_k_writer_commits_one_running_top_k_that_replaces_its_last(tmp_pat
         want = sorted(rows, key=lambda r: (-r[C.SCORE], r[C.DOC_ID]))[:3]
         mine = [r for r in got.to_pylist() if r[C.QUERY_ID] == qid]
         assert sorted(r[C.DOC_ID] for r in mine) == sorted(r[C.DOC_ID] for r in want)
+
+
+@pytest.mark.parametrize("chunk_base", [0, 2**50])  # a packed sort key, and too wide for one
+def test_once_each_keeps_the_first_copy_of_each_chunk_row_query_in_input_order(chunk_base):
+    rows = [(chunk_base + c, r, q) for c, r, q in
+            [(2, 1, "a"), (1, 5, "b"), (2, 1, "a"), (1, 5, "a"), (0, 9, "b"), (1, 5, "b")]]
+    table = pa.table({C.CHUNK: pa.array([r[0] for r in rows], pa.int64()),
+                      C.ROW: pa.array([r[1] for r in rows], pa.int64()),
+                      C.QUERY_ID: [r[2] for r in rows], "copy": list(range(len(rows)))})
+    got = once_each(table)
+    assert got["copy"].to_pylist() == [4, 3, 1, 0]  # by (chunk, row, query); first copies
+
+
+class _LocalForwarder(TopKForwarder):
+    """A forwarder handing to its committer in-process, counting what it forwards."""
+
+    forwarded = 0
+
+    def _forward(self, rows, ranges, scored, nodes):
+        _LocalForwarder.forwarded += rows.num_rows
+        self.committer.add(rows, ranges, scored, nodes)
+
+
+def test_forwarders_on_two_nodes_feed_one_committer_the_exact_top_k(tmp_path):
+    """score-corpus on two nodes: each node's forwarder passes on only the rows that
+    enter its running top K; the one committer's single record holds each query's
+    exact top K of all the blocks, a block handed over twice (a retried replica call)
+    takes no second place, and the record counts input rows by node."""
+    fs, root, k = pafs.LocalFileSystem(), str(tmp_path), 3
+    committer = CommitWriter(fs, root, run=1, commit_seconds=60, top_k=k)
+    nodes = {n: _LocalForwarder(committer, commit_seconds=60, top_k=k) for n in ("a", "b")}
+    _LocalForwarder.forwarded = 0
+    blocks = [_scored(c, 0, 200, buckets=2, seed=c) for c in range(8)]
+    for c, block in enumerate(blocks):
+        forwarder = nodes["ab"[c % 2]]
+        forwarder.add(block, [(c, 0, 200)], 200, "ab"[c % 2])
+        if c == 4:  # the block of chunk 4 again, after its forwarder passed it on
+            forwarder.flush()
+            forwarder.add(block, [(c, 0, 200)], 200, "a")
+        if c % 3 == 2:
+            forwarder.flush()
+    for forwarder in nodes.values():
+        assert forwarder.flush() == []  # forwarders make no records of their own
+    committer.flush()
+    (commit,) = read_commits(fs, root)
+    assert commit.nodes == {"a": 1000, "b": 800} and commit.scored == 1800
+    got = pa.concat_tables(read_buckets(fs, root, [(commit.data, list(commit.segments))])
+                           .values()).to_pylist()
+    every = pa.concat_tables(blocks).to_pylist()
+    assert _LocalForwarder.forwarded < len(every) // 2  # the forwarders' top K, not all
+    for qid in {r[C.QUERY_ID] for r in every}:
+        want = sorted((r for r in every if r[C.QUERY_ID] == qid),
+                      key=lambda r: (-r[C.SCORE], r[C.DOC_ID]))[:k]
+        mine = sorted((r for r in got if r[C.QUERY_ID] == qid),
+                      key=lambda r: (-r[C.SCORE], r[C.DOC_ID]))
+        assert [r[C.DOC_ID] for r in mine] == [r[C.DOC_ID] for r in want]
 
 
 def test_a_replaced_commit_left_by_a_kill_is_void():

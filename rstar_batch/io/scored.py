@@ -13,6 +13,10 @@ file of its own, back to back; the record says where each one lies. The rank pas
 reads a bucket's rows from every pack that holds any with one ranged GET each, and
 never lists the scored rows. (The shape of Spark's sort-based shuffle: one data
 file per map task with each reducer's byte range in an index.)
+
+score-corpus keeps only each query's top K: a `TopKForwarder` on each node keeps its
+node's running top K and passes on what enters it to the job's one committer, whose
+commits each replace the last.
 """
 
 from __future__ import annotations
@@ -102,18 +106,53 @@ def read_buckets(fs: pafs.FileSystem, root: str,
     return {b: pa.concat_tables(t, promote_options="permissive") for b, t in found.items()}
 
 
+def packed_key(*columns: np.ndarray) -> Optional[np.ndarray]:
+    """One uint64 per row ordered as the non-negative integer `columns` are, first
+    column first; None when their ranges do not fit in 64 bits together."""
+    if not len(columns[0]):
+        return np.zeros(0, dtype=np.uint64)
+    bits = [int(c.max()).bit_length() for c in columns]
+    if min(int(c.min()) for c in columns) < 0 or sum(bits) > 64:
+        return None
+    key = np.zeros(len(columns[0]), dtype=np.uint64)
+    for column, width in zip(columns, bits):
+        key = (key << np.uint64(width)) | column.astype(np.uint64)
+    return key
+
+
 def once_each(table: pa.Table) -> pa.Table:
     """A bucket's scored rows in input order, each (chunk, row, query) once even if
     two commits overlapped (a retried batch; score-corpus has a row per query for each
     corpus row)."""
+    order, repeat = _input_order(table)
+    return table.take(pa.array(order[~repeat]))
+
+
+def repeated_rows(table: pa.Table) -> np.ndarray:
+    """True for each row whose (chunk, row, query) an earlier row of `table` has."""
+    order, repeat = _input_order(table)
+    mask = np.zeros(table.num_rows, dtype=bool)
+    mask[order[repeat]] = True
+    return mask
+
+
+def _input_order(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Rows by (chunk, row, query), ties in table order; and, in that order, whether a
+    row repeats the one before it."""
     qids = fill_null_ids(table[C.QUERY_ID])
     query = pc.dictionary_encode(qids.combine_chunks()).indices.to_numpy()
     chunk, row = table[C.CHUNK].to_numpy(), table[C.ROW].to_numpy()
-    order = np.lexsort((query, row, chunk))  # input order
-    same = np.zeros(len(order), dtype=bool)
+    key = packed_key(chunk, row, query)
+    same = np.zeros(table.num_rows, dtype=bool)
+    if key is not None:  # one sort of a packed key is ~6× a three-key lexsort
+        order = np.argsort(key, kind="stable")
+        ordered = key[order]
+        same[1:] = ordered[1:] == ordered[:-1]
+        return order, same
+    order = np.lexsort((query, row, chunk))
     same[1:] = ((chunk[order][1:] == chunk[order][:-1]) & (row[order][1:] == row[order][:-1])
                 & (query[order][1:] == query[order][:-1]))
-    return table.take(pa.array(order[~same]))
+    return order, same
 
 
 def mark_duplicates(table: pa.Table) -> pa.Table:
@@ -167,7 +206,9 @@ class CommitWriter:
         threading.Thread(target=self._loop, name="rstar-batch-commits", daemon=True).start()
 
     def add(self, rows: pa.Table, ranges: list[tuple[int, int, int]], scored: int,
-            node: str) -> None:
+            node: Any) -> None:
+        """Queue `rows`, the output for input `ranges` ((chunk, start, end)) of which
+        `scored` pairs were scored on `node` (its name; a forwarder: input rows by node)."""
         with self.cond:
             self.cond.wait_for(lambda: self.rows < 2 * self.max_rows or self.error)
             self._raise()
@@ -219,19 +260,16 @@ class CommitWriter:
                     self.cond.notify_all()
                 return
             with self.cond:
-                self.committed.append(record)
+                if record is not None:  # a TopKForwarder's step makes none
+                    self.committed.append(record)
                 self.busy = False
                 self.cond.notify_all()
 
-    def _commit(self, batch: list[tuple[pa.Table, list, int, str]]) -> dict:
+    def _commit(self, batch: list[tuple[pa.Table, list, int, Any]]) -> Optional[dict]:
         self.seq += 1
         self.fault.before_commit(self.seq)
         name = commit_log.commit_name(self.run, self.id, self.seq)
-        rows = pa.concat_tables([b[0] for b in batch], promote_options="permissive")
-        ranges = [tuple(r) for b in batch for r in b[1]]
-        scored, nodes = sum(b[2] for b in batch), {}
-        for _, covers, _, node in batch:  # input rows, not the rows kept of them
-            nodes[node] = nodes.get(node, 0) + sum(end - start for _, start, end in covers)
+        rows, ranges, scored, nodes = gathered(batch)
         replaces = None
         if self.top_k is not None:  # one running top K: this commit replaces the last
             replaces = self.last
@@ -267,11 +305,79 @@ class CommitWriter:
                 time.sleep(0.5 * 2 ** attempt)
 
 
+def gathered(batch: list[tuple[pa.Table, list, int, Any]]
+             ) -> tuple[pa.Table, list[tuple[int, int, int]], int, dict[str, int]]:
+    """What a writer was handed, as one: (rows, input ranges, pairs scored, input rows
+    by node). A hand-over's node is a name (a replica's) or counts by name (a
+    forwarder's)."""
+    rows = pa.concat_tables([b[0] for b in batch], promote_options="permissive")
+    ranges = [tuple(r) for b in batch for r in b[1]]
+    nodes: dict[str, int] = {}
+    for _, covers, _, node in batch:  # input rows, not the rows kept of them
+        counts = node if isinstance(node, dict) else {
+            node: sum(end - start for _, start, end in covers)}
+        for name, count in counts.items():
+            nodes[name] = nodes.get(name, 0) + count
+    return rows, ranges, sum(b[2] for b in batch), nodes
+
+
+SENT = "_sent"  # a forwarder's running top K: whether a row went to the committer
+
+
+class TopKForwarder(CommitWriter):
+    """score-corpus's writer on a node (a Ray actor, as CommitWriter): it commits nothing
+    itself. It keeps its node's running top K per query in memory and every interval
+    forwards to the job's one committer (a CommitWriter with top_k) the rows that
+    entered that top K since its last forward, with the input ranges they cover and
+    every rejected row.
+
+    A row of a query's global top K is in the top K of everything its node had seen
+    when it arrived, so it is forwarded and the committer's top K is exact. Over n
+    passages in random order a query's running top K takes in about K·(1 + ln(n/K))
+    rows, not n: what crosses the network is small, and _work/ holds the committer's
+    one running top K however many nodes score (a writer per node committing its own
+    top K held nodes × queries × K). What a forwarder holds and has not forwarded when
+    it dies is lost, as a writer's is; its ranges are then not covered and are scored
+    again."""
+
+    def __init__(self, committer: Any, commit_seconds: float, top_k: int,
+                 max_rows: int = MAX_COMMIT_ROWS) -> None:
+        super().__init__(None, "", 0, commit_seconds, max_rows, top_k=top_k)
+        self.committer = committer
+
+    def _commit(self, batch: list[tuple[pa.Table, list, int, Any]]) -> Optional[dict]:
+        self.seq += 1
+        rows, ranges, scored, nodes = gathered(batch)
+        rejected = pc.is_null(rows[C.QUERY_ID])
+        new = rows.filter(pc.invert(rejected))
+        new = new.append_column(SENT, pa.array(np.zeros(new.num_rows, dtype=bool)))
+        merged = top_k_rows(new if self.best is None else pa.concat_tables(
+            [self.best, new], promote_options="permissive"), self.top_k)
+        entered = merged.filter(pc.invert(merged[SENT])).drop_columns([SENT])
+        self._forward(pa.concat_tables([entered, rows.filter(rejected)],
+                                       promote_options="permissive"), ranges, scored, nodes)
+        self.best = merged.set_column(merged.schema.get_field_index(SENT), SENT,
+                                      pa.array(np.ones(merged.num_rows, dtype=bool)))
+        return None
+
+    def _forward(self, rows: pa.Table, ranges: list, scored: int, nodes: dict) -> None:
+        """Hand to the committer; back once it holds them (it blocks while it is full)."""
+        import ray
+
+        ray.get(self.committer.add.remote(rows, ranges, scored, nodes))
+
+
 def top_k_rows(table: pa.Table, k: int) -> pa.Table:
     """Each query's first k rows in the ranking's order (score desc, doc_id asc), and
-    every rejected row (no query): the rows a score-corpus commit keeps."""
+    every rejected row (no query): the rows a score-corpus commit keeps. A (corpus row,
+    query) that is there twice counts once."""
     rejected = pc.is_null(table[C.QUERY_ID])
+    # a row scored twice (a replica's block retried after it had handed some slices
+    # over) would take two of its query's k places: the first copy stays
     ranked = table.filter(pc.invert(rejected))
+    repeat = repeated_rows(ranked)
+    if repeat.any():
+        ranked = ranked.filter(pa.array(~repeat))
     order = rank_order(ranked, [C.QUERY_ID])
     keep = order[positions_in_groups(group_starts(ranked[C.QUERY_ID].take(
         pa.array(order)).combine_chunks())) < k]
@@ -367,7 +473,10 @@ class Writers:
     replicas (a CPU or GPU to offer), placed there so that a slice goes to its writer
     through the node's shared memory; one anywhere while the cluster has no such node
     (an autoscaler's, scaling from zero). A writer reserves no CPU: it encodes and
-    uploads, about a core's hundredth per million rows."""
+    uploads, about a core's hundredth per million rows.
+
+    With `top_k` (score-corpus) the writer on each node is a `TopKForwarder` and one
+    committer, on the driver's node, commits the job's running top K."""
 
     POLL_TIMEOUT_S = 10.0
 
@@ -376,32 +485,56 @@ class Writers:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        actor = ray.remote(num_cpus=0, max_concurrency=4, max_restarts=2,
-                           max_task_retries=2)(CommitWriter)
+        def on(node: str) -> dict[str, Any]:
+            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+
+        options = dict(num_cpus=0, max_concurrency=4, max_restarts=2, max_task_retries=2)
+        writer = ray.remote(**options)(CommitWriter)
         nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and (
             n.get("Resources", {}).get("CPU", 0) > 0 or n.get("Resources", {}).get("GPU", 0) > 0)]
-        self.handles = {
-            node: actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                node, soft=True)).remote(filesystem, root, run, commit_seconds, top_k=top_k)
-            for node in nodes} or {"any": actor.remote(filesystem, root, run, commit_seconds,
-                                                       top_k=top_k)}
+        self.committer = None
+        if top_k is None:
+            def start(node: Optional[str]) -> Any:
+                return writer.options(**(on(node) if node else {})).remote(
+                    filesystem, root, run, commit_seconds)
+        else:
+            here = ray.get_runtime_context().get_node_id()
+            self.committer = writer.options(**on(here)).remote(
+                filesystem, root, run, commit_seconds, top_k=top_k)
+            forwarder = ray.remote(**options)(TopKForwarder)
+
+            def start(node: Optional[str]) -> Any:
+                # forwarding each half interval: a commit lands within 1.5 of them
+                return forwarder.options(**(on(node) if node else {})).remote(
+                    self.committer, commit_seconds / 2, top_k)
+        self.handles = {node: start(node) for node in nodes} or {"any": start(None)}
 
     def sink(self) -> HandToWriter:
         return HandToWriter(self.handles)
 
+    def _all(self) -> dict[str, Any]:
+        return {**self.handles, **({"committer": self.committer} if self.committer else {})}
+
     def take(self) -> list[commit_log.Commit]:
         """The commits made since the last call; a writer that is gone (its node lost)
         gives none: what it held is scored again after the pass."""
-        return self._gather("take", self.POLL_TIMEOUT_S)
+        return self._gather("take", self.POLL_TIMEOUT_S, self._all())
 
     def flush(self, timeout: float) -> list[commit_log.Commit]:
-        """Commit what every writer holds; wait at most `timeout` seconds."""
-        return self._gather("flush", timeout)
+        """Commit what every writer holds (forwarders first, then their committer);
+        wait at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        found = self._gather("flush", timeout, self.handles)
+        if self.committer is not None:
+            found += self._gather("flush", max(1.0, deadline - time.monotonic()),
+                                  {"committer": self.committer})
+        return found
 
-    def _gather(self, method: str, timeout: float) -> list[commit_log.Commit]:
+    def _gather(self, method: str, timeout: float, handles: dict[str, Any]
+                ) -> list[commit_log.Commit]:
         import ray
 
-        refs = {getattr(h, method).remote(): node for node, h in self.handles.items()}
+        refs = {getattr(h, method).remote(): node for node, h in handles.items()}
         ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         if late:
             log.warning("%d commit writer(s) did not answer %s within %g s", len(late),
@@ -419,5 +552,5 @@ class Writers:
     def close(self) -> None:
         import ray
 
-        for handle in self.handles.values():
+        for handle in self._all().values():
             ray.kill(handle)

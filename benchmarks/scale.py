@@ -189,8 +189,9 @@ def simulate(pairs: int, args: argparse.Namespace, row_bytes: float) -> dict[str
 
 def simulate_corpus(args: argparse.Namespace, row_bytes: float) -> dict[str, Any]:
     """score-corpus of `--corpus-passages` × `--corpus-queries`, top `--top-k`: each
-    node's writer commits its running top K every commit interval, each commit
-    replacing its last, through the real records and Progress."""
+    node's forwarder keeps its node's running top K in memory and passes on what enters
+    it; the one committer commits the job's running top K every commit interval, each
+    commit replacing its last, through the real records and Progress."""
     memory, fs = counting_fs()
     root = "/out"
     queries, passages, k = args.corpus_queries, args.corpus_passages, args.top_k
@@ -203,48 +204,47 @@ def simulate_corpus(args: argparse.Namespace, row_bytes: float) -> dict[str, Any
     node_rate = args.rate * args.replicas_per_node / queries  # passages/s a node scores
     step = max(1, int(node_rate * args.commit_seconds))        # passages per commit
     owned = [chunks[n::nodes] for n in range(nodes)]           # the chunks each node scores
-    held = {n: (None, 0) for n in range(nodes)}                # node → (last commit, rows)
-    covered: dict[int, list] = {n: [] for n in range(nodes)}
-    seen = {n: 0 for n in range(nodes)}
-    peak = commits = 0
     position = {n: 0 for n in range(nodes)}
+    seen = {n: 0 for n in range(nodes)}                        # passages a node scored
+    covered: list = []
+    last, last_rows, peak, commits = None, 0, 0, 0
     while any(position[n] < len(owned[n]) for n in range(nodes)):
-        for n in range(nodes):
-            if position[n] >= len(owned[n]):
-                continue
-            take, got = [], 0
-            while position[n] < len(owned[n]) and got < step:
+        for n in range(nodes):  # one commit interval of every node, forwarded
+            while position[n] < len(owned[n]) and seen[n] < step * (commits + 1):
                 chunk = owned[n][position[n]]
-                take.append((chunk.id, 0, chunk.rows))
-                got += chunk.rows
+                covered.append((chunk.id, 0, chunk.rows))
+                seen[n] += chunk.rows
                 position[n] += 1
-            covered[n] += take
-            seen[n] += got
-            rows = queries * min(k, seen[n])
-            commits += 1
-            name = commit_log.commit_name(1, f"w{n:05d}", commits)
-            last, last_rows = held[n]
-            memory.pipe_file(f"/out/_work/scored/{name}.pack", b"")
-            memory._count("PUT")
-            commit = commit_log.Commit(
-                name, 1, tuple(covered[n]), data=f"scored/{name}.pack",
-                segments=(commit_log.Segment(0, 0, int(rows * row_bytes), rows),),
-                time=float(commits), replaces=last.name if last else "")
-            commit_log.write_commit(fs, root, commit)
-            others = sum(r for m, (_, r) in held.items() if m != n)
-            peak = max(peak, others + last_rows + rows)   # before the old one is deleted
-            if last is not None:
-                commit_log.delete_commits(fs, root, [last])
-                memory.rm_file(f"/out/_work/{last.data}")
-            held[n] = (commit, rows)
+        rows = queries * min(k, sum(seen.values()))  # the committer's running top K
+        commits += 1
+        name = commit_log.commit_name(1, "committer", commits)
+        memory.pipe_file(f"/out/_work/scored/{name}.pack", b"")
+        memory._count("PUT")
+        commit = commit_log.Commit(
+            name, 1, tuple(covered), data=f"scored/{name}.pack",
+            segments=(commit_log.Segment(0, 0, int(rows * row_bytes), rows),),
+            time=float(commits), replaces=last.name if last else "")
+        commit_log.write_commit(fs, root, commit)
+        peak = max(peak, last_rows + rows)   # before the old one is deleted
+        if last is not None:
+            commit_log.delete_commits(fs, root, [last])
+            memory.rm_file(f"/out/_work/{last.data}")
+        last, last_rows = commit, rows
     writer_requests = dict(memory.requests)
     memory.requests.clear()
     progress, pending, _, driver_s, peak_mb = read_log_measured(fs, root, chunks)
     assert not pending and progress.committed_rows() == passages
     bound = queries * k
+    # What crosses the network: a node's running top K takes in, over n passages in
+    # random order, sum(min(1, k / i) for i ≤ n) = k·(1 + H(n) − H(k)) rows per query.
+    forwarded = sum(queries * (min(n, k) + (k * (math.log(n / k)) if n > k else 0))
+                    for n in seen.values())
     return {"queries": queries, "passages": passages, "top_k": k, "chunks": len(chunks),
-            "passages_per_chunk": per_chunk, "writers": nodes, "commits": commits,
-            "peak_rows_under_work": peak, "peak_over_queries_k": round(peak / bound, 2),
+            "passages_per_chunk": per_chunk, "nodes": nodes, "writers": 1,
+            "commits": commits, "peak_rows_under_work": peak,
+            "peak_over_queries_k": round(peak / bound, 2),
+            "forwarded_rows": int(forwarded),
+            "forwarded_over_pairs": round(forwarded / (queries * passages), 5),
             "objects_at_end": sum(1 for p in memory.store if p.startswith("/out/_work/")),
             "writer_requests": writer_requests, "driver_requests": dict(memory.requests),
             "driver_peak_mb": round(peak_mb, 1), "driver_s": round(driver_s, 2)}
@@ -297,7 +297,9 @@ def main() -> None:
     r = corpus[0]
     print(f"\nscore-corpus {r['queries']} queries × {r['passages']:,} passages, top "
           f"{r['top_k']}: {r['chunks']:,} chunks of {r['passages_per_chunk']} passages; "
-          f"{r['writers']} writer(s), {r['commits']:,} commits; peak rows under _work/ "
+          f"{r['nodes']} node(s) forwarding {r['forwarded_rows']:,} rows "
+          f"({r['forwarded_over_pairs']:.3%} of the pairs) to one committer, "
+          f"{r['commits']:,} commits; peak rows under _work/ "
           f"{r['peak_rows_under_work']:,} = {r['peak_over_queries_k']} × queries × K; "
           f"{r['objects_at_end']} objects at the end; driver {r['driver_peak_mb']} MB, "
           f"{r['driver_s']} s to read the log")

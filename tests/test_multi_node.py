@@ -5,6 +5,7 @@ and, last since it kills a node, a job that survives losing one."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -16,13 +17,17 @@ from typing import Iterator
 import pyarrow.parquet as pq
 import pytest
 
+from rstar_batch.faults import FAULT_ENV
 from rstar_batch.testing import write_sample_data
 from tests.infra_files import REPO
-from tests.jobs import (Job, committed_rows, LocalCluster, kill_until_gone, local_cluster, new_token, paced,
+from tests.jobs import (Job, committed_rows, LocalCluster, kill_until_gone, local_cluster, new_token,
                         run, session_pids, venv_bin, worker_args)
 from tests.test_rerank_job import _assert_matches_reference
 from tests.reference import reference_scores
 from tests.test_resume import PACED, TOTAL, _args, job_input  # noqa: F401 (a fixture)
+from tests.test_score_corpus import (TOP_K, _args as corpus_args,  # noqa: F401 (fixtures)
+                                     _assert_equals_brute_force as assert_equals_brute_force,
+                                     brute_force, corpus_inputs)
 
 pytestmark = pytest.mark.slow
 DATE = "2026-11-26"
@@ -45,15 +50,26 @@ def nodes() -> Iterator[LocalCluster]:
         yield cluster
 
 
-def test_default_plan_scores_on_every_node_of_a_cpu_cluster(
-        nodes, micro_model, sample_dir, sample_reference, tmp_path):
-    out = str(tmp_path / "ranked")
-    # Scoring costs about R*'s time on 2 cores (40 replica batches of 25 pairs, 1 s
-    # each), so the pool grows to its plan.
-    job = run(["rerank", "--candidates", sample_dir, "--output", out, "--model", micro_model,
-               "--dtype", "float32", "--replica-batch-rows", "25"],
-              str(tmp_path / "job.log"), paced(1), cluster=nodes)
-    assert job.proc.returncode == 0, job.output()[-5000:]
+def test_default_plan_scores_a_corpus_on_every_node_and_commits_one_running_top_k(
+        nodes, micro_model, corpus_inputs, brute_force, tmp_path):
+    """score-corpus on the default plan: one replica a node, both used (the pool grows
+    to its plan). Each node's forwarder passes on what enters its running top K and the
+    job's one committer commits the running top K of all: once every passage is
+    committed (the rank pass held up), _work/ holds one record of each query's K rows
+    and the rejected one (a writer per node committing its own top K held a set a
+    node). The result equals brute force."""
+    corpus, queries, _, _ = corpus_inputs
+    out = str(tmp_path / "out")
+    # Scoring costs about R*'s time on 2 cores (45 replica calls of 2 passages × 5
+    # queries, 0.7 s each), so the pool grows to its plan.
+    job = Job(corpus_args(corpus, queries, out, micro_model, "--replica-batch-rows", "10"),
+              str(tmp_path / "job.log"), {FAULT_ENV: "slow:0.7,slowrank:4"}, cluster=nodes)
+    job.wait_until(lambda: committed_rows(out) >= 90)
+    records = [json.load(open(p)) for p in glob.glob(os.path.join(out, "_work", "commits",
+                                                                  "*.json"))]
+    assert len(records) == 1, records
+    assert sum(s[3] for s in records[0]["segments"]) == 5 * TOP_K + 1  # + the null passage
+    assert job.wait() == 0, job.output()[-5000:]
     manifest = json.load(open(os.path.join(out, "_manifest.json")))
     plan = manifest["replicas"]
     # one replica a node, one thread each: as many as the CPUs it reserves
@@ -62,8 +78,8 @@ def test_default_plan_scores_on_every_node_of_a_cpu_cluster(
     # held for the job in a placement group, so tokenizers could not take their CPUs
     assert plan["placement_group"].startswith("rstar-batch-replicas-")
     scored = manifest["pairs_by_node"]
-    assert len(scored) == 2 and sum(scored.values()) == 1000, scored
-    _assert_matches_reference(pq.read_table(out).to_pylist(), sample_reference)
+    assert len(scored) == 2 and sum(scored.values()) == 90 * 5, scored
+    assert_equals_brute_force(out, brute_force)
 
 
 def _submit(cluster: LocalCluster, workdir: str, log: Path, *entrypoint: str) -> tuple[int, str]:

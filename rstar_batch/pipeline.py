@@ -28,7 +28,7 @@ from rstar_batch.base.columns import PREPARE_REASON
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
 from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, prepare_nested
-from rstar_batch.io.read import ReadChunks, plan_read_tasks
+from rstar_batch.io.read import read_chunks
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
 from rstar_batch.io.tokenized import inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
@@ -53,12 +53,7 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
                        stop: Optional[StopSignal] = None) -> Any:
     """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit
     (the replicas hand what they score to `sink`, the job's commit writers)."""
-    import ray.data
-
-    tasks = plan_read_tasks(chunks, source.paths, source.row_groups)
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(ReadChunks(source.filesystem, source.schema.names, stop),
-                        batch_size=1, batch_format="pyarrow")
+    ds = read_chunks(source, chunks, stop, consumers=replicas.max_size)
     ds = ds.map_batches(Normalize(config.columns, buckets), batch_format="pyarrow",
                         batch_size=None)
     # Blocks of one tokenizer call each: otherwise Ray Data bundles many small

@@ -36,7 +36,7 @@ from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.ids import id_buckets, stable_hash
 from rstar_batch.config import ConfigError, RerankConfig
-from rstar_batch.io.read import ReadChunks, plan_read_tasks
+from rstar_batch.io.read import read_chunks
 from rstar_batch.io.sources import CandidateFiles, InputError, inspect_candidates
 from rstar_batch.io.tokenized import DOC_ID, inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
@@ -165,12 +165,7 @@ def build_corpus_plan(config: RerankConfig, corpus: CandidateFiles, model: Any,
     (a tokenized corpus: read → fit its ids → score → commit; no `assembler`, for a
     tokenizer without a learnable pair template: read → normalize → score → commit).
     The replicas commit what they score (replicas.ReplicaCommits)."""
-    import ray.data
-
-    tasks = plan_read_tasks(chunks, corpus.paths, corpus.row_groups)
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(ReadChunks(corpus.filesystem, corpus.schema.names, stop),
-                        batch_size=1, batch_format="pyarrow")
+    ds = read_chunks(corpus, chunks, stop, consumers=replicas.max_size)
     if not tokenized:
         ds = ds.map_batches(NormalizePassages(config.columns),
                             batch_format="pyarrow", batch_size=None)

@@ -26,7 +26,7 @@ from rstar_batch import driver
 from rstar_batch.base import fs as fsio
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io import tokenized as tok
-from rstar_batch.io.read import ReadChunks, plan_read_tasks
+from rstar_batch.io.read import read_chunks
 from rstar_batch.io.sources import CandidateFiles, inspect_candidates
 from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
 from rstar_batch.progress import checkpoint
@@ -170,11 +170,8 @@ def _build_plan(config: RerankConfig, corpus: CandidateFiles, model: ModelInfo,
     """The pass as a lazy Ray Data dataset: read → normalize → tokenize → write, commit."""
     import ray.data
 
-    tasks = plan_read_tasks(chunks, corpus.paths, corpus.row_groups)
     sources = {c.id: (corpus.paths[c.file], c.start) for c in chunks}
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.map_batches(ReadChunks(corpus.filesystem, corpus.schema.names, stop),
-                        batch_size=1, batch_format="pyarrow")
+    ds = read_chunks(corpus, chunks, stop, consumers=pool.tokenizers)
     ds = ds.map_batches(NormalizePassages(dataclasses.replace(config.columns, keep=())),
                         batch_format="pyarrow", batch_size=None)
     ds = on_tokenizers(ds, TokenizeWhole, config, model, pool, pool.batch_rows)

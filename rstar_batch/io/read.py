@@ -10,7 +10,8 @@ stop (drain.py), no further chunk is emitted.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import math
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,31 @@ from rstar_batch.progress.drain import StopSignal, stop_requested
 
 READ_TASK_ROWS = 65536
 STREAM_BATCH_ROWS = 8192
+# Past one reader per consumer of its chunks (a model replica, a tokenizer), a job gets
+# one more reader for each READER_ROWS rows it reads.
+READER_ROWS = 1_000_000
+
+
+def read_chunks(files: Any, chunks: list[Chunk], stop: Optional[StopSignal],
+                consumers: int) -> Any:
+    """The pending `chunks` of `files` (io/sources.CandidateFiles) as a lazy Ray Data
+    dataset of chunk tables.
+
+    At most one read task per consumer runs at once (one more per READER_ROWS rows):
+    each is a worker process of its own, and a small job's readers all started at once
+    took the cores its replicas were starting on (1,200 pairs on 2 cores, 3 input
+    files, a job joining a running Ray: 9.8-12.1 s a job with a reader per file,
+    9.0-11.3 s with one).
+    """
+    import ray.data
+
+    tasks = plan_read_tasks(chunks, files.paths, files.row_groups)
+    rows = sum(task["rows"] for task in tasks)
+    readers = max(1, min(len(tasks), max(consumers, math.ceil(rows / READER_ROWS))))
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    return ds.map_batches(ReadChunks(files.filesystem, files.schema.names, stop),
+                          batch_size=1, batch_format="pyarrow",
+                          compute=ray.data.TaskPoolStrategy(size=readers))
 
 
 def plan_read_tasks(chunks: list[Chunk], paths: list[str],

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import threading
 from typing import Any, Callable, Iterator, Optional
 
@@ -83,6 +84,20 @@ def ray_session(address: Optional[str] = None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        _reassert_signal_handlers()
+
+
+def _reassert_signal_handlers() -> None:
+    """Install again the Python handlers of SIGTERM and SIGINT (the job's drain).
+    ray.shutdown() leaves the process's own disposition of SIGTERM at its default, while
+    Python still reports its handler: a SIGTERM as the manifest was written killed the
+    job (143) instead of letting it finish."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def wait_at_most(seconds: float, what: str, call: Callable[[], Any]) -> None:

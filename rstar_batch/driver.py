@@ -24,6 +24,7 @@ from typing import Any, Callable, ContextManager, Optional
 from rstar_batch.base import fs as fsio
 from rstar_batch.cluster import live_nodes, ray_session, wait_at_most
 from rstar_batch.config import RerankConfig, resolve_activation
+from rstar_batch.faults import FaultHook
 from rstar_batch.io.scored import Writers
 from rstar_batch.io.tokenized import open_tokenized, pairing_clause
 from rstar_batch.manifest import finish_job
@@ -196,6 +197,7 @@ def _run(job: Job, drain: Drain) -> JobSummary:
                 with job.reserve(replicas) as replicas:
                     progress = score_until_committed(job, replicas, chunks, pending,
                                                      progress_log, drain)
+            FaultHook.from_env().at_phase("between_passes")
             drain.check(committed)
             phases.mark()
             check_all_committed(progress, chunks)
@@ -213,6 +215,7 @@ def _run(job: Job, drain: Drain) -> JobSummary:
                             time.time() - started)
     check_rejected(summary, config, rows=job.rejectable_rows)
     job.before_success(summary)
+    FaultHook.from_env().at_phase("manifest")
     finish_job(job.fs, job.root, config, summary, job.plan, {
         "command": job.command, **job.details(replicas, progress),
         "pairs_by_node": progress_log.by_node, "seconds_by_phase": phases.seconds})

@@ -11,6 +11,10 @@ RSTAR_BATCH_TEST_FAULT selects the faults, comma-separated (`exit:3,writerexit:1
                 stop signalled once scoring is done lands inside the rank pass
   writerexit:N  a commit writer's process dies (os._exit) at its N-th commit, once per
                 job, with the rows it was about to commit (its node lost, in effect)
+  sigterm:P     the driver sends itself SIGTERM on reaching phase P (`between_passes`:
+                every pair committed, nothing ranked; `manifest`: about to write it),
+                moments no signal from outside can be timed to hit
+  sigtermgroup:P  the same to its whole process group (an embedded Ray's processes too)
 "Once per job" is kept by a marker file in RSTAR_BATCH_TEST_FAULT_DIR, which
 survives the replica's restart. A job that joins a running cluster carries both
 variables to its workers (`job_env`), so tests can share one cluster between jobs
@@ -20,6 +24,7 @@ with different faults.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 FAULT_ENV = "RSTAR_BATCH_TEST_FAULT"
@@ -68,6 +73,13 @@ class FaultHook:
     def before_rank(self) -> None:
         if "slowrank" in self.faults:
             time.sleep(float(self.faults["slowrank"]))
+
+    def at_phase(self, phase: str) -> None:
+        """The driver reaches `phase` (see sigterm:P above)."""
+        if self.faults.get("sigterm") == phase:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.faults.get("sigtermgroup") == phase:
+            os.killpg(os.getpgrp(), signal.SIGTERM)
 
     def _claim(self, kind: str) -> bool:
         try:

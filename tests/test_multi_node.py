@@ -21,7 +21,7 @@ from rstar_batch.faults import FAULT_ENV
 from rstar_batch.testing import write_sample_data
 from tests.infra_files import REPO
 from tests.jobs import (Job, committed_rows, LocalCluster, kill_until_gone, local_cluster, new_token,
-                        run, session_pids, venv_bin, worker_args)
+                        session_pids, venv_bin, worker_args)
 from tests.test_rerank_job import _assert_matches_reference
 from tests.reference import reference_scores
 from tests.test_resume import PACED, TOTAL, _args, job_input  # noqa: F401 (a fixture)

@@ -10,7 +10,7 @@ import re
 import shutil
 import signal
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,11 +137,14 @@ def _catches(pid: int, sig: int) -> bool:
     return bool(int(mask, 16) >> (sig - 1) & 1)
 
 
-def test_sigterm_before_ray_starts_then_during_start_up_stops_and_the_rerun_resumes(
+def test_sigterm_before_ray_starts_then_during_start_up_then_between_the_passes_stops(
         job_input, micro_model, baseline, cluster, tmp_path):
     """SIGTERM to the driver as soon as it handles one at all (it is still importing
     and checking: it must stop there, say so and exit 75, not die of the signal), then
-    to a rerun as soon as its plan is written (Ray starting); the third run finishes."""
+    to a rerun as soon as its plan is written (Ray starting), then to a third run
+    between the passes (every pair committed, nothing ranked: a moment no outside
+    timing hits, so the driver signals itself there, the fault hook); the fourth run
+    only ranks."""
     out = str(tmp_path / "out")
     args = _args(job_input, out, micro_model, "--drain-seconds", "20")
     job = Job(args, str(tmp_path / "run1.log"), cluster=cluster)
@@ -161,17 +164,26 @@ def test_sigterm_before_ray_starts_then_during_start_up_stops_and_the_rerun_resu
     done_at_stop = committed_rows(out)
     assert f"stopped on SIGTERM: {done_at_stop} of {TOTAL} pairs are committed" in text
 
+    job = run(args, str(tmp_path / "run3.log"), {FAULT_ENV: "sigterm:between_passes"},
+              cluster=cluster)
+    text = job.output()
+    assert job.proc.returncode == 75, text[-3000:]
+    assert f"rstar-batch: stopped on SIGTERM: {TOTAL} of {TOTAL} pairs are committed" in text
+    assert not glob.glob(os.path.join(out, "part-*.parquet"))  # nothing ranked yet
+
     per_run = _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
-                                         cluster, log="run3.log")
-    assert sum(per_run.values()) == TOTAL  # nothing scored twice
+                                         cluster, log="run4.log")
+    assert sum(per_run.values()) == TOTAL and 4 not in per_run  # the last run only ranked
 
 
 @pytest.mark.parametrize("point", ["during_final_pass"])
 def test_sigterm_drains_stops_within_the_bound_and_the_rerun_resumes(
         point, job_input, micro_model, baseline, cluster, tmp_path):
     """SIGTERM to the driver alone, as Kubernetes and `ray job stop` send it, in the
-    rank pass (in the middle of scoring: the first test, with SIGINT; before Ray and
-    in start-up: the test above)."""
+    rank pass (in the middle of scoring: the first test, with SIGINT; before Ray, in
+    start-up and between the passes: the test above); the rerun gets one as it is about
+    to write the manifest (the driver signals itself there, the fault hook) and
+    finishes first: exit 0, its summary, the output."""
     sig = signal.SIGTERM
     name = signal.Signals(sig).name
     out = str(tmp_path / "out")
@@ -191,7 +203,10 @@ def test_sigterm_drains_stops_within_the_bound_and_the_rerun_resumes(
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
 
     per_run = _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
-                                         cluster)
+                                         cluster, env={FAULT_ENV: "sigterm:manifest"})
+    text = open(tmp_path / "run2.log").read()
+    assert "SIGTERM: draining" in text and f"rstar-batch: {TOTAL} pairs" in text
+    assert "Started a local Ray" not in text  # the drain, after Ray's shutdown, called it
     assert per_run.get(1, 0) == done_at_stop
     # nothing redone: the rerun scored exactly the rows the stopped run did not commit
     assert per_run.get(1, 0) + per_run.get(2, 0) == TOTAL
@@ -238,9 +253,10 @@ def _assert_logged_progress_follows_the_commits(text: str, samples: list, final:
 
 
 def _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
-                               cluster=None, log: str = "run2.log") -> dict:
+                               cluster=None, log: str = "run2.log",
+                               env: Optional[dict] = None) -> dict:
     """Rerun the job; check its output and status; return pairs scored per run."""
-    rerun = run(_args(job_input, out, micro_model), str(tmp_path / log),
+    rerun = run(_args(job_input, out, micro_model), str(tmp_path / log), env,
                 cluster=cluster)
     assert rerun.proc.returncode == 0, rerun.output()[-3000:]
     _assert_same_output(out, baseline)

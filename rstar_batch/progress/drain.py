@@ -169,7 +169,10 @@ class Drain:
             import ray
 
             if ray.is_initialized():
-                ray.kill(self.flag)
+                try:
+                    ray.kill(self.flag)
+                except Exception as exc:  # noqa: BLE001 - gone with its Ray already
+                    log.debug("the stop flag could not be ended: %s", exc)
             self.flag = None
 
     def attach(self) -> StopSignal:
@@ -192,9 +195,12 @@ class Drain:
         return self.signal
 
     def restate(self) -> None:
-        """Tell the flag again that a stop was asked (a restarted flag starts unset).
-        Best effort: a Ray that is gone has no readers left to tell."""
-        if self.requested and self.flag is not None:
+        """Tell the flag that a stop was asked (again for a restarted flag, which starts
+        unset). Best effort: a Ray that is gone has no readers left to tell."""
+        import ray
+
+        # after the passes the job's Ray is shut down: a call would start another
+        if self.requested and self.flag is not None and ray.is_initialized():
             try:
                 self.flag.stop.remote()
             except Exception as exc:  # noqa: BLE001
@@ -210,8 +216,7 @@ class Drain:
         self.requested_at, self.signal_name = time.monotonic(), name
         log.warning("%s: draining: no new input; scored rows are committed; stopping within "
                     "%g s (a second signal exits at once)", name, self.seconds)
-        if self.flag is not None:
-            self.flag.stop.remote()
+        self.restate()  # the flag may be gone with its Ray (a signal after the passes)
 
     def check(self, committed: Callable[[], tuple[int, int]]) -> None:
         """Raise `Stopped` if a stop was asked; `committed()` gives (done, total) pairs."""

@@ -92,19 +92,24 @@ def kill_until_gone(find: Callable[[], list[int]], what: str, timeout: float = 6
 
 
 class Job:
-    """`python -m rstar_batch ARGS` in its own session, with its log in a file."""
+    """`python -m rstar_batch ARGS` (or an entrypoint of jobs/) in its own session, with
+    its log in a file."""
 
     def __init__(self, args: list[str], log: str, env: Optional[dict] = None,
                  cores: Optional[set[int]] = None,
-                 cluster: Optional["LocalCluster"] = None) -> None:
+                 cluster: Optional["LocalCluster"] = None,
+                 script: Optional[str] = None) -> None:
         """`cores`: pin the job (and the Ray it starts) to these CPUs, as taskset does.
-        `cluster`: join it (`--address`) instead of starting a Ray of its own."""
+        `cluster`: join it (`--address`) instead of starting a Ray of its own.
+        `script`: run this entrypoint (jobs/) with `args` instead of the CLI."""
         self.log = log
         base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         if cluster is not None:
-            args = [*args, "--address", cluster.address]
-            env = {**cluster.job_env, **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "rstar_batch", *args],
+            joins = {"RAY_ADDRESS": cluster.address} if script else {}
+            args = args if script else [*args, "--address", cluster.address]
+            env = {**cluster.job_env, **joins, **(env or {})}
+        command = [script] if script else ["-m", "rstar_batch"]
+        self.proc = subprocess.Popen([sys.executable, *command, *args],
                                      stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**base, **(env or {})},
                                      preexec_fn=None if cores is None else (
@@ -162,8 +167,9 @@ def paced(seconds: float) -> dict[str, str]:
 
 
 def run(args: list[str], log: str, env: Optional[dict] = None, timeout: float = 300,
-        cores: Optional[set[int]] = None, cluster: Optional["LocalCluster"] = None) -> Job:
-    job = Job(args, log, env, cores, cluster)
+        cores: Optional[set[int]] = None, cluster: Optional["LocalCluster"] = None,
+        script: Optional[str] = None) -> Job:
+    job = Job(args, log, env, cores, cluster, script)
     job.wait(timeout)
     return job
 

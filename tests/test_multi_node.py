@@ -61,9 +61,9 @@ def test_default_plan_scores_a_corpus_on_every_node_and_commits_one_running_top_
     corpus, queries, _, _ = corpus_inputs
     out = str(tmp_path / "out")
     # Scoring costs about R*'s time on 2 cores (45 replica calls of 2 passages × 5
-    # queries, 0.7 s each), so the pool grows to its plan.
+    # queries, 0.5 s each), so the pool grows to its plan.
     job = Job(corpus_args(corpus, queries, out, micro_model, "--replica-batch-rows", "10"),
-              str(tmp_path / "job.log"), {FAULT_ENV: "slow:0.7,slowrank:4"}, cluster=nodes)
+              str(tmp_path / "job.log"), {FAULT_ENV: "slow:0.5,slowrank:3"}, cluster=nodes)
     job.wait_until(lambda: committed_rows(out) >= 90)
     records = [json.load(open(p)) for p in glob.glob(os.path.join(out, "_work", "commits",
                                                                   "*.json"))]
@@ -106,7 +106,7 @@ def _record(output: str) -> dict:
     return json.loads(lines[-1])
 
 
-def test_nightly_job_on_a_cluster_succeeds_a_rerun_is_a_noop_a_bad_night_fails(
+def test_nightly_job_submitted_to_a_cluster_succeeds_and_a_bad_night_fails(
         nodes, micro_model, tmp_path):
     data = tmp_path / "warehouse"
     write_sample_data(str(data / "candidates" / f"date={DATE}"), QUERIES, CANDIDATES,
@@ -137,13 +137,7 @@ def test_nightly_job_on_a_cluster_succeeds_a_rerun_is_a_noop_a_bad_night_fails(
     manifest = (out / "_manifest.json").read_bytes()
     assert json.loads(manifest)["config"]["max_length"] == 64
 
-    code, output = _submit(nodes, workdir, tmp_path / "submit2.log", *entrypoint)
-    assert code == 0, output[-5000:]
-    again = _record(output)
-    assert again["already_done"] is True and again["status"] == "SUCCEEDED"
-    assert again["pairs"] == QUERIES * CANDIDATES
-    assert (out / "_manifest.json").read_bytes() == manifest
-
+    # (a rerun is a no-op: the score-corpus entrypoint's test in test_nightly.py)
     # A night whose candidates are missing fails the submission, and says why.
     code, output = _submit(nodes, workdir, tmp_path / "submit3.log",
                            *entrypoint[:4], "--date", "2026-11-27")

@@ -9,13 +9,15 @@ import shutil
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from rstar_batch import nightly
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.faults import FAULT_ENV
 from tests.infra_files import REPO
-from tests.jobs import job_pids, kill_until_gone
+from tests.jobs import Job, committed_rows, paced, run
+from tests.test_rerank_job import _assert_matches_reference
 
 
 def _parse(*argv: str) -> tuple[RerankConfig, datetime.date]:
@@ -101,36 +103,58 @@ def test_an_unexpected_failure_exits_1_and_still_reports_for_the_scheduler(
                                "but 2 came out")
 
 
+def _record(text: str) -> dict:
+    """The entrypoint's JSON record: its last stdout line (stderr may follow it here)."""
+    lines = [line for line in text.splitlines() if line.startswith('{"status"')]
+    assert lines, text[-3000:]
+    return json.loads(lines[-1])
+
+
 @pytest.mark.slow
-def test_a_group_sigterm_between_the_passes_stops_the_nightly_job_with_its_record(
-        micro_model, sample_dir, tmp_path):
-    """SIGTERM to every process of the real entrypoint on its own embedded Ray, as
-    systemd and Slurm send it, once every pair is committed and before the rank pass
-    (sent by the driver to its process group at that moment: the fault hook): Ray's
-    processes die with it, and the job still stops with 75 and its STOPPED record of
-    the pairs committed. (A stop part way through scoring: the tests of test_resume.py;
-    the record of a partial stop: the monkeypatched test above.)"""
+def test_group_sigterms_stop_a_nightly_job_on_its_own_ray_then_the_night_completes(
+        micro_model, sample_dir, sample_reference, cluster, tmp_path):
+    """systemd and Slurm signal every process of the job. The real entrypoint on its own
+    embedded Ray: run 1 gets SIGTERM to its process group part way through scoring (it
+    stops within the bound with 75 and its STOPPED record of what is committed; before
+    the watcher, the embedded Ray died with the driver, whose cleanup then hung); run 2
+    signals its own process group, Ray's processes too, once every pair is committed and
+    before the rank pass (the fault hook: no outside timing hits that moment) and still
+    stops with its record; run 3, on a running cluster, completes the night: output equal
+    to the one-pair reference, each pair scored by exactly one run."""
     shutil.copytree(sample_dir, tmp_path / "candidates" / "date=2026-11-26")
     config = tmp_path / "nightly.yaml"
     config.write_text(f"candidates: ['{tmp_path}/candidates/date={{date}}/']\n"
                       f"output: '{tmp_path}/out/date={{date}}/'\n"
-                      f"model: '{micro_model}'\nmax_length: 96\n")
-    log = tmp_path / "stdout.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "nightly_rerank.py"), "--config", str(config),
-         "--date", "2026-11-26"], stdout=open(log, "w"),
-        stderr=open(tmp_path / "stderr.log", "w"),
-        env={**env, FAULT_ENV: "sigtermgroup:between_passes"}, start_new_session=True)
-    try:
-        code = proc.wait(180)
-        assert code == 75, (tmp_path / "stderr.log").read_text()[-3000:]
-    finally:
-        kill_until_gone(job_pids(proc.pid), "the nightly job")
-    record = json.loads(log.read_text().strip().splitlines()[-1])
-    assert record["status"] == "STOPPED" and record["pairs"] == record["committed"] == 1000
+                      f"model: '{micro_model}'\ndtype: float32\ncheckpoint_rows: 50\n"
+                      "replica_batch_rows: 50\ncommit_seconds: 1\ndrain_seconds: 5\n")
+    args = ["--config", str(config), "--date", "2026-11-26"]
+    script = str(REPO / "jobs" / "nightly_rerank.py")
+    out = str(tmp_path / "out" / "date=2026-11-26")
+
+    job = Job(args, str(tmp_path / "run1.log"), paced(0.5), script=script)
+    job.wait_until(lambda: committed_rows(out) >= 100)
+    seconds = job.terminate(group=True)
+    record = _record(job.output())
+    assert job.proc.returncode == 75 and seconds < 45, (seconds, job.output()[-3000:])
+    done_at_stop = committed_rows(out)
+    assert record["status"] == "STOPPED" and record["committed"] == done_at_stop < 1000
+    assert record["error"].startswith(f"Stopped: stopped on SIGTERM: {done_at_stop} of 1000")
+
+    job = run(args, str(tmp_path / "run2.log"), {FAULT_ENV: "sigtermgroup:between_passes"},
+              script=script)
+    assert job.proc.returncode == 75, job.output()[-3000:]
+    record = _record(job.output())
+    assert record["status"] == "STOPPED" and record["committed"] == 1000
     assert record["error"].startswith("Stopped: stopped on SIGTERM: 1000 of 1000 pairs are "
                                       "committed")
+
+    job = run(args, str(tmp_path / "run3.log"), cluster=cluster, script=script)
+    assert job.proc.returncode == 0, job.output()[-3000:]
+    assert _record(job.output())["status"] == "SUCCEEDED"
+    _assert_matches_reference(pq.read_table(out).to_pylist(), sample_reference)
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    per_run = {int(k): v for k, v in manifest["pairs_scored_per_run"].items()}
+    assert per_run[1] == done_at_stop and sum(per_run.values()) == 1000 and 3 not in per_run
 
 
 def test_the_entrypoint_prints_the_record_as_its_last_stdout_line(tmp_path):

@@ -214,26 +214,6 @@ def test_sigterm_drains_stops_within_the_bound_and_the_rerun_resumes(
         assert 2 not in per_run  # scoring was done: the rerun only ranked
 
 
-def test_sigterm_to_the_whole_process_group_still_stops_with_what_is_committed(
-        job_input, micro_model, baseline, cluster, tmp_path):
-    """systemd and Slurm signal every process of the job: the embedded Ray's GCS and
-    raylet end with the driver, whose cleanup calls into Ray then had no answer and
-    the job hung until SIGKILL. It stops, says what is committed, and resumes."""
-    out = str(tmp_path / "out")
-    job = Job(_args(job_input, out, micro_model, "--drain-seconds", "5"),
-              str(tmp_path / "run1.log"), PACED)
-    job.wait_until(lambda: committed_rows(out) > 0)
-    seconds = job.terminate(group=True)
-    text = job.output()
-    assert job.proc.returncode == 75, text[-3000:]
-    assert seconds < 45, f"took {seconds:.1f} s to stop"
-    done_at_stop = committed_rows(out)
-    assert f"stopped on SIGTERM: {done_at_stop} of {TOTAL} pairs are committed" in text
-    per_run = _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
-                                         cluster)
-    assert per_run[1] == done_at_stop and per_run[1] + per_run.get(2, 0) == TOTAL
-
-
 # A commit lands within --commit-seconds (1) of scoring; the driver asks the writers
 # every 2 s and logs at most every --progress-seconds (1); 2 s for a busy machine.
 PROGRESS_LAG_S = 1 + 2 + 1 + 2

@@ -14,7 +14,9 @@ RSTAR_BATCH_TEST_FAULT selects the faults, comma-separated (`exit:3,writerexit:1
   sigterm:P     the driver sends itself SIGTERM on reaching phase P (`between_passes`:
                 every pair committed, nothing ranked; `manifest`: about to write it),
                 moments no signal from outside can be timed to hit
-  sigtermgroup:P  the same to its whole process group (an embedded Ray's processes too)
+  sigtermgroup:P  the same to every process of the job, as systemd stopping a unit
+                sends it: the driver's process group (an embedded Ray's processes too)
+                and the watcher that started it (supervise.py), if any
 "Once per job" is kept by a marker file in RSTAR_BATCH_TEST_FAULT_DIR, which
 survives the replica's restart. A job that joins a running cluster carries both
 variables to its workers (`job_env`), so tests can share one cluster between jobs
@@ -79,6 +81,10 @@ class FaultHook:
         if self.faults.get("sigterm") == phase:
             os.kill(os.getpid(), signal.SIGTERM)
         if self.faults.get("sigtermgroup") == phase:
+            from rstar_batch.supervise import CHILD_ENV
+
+            if os.environ.get(CHILD_ENV):
+                os.kill(os.getppid(), signal.SIGTERM)
             os.killpg(os.getpgrp(), signal.SIGTERM)
 
     def _claim(self, kind: str) -> bool:

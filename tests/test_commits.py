@@ -180,7 +180,7 @@ def test_a_top_k_writer_commits_one_running_top_k_that_replaces_its_last(tmp_pat
         assert sorted(r[C.DOC_ID] for r in mine) == sorted(r[C.DOC_ID] for r in want)
 
 
-@pytest.mark.parametrize("chunk_base", [0, 2**50])  # a packed sort key, and too wide for one
+@pytest.mark.parametrize("chunk_base", [0, 2**62])  # a packed sort key, and too wide for one
 def test_once_each_keeps_the_first_copy_of_each_chunk_row_query_in_input_order(chunk_base):
     rows = [(chunk_base + c, r, q) for c, r, q in
             [(2, 1, "a"), (1, 5, "b"), (2, 1, "a"), (1, 5, "a"), (0, 9, "b"), (1, 5, "b")]]

@@ -197,10 +197,14 @@ class Drain:
     def restate(self) -> None:
         """Tell the flag that a stop was asked (again for a restarted flag, which starts
         unset). Best effort: a Ray that is gone has no readers left to tell."""
+        # No flag yet: nothing to tell, and no Ray to import here: as a signal handler
+        # this may run in the middle of another import (ray's then failed, circular).
+        if not self.requested or self.flag is None:
+            return
         import ray
 
         # after the passes the job's Ray is shut down: a call would start another
-        if self.requested and self.flag is not None and ray.is_initialized():
+        if ray.is_initialized():
             try:
                 self.flag.stop.remote()
             except Exception as exc:  # noqa: BLE001

@@ -356,15 +356,16 @@ def run_scoring(plan: Any, progress: ProgressLog, pairs_per_row: int = 1,
             commits.put(exc)
 
     threading.Thread(target=consume, name="rstar-batch-commits", daemon=True).start()
-    rows, polled = 0, time.monotonic()
+    rows, polled, told = 0, time.monotonic(), False
     while True:
+        stopping = drain is not None and drain.requested
+        if stopping and not told:  # within half a second of the signal
+            wait_at_most(1.0, "telling the workers to stop", drain.tell_workers)
+            told = True
         if time.monotonic() - polled >= WRITER_POLL_S:
-            if drain is not None and drain.requested:
-                # say the stop again (a flag lost with its node comes back unset); the
-                # writers are asked once the pass ends (close_writers), not while Ray
-                # may be going away under the stop
-                wait_at_most(1.0, "restating the stop", drain.restate)
-            elif writers is not None:
+            # the writers are asked once the pass ends after a stop (close_writers), not
+            # while Ray may be going away under it
+            if writers is not None and not stopping:
                 progress.committed(writers.take(), pairs_per_row)
             polled = time.monotonic()
         try:

@@ -177,7 +177,8 @@ def _stopped(args: argparse.Namespace, job: str, signal_name: str, started: floa
             record.update(status="SUCCEEDED", pairs=status.total)
         else:
             stop = Stopped.on(signal_name, status.done, status.total)
-            record.update(pairs=stop.total, committed=stop.committed)
+            record.update(pairs=stop.total, committed=stop.committed,
+                          error=_describe(stop))
             log.warning("%s", stop)
     except Exception as exc:  # the scheduler still gets its record
         record["error"] = _describe(exc)

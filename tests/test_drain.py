@@ -20,6 +20,7 @@ from rstar_batch.driver import ProgressLog, run_scoring
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import COMMITS
 from rstar_batch.progress import checkpoint
+from rstar_batch.progress import drain as drain_module
 from rstar_batch.progress.drain import Drain, Stopped, StopSignal
 from rstar_batch.progress.log import Commit, Progress
 from rstar_batch.replicas import CommitClock, ReplicaCommits
@@ -136,55 +137,60 @@ def test_a_reader_asked_to_stop_emits_no_further_chunk(tmp_path):
     assert len([t for task in tasks for t in read(pa.Table.from_pylist([task]))]) == 2
 
 
-class _FakeRay:
-    """ray.wait/ray.get over answers that arrive when a test says so."""
+@pytest.mark.slow
+def test_the_stop_flag_reaches_the_workers_and_leaves_with_the_job(ray_local):
+    """The flag is a key in the cluster's store: a worker reads it unset, then set once
+    the driver tells; a job asked to stop before Ray ran starts with it set; the key
+    leaves the cluster with the job."""
+    import ray
 
-    class exceptions:
-        RayActorError = type("RayActorError", (Exception,), {})
+    @ray.remote(num_cpus=0)
+    def stopped(flag: StopSignal) -> bool:
+        return flag.is_set()
 
-    def __init__(self) -> None:
-        self.answers: dict[int, object] = {}
-        self.asked = 0
+    drain = Drain(seconds=5)
+    flag = drain.attach()
+    assert not ray.get(stopped.remote(flag))
+    drain.tell_workers()
+    assert not ray.get(stopped.remote(flag))  # nothing asked yet: nothing told
+    drain.requested_at, drain.signal_name = time.monotonic(), "SIGTERM"
+    drain.tell_workers()
+    assert ray.get(stopped.remote(flag))
+    drain.restore()
+    assert not StopSignal(flag.key).is_set()  # removed
 
-    def remote(self) -> int:
-        self.asked += 1
-        return self.asked
-
-    def wait(self, refs, timeout):
-        return [r for r in refs if r in self.answers], []
-
-    def get(self, ref):
-        if isinstance(self.answers[ref], Exception):
-            raise self.answers[ref]
-        return self.answers[ref]
-
-
-def test_a_flag_that_does_not_answer_in_time_is_not_a_stop(monkeypatch):
-    import sys
-    import types
-
-    fake = _FakeRay()
-    monkeypatch.setitem(sys.modules, "ray", fake)
-    flag = StopSignal(types.SimpleNamespace(is_set=types.SimpleNamespace(remote=fake.remote)))
-    assert not flag.is_set() and not flag.is_set()  # still starting: keeps asking once
-    assert fake.asked == 1
-    fake.answers[1] = False
-    assert not flag.is_set() and fake.asked == 1   # the answer came: not stopped
-    assert not flag.is_set() and fake.asked == 2   # a fresh question each check
-    fake.answers[2] = True
-    assert flag.is_set() and flag.is_set() and fake.asked == 2  # set stays set
-    gone = StopSignal(types.SimpleNamespace(is_set=types.SimpleNamespace(remote=fake.remote)))
-    fake.answers[3] = fake.exceptions.RayActorError("the driver died")
-    assert gone.is_set()
-    pickled = pickle.loads(pickle.dumps(StopSignal("actor", 0.5)))
-    assert (pickled.actor, pickled.wait_s, pickled._pending) == ("actor", 0.5, None)
+    early = Drain(seconds=5)
+    early.requested_at, early.signal_name = time.monotonic(), "SIGINT"
+    flag = early.attach()
+    assert ray.get(stopped.remote(flag))
+    early.restore()
 
 
-def test_first_signal_drains_second_exits(caplog):
+def test_a_flag_that_cannot_be_read_is_not_a_stop_and_set_stays_set(monkeypatch):
+    from ray.experimental import internal_kv
+
+    def unreachable(*_args, **_kwargs):
+        raise ConnectionError("GCS busy")
+
+    monkeypatch.setattr(internal_kv, "_internal_kv_exists", unreachable)
+    flag = StopSignal("stop-x")
+    assert not flag.is_set()
+    monkeypatch.setattr(internal_kv, "_internal_kv_exists", lambda *_a, **_k: True)
+    assert flag.is_set()
+    monkeypatch.setattr(internal_kv, "_internal_kv_exists", unreachable)
+    assert flag.is_set()  # once set, set: no further call
+    assert pickle.loads(pickle.dumps(flag)).key == "stop-x"
+
+
+def test_first_signal_drains_its_echo_is_the_same_stop_a_second_exits(caplog, monkeypatch):
+    """The same signal at once again is one stop (systemd signals the watched driver
+    and its watcher, which passes its copy on); a later one, or another signal, exits."""
+    monkeypatch.setattr(drain_module, "ECHO_S", 0.25)
     drain = Drain(seconds=0.2)
     drain.watch()
     try:
         os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the watcher's copy: no exit
         assert drain.requested and not drain.overdue
         with pytest.raises(Stopped, match=r"stopped on SIGTERM: 3 of 9 pairs are committed"):
             drain.check(lambda: (3, 9))

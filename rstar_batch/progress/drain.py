@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 # sysexits' EX_TEMPFAIL: the job stopped on request; rerunning it resumes.
 EXIT_STOPPED = 75
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The same signal again this soon is the same stop, not a second one: systemd (and a
+# cgroup kill) signals every process of the unit, so a watched driver gets SIGTERM
+# from it and again through its watcher (rstar_batch/supervise.py), within
+# milliseconds. A person's second Ctrl-C, or a scheduler's second SIGTERM, comes later.
+ECHO_S = 1.0
+
+
+def _echo(signum: int, first: tuple[str, float]) -> bool:
+    """Whether `signum` repeats the first stop `(name, when)` within ECHO_S."""
+    name, at = first
+    return signal.Signals(signum).name == name and time.monotonic() - at < ECHO_S
 
 
 class Stopped(Exception):
@@ -41,55 +52,50 @@ class Stopped(Exception):
                    "rerun the same command to resume", done, total)
 
 
-class StopFlag:
-    """The Ray actor behind `StopSignal`: set once by the driver, read by the workers."""
-
-    def __init__(self) -> None:
-        self.stopped = False
-
-    def stop(self) -> None:
-        self.stopped = True
-
-    def is_set(self) -> bool:
-        return self.stopped
-
-
 class StopSignal:
     """What readers and replicas hold (it pickles into their tasks): `is_set()` says
     whether the driver asked the job to stop.
 
-    A check never waits long: it asks the flag and waits at most `wait_s` for the
-    answer; without one (the flag's actor still starting on a busy node) it keeps the
-    last answer, not a stop, and reads the pending answer at the next check. A flag
-    that is gone means the driver that owned it is gone, which reads as a stop.
+    The flag is a key in the Ray cluster's own key-value store (the GCS's), which the
+    driver writes once and every worker reads with one call: no actor to start (it
+    was one, a process costing ~0.8 s of CPU in every job, and it had to be kept on the
+    driver's node and restarted when a node was lost), and it lives as long as the
+    cluster. A check that cannot reach the store keeps the last answer, not a stop.
     """
 
-    def __init__(self, actor: Any, wait_s: float = 0.1) -> None:
-        self.actor, self.wait_s = actor, wait_s
-        self._pending: Any = None
+    NAMESPACE = "rstar_batch"
+
+    def __init__(self, key: str) -> None:
+        self.key = key
         self._set = False
 
     def __getstate__(self) -> dict:
-        return {"actor": self.actor, "wait_s": self.wait_s}
+        return {"key": self.key}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["actor"], state["wait_s"])
+        self.__init__(state["key"])
 
     def is_set(self) -> bool:
-        if self._set:
-            return True
-        import ray
+        if not self._set:
+            from ray.experimental.internal_kv import _internal_kv_exists
 
-        if self._pending is None:
-            self._pending = self.actor.is_set.remote()
-        ready, _ = ray.wait([self._pending], timeout=self.wait_s)
-        if ready:
-            answer, self._pending = self._pending, None
             try:
-                self._set = bool(ray.get(answer))
-            except ray.exceptions.RayActorError:  # the driver, and so its flag, is gone
-                self._set = True
+                self._set = bool(_internal_kv_exists(self.key, namespace=self.NAMESPACE))
+            except Exception as exc:  # noqa: BLE001 - a busy GCS: ask again next time
+                log.debug("the stop flag could not be read: %s", exc)
         return self._set
+
+    def set(self) -> None:
+        """The driver's side: ask every reader to stop."""
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(self.key, b"1", namespace=self.NAMESPACE)
+
+    def remove(self) -> None:
+        """The driver's side, at the end: the key leaves a cluster that lives on."""
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(self.key, namespace=self.NAMESPACE)
 
 
 def stop_requested(stop: Optional[StopSignal]) -> bool:
@@ -108,6 +114,8 @@ def watch_from_the_start() -> None:
     ended the process with nothing said. A second signal exits at once."""
     def early(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
+        if _EARLY and _echo(signum, _EARLY[0]):
+            return
         if _EARLY:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -134,7 +142,6 @@ class Drain:
         self.seconds = seconds
         self.requested_at: Optional[float] = None
         self.signal_name = ""
-        self.flag: Optional[Any] = None
         self.signal: Optional[StopSignal] = None
         self._previous: dict[int, Any] = {}
 
@@ -161,57 +168,49 @@ class Drain:
             self.signal_name, self.requested_at = _EARLY[0]
 
     def restore(self) -> None:
-        """Put the previous handlers back; end the flag if the caller's Ray lives on."""
+        """Put the previous handlers back; remove the flag if the caller's Ray lives on."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
-        if self.flag is not None:
+        if self.signal is not None:
             import ray
 
             if ray.is_initialized():
                 try:
-                    ray.kill(self.flag)
+                    self.signal.remove()
                 except Exception as exc:  # noqa: BLE001 - gone with its Ray already
-                    log.debug("the stop flag could not be ended: %s", exc)
-            self.flag = None
+                    log.debug("the stop flag could not be removed: %s", exc)
+            self.signal = None
 
     def attach(self) -> StopSignal:
         """The flag the workers read, in the running Ray (set already if asked before)."""
-        import ray
+        import uuid
 
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # A worker node lost mid-job took a flag placed on it along, which its readers
-        # took for a stop: no chunk was read again. So the flag goes to the driver's node
-        # and comes back if its node is lost anyway (it starts unset then; a drain that
-        # was asked before says so again, `restate`). It dies for good with the driver.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                              soft=True)
-        self.flag = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(
-            StopFlag).options(scheduling_strategy=here).remote()
-        self.signal = StopSignal(self.flag)
+        self.signal = StopSignal(f"stop-{uuid.uuid4().hex}")
         if self.requested:
-            self.flag.stop.remote()
+            self.signal.set()
         return self.signal
 
-    def restate(self) -> None:
-        """Tell the flag that a stop was asked (again for a restarted flag, which starts
-        unset). Best effort: a Ray that is gone has no readers left to tell."""
-        # No flag yet: nothing to tell, and no Ray to import here: as a signal handler
-        # this may run in the middle of another import (ray's then failed, circular).
-        if not self.requested or self.flag is None:
+    def tell_workers(self) -> None:
+        """Set the flag of a stop asked while the job runs (the driver's loop calls this:
+        a signal handler makes no call into Ray, which may be gone with the signal, or
+        half imported). Best effort: a Ray that is gone has no readers left to tell."""
+        if not self.requested or self.signal is None:
             return
         import ray
 
         # after the passes the job's Ray is shut down: a call would start another
         if ray.is_initialized():
             try:
-                self.flag.stop.remote()
+                self.signal.set()
             except Exception as exc:  # noqa: BLE001
-                log.debug("the stop flag did not take the stop again: %s", exc)
+                log.debug("the stop flag could not be set: %s", exc)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if self.requested and _echo(signum, (self.signal_name, self.requested_at)):
+            log.info("%s again within %g s: the same stop", name, ECHO_S)
+            return
         if self.requested:
             log.warning("second signal (%s): exiting now, without draining", name)
             if signum == signal.SIGINT:
@@ -220,7 +219,6 @@ class Drain:
         self.requested_at, self.signal_name = time.monotonic(), name
         log.warning("%s: draining: no new input; scored rows are committed; stopping within "
                     "%g s (a second signal exits at once)", name, self.seconds)
-        self.restate()  # the flag may be gone with its Ray (a signal after the passes)
 
     def check(self, committed: Callable[[], tuple[int, int]]) -> None:
         """Raise `Stopped` if a stop was asked; `committed()` gives (done, total) pairs."""

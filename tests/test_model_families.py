@@ -19,9 +19,11 @@ from rstar_batch import Columns, ConfigError, rerank, score_corpus, tokenize_cor
 from rstar_batch.base import columns as C
 from rstar_batch.io import tokenized as tok
 from rstar_batch.model import describe_model
-from rstar_batch.stages.normalize import Normalize
+from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
+from rstar_batch.stages.normalize import Normalize, NormalizePassages
+from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
 from rstar_batch.stages.score import Scorer
-from rstar_batch.stages.tokenize import Tokenize
+from rstar_batch.stages.tokenize import Tokenize, TokenizePassages, checked_assembler
 from rstar_batch.tiny_families import FAMILIES, make_family_model, save_tokenizer
 from tests.reference import reference_scores
 
@@ -98,21 +100,20 @@ def unlearnable_model(micro_model, tmp_path_factory) -> str:
     return path
 
 
-def _every_command_scores_as_transformers(path: str, tmp_path, rerank_too: bool = True) -> None:
-    """score-corpus (every query × every passage) and, with `rerank_too`, rerank on
-    `_pairs()` equal the one-pair reference."""
+def _every_command_scores_as_transformers(path: str, tmp_path) -> None:
+    """rerank and score-corpus (every query × every passage) on `_pairs()` equal the
+    one-pair reference."""
     table = _pairs()
     reference = reference_scores(path, table, max_length=MAX_LENGTH)
     common = dict(model=path, max_length=MAX_LENGTH, dtype="float32")
 
-    if rerank_too:
-        candidates = str(tmp_path / "candidates.parquet")
-        pq.write_table(table, candidates)
-        rerank(candidates=[candidates], output=str(tmp_path / "reranked"), **common)
-        ranked = pq.read_table(str(tmp_path / "reranked")).to_pylist()
-        assert len(ranked) == table.num_rows
-        for row in ranked:
-            assert abs(row["score"] - reference[(row["query_id"], row["doc_id"])]) <= TOL
+    candidates = str(tmp_path / "candidates.parquet")
+    pq.write_table(table, candidates)
+    rerank(candidates=[candidates], output=str(tmp_path / "reranked"), **common)
+    ranked = pq.read_table(str(tmp_path / "reranked")).to_pylist()
+    assert len(ranked) == table.num_rows
+    for row in ranked:
+        assert abs(row["score"] - reference[(row["query_id"], row["doc_id"])]) <= TOL
 
     corpus, queries = str(tmp_path / "corpus.parquet"), str(tmp_path / "queries.parquet")
     passages = table.num_rows // len(set(table["query_id"].to_pylist()))
@@ -127,22 +128,50 @@ def _every_command_scores_as_transformers(path: str, tmp_path, rerank_too: bool 
         assert abs(row["score"] - reference[(row["query_id"], row["doc_id"])]) <= TOL
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_family_scores_a_corpus_as_transformers_does_and_reranks_alike(
-        ray_local, family_models, family, tmp_path):
+def test_each_family_scores_queries_with_passages_tokenized_alone_as_transformers(
+        family_models, family):
     """score-corpus pairs each query with passages tokenized on their own, so it is the
-    job that depends most on the family's template; a rerank job runs for one family
-    without token type ids (RoBERTa) as for BERT in the other tests: what rerank does
-    with each family's pairs is the stage-level test above."""
-    _every_command_scores_as_transformers(family_models[family], tmp_path,
-                                          rerank_too=family == "roberta")
+    command that depends most on the family's template: its stages without Ray (the
+    driver's checked assembler, the queries tokenized once, each passage tokenized
+    alone, the replica's pairing), every query × passage equal to the one-pair
+    reference. The jobs themselves run end to end for RoBERTa below."""
+    path = family_models[family]
+    table = _pairs()
+    model = describe_model(path)
+    assembler, why_not = checked_assembler(AutoTokenizer.from_pretrained(path), path,
+                                           MAX_LENGTH, PassagePolicy())
+    assert why_not is None, why_not
+    passages = table.num_rows // 3
+    query_rows = table.take(list(range(0, table.num_rows, passages)))
+    queries = QuerySet(query_rows["query_id"].combine_chunks(),
+                       assembler.tokenize(query_rows["query"].to_pylist()),
+                       np.zeros(query_rows.num_rows, dtype=np.int32))
+    block = NormalizePassages(Columns())(pa.table({
+        C.CHUNK: pa.array([0] * passages, pa.int64()),
+        C.ROW: pa.array(range(passages), pa.int32()),
+        "doc_id": table["doc_id"].slice(0, passages),
+        "passage": table["passage"].slice(0, passages)}))
+    block = TokenizePassages(model, MAX_LENGTH, assembler=assembler,
+                             limit=queries.passage_tokens_needed(assembler))(block)
+    out = ScoreAllPairs(queries, table.num_rows, PassagePolicy(), assembler, MAX_LENGTH,
+                        model=model, dtype="float32")(block)
+    reference = reference_scores(path, table, max_length=MAX_LENGTH)
+    assert out.num_rows == table.num_rows
+    for row in out.to_pylist():
+        assert abs(row[C.SCORE] - reference[(row[C.QUERY_ID], row[C.DOC_ID])]) <= TOL, family
+
+
+@pytest.mark.slow
+def test_a_family_without_token_type_ids_reranks_and_scores_a_corpus_end_to_end(
+        ray_local, family_models, tmp_path):
+    """rerank and score-corpus, as jobs, for one family without token type ids
+    (RoBERTa), as for BERT in the other tests."""
+    _every_command_scores_as_transformers(family_models["roberta"], tmp_path)
 
 
 def test_pairs_of_a_tokenizer_without_a_learnable_template_are_tokenized_whole(
         unlearnable_model):
-    from rstar_batch.stages.all_pairs import QuerySet, ScoreAllPairs
-    from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
 
     tokenizer = AutoTokenizer.from_pretrained(unlearnable_model)
     assembler = PairAssembler(tokenizer, MAX_LENGTH)

@@ -22,9 +22,8 @@ from rstar_batch.testing import write_sample_data
 from tests.infra_files import REPO
 from tests.jobs import (Job, committed_rows, LocalCluster, kill_until_gone, local_cluster, new_token,
                         session_pids, venv_bin, worker_args)
-from tests.test_rerank_job import _assert_matches_reference
-from tests.reference import reference_scores
-from tests.test_resume import PACED, TOTAL, _args, job_input  # noqa: F401 (a fixture)
+from tests.test_resume import (PACED, TOTAL, _args, _assert_same_output,  # noqa: F401
+                               job_input, job_reference)  # (fixtures)
 from tests.test_score_corpus import (TOP_K, _args as corpus_args,  # noqa: F401 (fixtures)
                                      _assert_equals_brute_force as assert_equals_brute_force,
                                      brute_force, corpus_inputs)
@@ -148,7 +147,8 @@ def test_nightly_job_submitted_to_a_cluster_succeeds_and_a_bad_night_fails(
     assert not (data / "ranked" / "date=2026-11-27" / "_SUCCESS").exists()
 
 
-def test_job_survives_losing_a_worker_node(nodes, job_input, micro_model, tmp_path):
+def test_job_survives_losing_a_worker_node(nodes, job_input, job_reference, micro_model,
+                                           tmp_path):
     out = str(tmp_path / "out")
     job = Job(_args(job_input, out, micro_model), str(tmp_path / "run1.log"), PACED,
               cluster=nodes)
@@ -157,7 +157,4 @@ def test_job_survives_losing_a_worker_node(nodes, job_input, micro_model, tmp_pa
     nodes.start("worker3", *worker_args(WORKER_CPUS, 2))  # the replacement node
     code = job.wait(timeout=300)
     assert code == 0, job.output()[-3000:]  # it survives the loss, without a rerun
-    table = pq.read_table(out)
-    assert table.num_rows == TOTAL
-    reference = reference_scores(micro_model, pq.read_table(job_input), max_length=96)
-    _assert_matches_reference(table.to_pylist(), reference)
+    _assert_same_output(out, job_reference)

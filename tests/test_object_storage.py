@@ -12,7 +12,6 @@ import json
 import logging
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -22,7 +21,7 @@ from rstar_batch.config import ConfigError
 from rstar_batch.io.sources import InputError
 from rstar_batch.testing import make_candidates
 from tests.jobs import S3_SECRET as SECRET
-from tests.jobs import Job, assert_same_ranking, committed_rows, paced, run
+from tests.jobs import Job, committed_rows, paced, run
 from tests.reference import reference_scores
 from tests.test_rerank_job import _assert_matches_reference
 
@@ -73,38 +72,12 @@ def _assert_each_query_in_one_file(s3, prefix: str) -> None:
             assert files.setdefault(qid, path) == path
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(s3_env, cluster, s3, candidates, micro_model, tmp_path_factory) -> dict:
-    """One uninterrupted job, S3 to S3; its log and output."""
-    log = str(tmp_path_factory.mktemp("s3-full") / "run.log")
-    job = run(_args(f"s3://{BUCKET}/full/", micro_model), log, env=s3_env, cluster=cluster)
-    assert job.proc.returncode == 0, job.output()[-3000:]
-    return {"log": job.output(), "table": _read_output(s3, "full")}
-
-
-def test_job_reads_and_writes_s3_and_equals_the_one_pair_reference(
-        uninterrupted, s3, candidates, micro_model):
-    table = uninterrupted["table"]
-    assert table.num_rows == TOTAL
-    assert f"{TOTAL} pairs, {QUERIES} queries, {TOTAL} scored, 0 rejected" in uninterrupted["log"]
-    # The reference scores one pair at a time (slow on 2 cores): a query of each input file.
-    queries = pa.array([1, QUERIES], pa.int64())
-    some = pc.is_in(table["query_id"], queries)
-    reference = reference_scores(
-        micro_model, candidates.filter(pc.is_in(candidates["query_id"], queries)), MAX_LENGTH)
-    _assert_matches_reference(table.filter(some).to_pylist(), reference)
-    _assert_each_query_in_one_file(s3, "full")
-    manifest = json.loads(s3.cat(f"{BUCKET}/full/_manifest.json"))
-    assert manifest["summary"]["scored"] == TOTAL
-    assert [f[0] for f in manifest["plan"]["input"]["files"]] == [
-        f"{BUCKET}/candidates/part-00000.parquet", f"{BUCKET}/candidates/part-00001.parquet"]
-    assert all(isinstance(f[2], str) for f in manifest["plan"]["input"]["files"])  # ETags
-    assert s3.exists(f"{BUCKET}/full/_SUCCESS")
-    assert not s3.exists(f"{BUCKET}/full/_work")  # progress removed on success
-
-
-def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
-        uninterrupted, s3_env, cluster, s3, micro_model, tmp_path):
+def test_a_job_on_s3_killed_then_resumed_equals_the_one_pair_reference(
+        s3_env, cluster, s3, candidates, micro_model, tmp_path):
+    """S3 to S3: a job SIGKILLed half way, its status, then the rerun that resumes it.
+    The output equals the one-pair reference, each pair once; the manifest names the
+    input objects with their ETags; progress is removed on success; no log, status or
+    JSON object holds the secret key."""
     out = f"s3://{BUCKET}/resumed/"
     logs = []
     # paced by the fault hook (each replica batch 0.5 s longer) so there is time to kill
@@ -126,26 +99,37 @@ def test_killed_job_on_s3_resumes_to_the_uninterrupted_output(
     logs.append(rerun.output())
     assert rerun.proc.returncode == 0, rerun.output()[-3000:]
     assert "resuming run 2" in rerun.output()
-    assert_same_ranking(_read_output(s3, "resumed"), uninterrupted["table"], TOTAL)
+    assert f"{QUERIES} queries, {TOTAL} scored, 0 rejected" in rerun.output()
+    table = _read_output(s3, "resumed")
+    assert table.num_rows == len(set(zip(table["query_id"].to_pylist(),
+                                         table["doc_id"].to_pylist()))) == TOTAL
+    reference = reference_scores(micro_model, candidates, MAX_LENGTH)
+    assert len(reference) == TOTAL
+    _assert_matches_reference(table.to_pylist(), reference)
     _assert_each_query_in_one_file(s3, "resumed")
     manifest = s3.cat(f"{BUCKET}/resumed/_manifest.json").decode()
     per_run = {int(k): v for k, v in json.loads(manifest)["pairs_scored_per_run"].items()}
     assert per_run[1] == done_at_kill  # nothing committed was lost
     assert TOTAL <= per_run[1] + per_run[2] and per_run[2] <= TOTAL - done_at_kill + 60
+    plan = json.loads(manifest)
+    assert plan["summary"]["scored"] == TOTAL
+    assert [f[0] for f in plan["plan"]["input"]["files"]] == [
+        f"{BUCKET}/candidates/part-00000.parquet", f"{BUCKET}/candidates/part-00001.parquet"]
+    assert all(isinstance(f[2], str) for f in plan["plan"]["input"]["files"])  # ETags
+    assert s3.exists(f"{BUCKET}/resumed/_SUCCESS")
+    assert not s3.exists(f"{BUCKET}/resumed/_work")  # progress removed on success
 
     done = run(["status", out], str(tmp_path / "status2.log"), env=s3_env).output()
     assert done.splitlines()[-1].startswith(f"DONE {TOTAL} pairs, {QUERIES} queries")
     for text in [*logs, status, done, manifest]:
         assert SECRET not in text
-
-
-def test_credentials_stay_out_of_logs_manifests_and_errors(
-        uninterrupted, s3_env, s3, micro_model, tmp_path, monkeypatch, caplog):
-    assert SECRET not in uninterrupted["log"]
-    assert SECRET not in s3.cat(f"{BUCKET}/full/_manifest.json").decode()
-    assert all(SECRET not in s3.cat(p).decode() for p in s3.find(f"{BUCKET}/full")
+    assert all(SECRET not in s3.cat(p).decode() for p in s3.find(f"{BUCKET}/resumed")
                if p.endswith(".json"))
 
+
+def test_credentials_stay_out_of_errors(s3_env, s3, micro_model, tmp_path, monkeypatch,
+                                        caplog):
+    """(Out of logs, manifests and status: the job above.)"""
     # A wrong output bucket: one line naming it, no traceback, no secret, even at DEBUG.
     wrong = run(["--log-level", "DEBUG", *_args("s3://no-such-bucket-rstar/out/", micro_model)],
                 str(tmp_path / "wrong.log"), env=s3_env)

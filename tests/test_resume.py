@@ -12,7 +12,6 @@ import signal
 import time
 from typing import Callable, Optional
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -20,7 +19,9 @@ import rstar_batch
 from rstar_batch.faults import FAULT_ENV
 from rstar_batch.progress.checkpoint import ResumeError
 from rstar_batch.testing import write_sample_data
-from tests.jobs import Job, assert_same_ranking, committed_rows, paced, run
+from tests.jobs import Job, committed_rows, paced, run
+from tests.reference import reference_scores
+from tests.test_rerank_job import _assert_matches_reference
 
 pytestmark = pytest.mark.slow
 TOTAL = 1200
@@ -46,16 +47,19 @@ def _args(candidates: str, output: str, model: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def baseline(job_input, micro_model, cluster, tmp_path_factory) -> pa.Table:
-    out = str(tmp_path_factory.mktemp("baseline") / "out")
-    job = run(_args(job_input, out, micro_model), out + ".log", cluster=cluster)
-    assert job.proc.returncode == 0, job.output()[-3000:]
-    return pq.read_table(out)
+def job_reference(job_input, micro_model) -> dict:
+    """The one-pair reference of `job_input` (3 s; an uninterrupted job took 13 s)."""
+    return reference_scores(micro_model, pq.read_table(job_input), max_length=96)
 
 
-def _assert_same_output(out: str, baseline: pa.Table) -> None:
-    assert baseline.num_rows == TOTAL
-    assert_same_ranking(pq.read_table(out), baseline, TOTAL)
+def _assert_same_output(out: str, reference: dict) -> None:
+    """Every pair once, scored and ranked as the one-pair reference; each query in one
+    ranked file."""
+    table = pq.read_table(out)
+    assert table.num_rows == len(set(zip(table["query_id"].to_pylist(),
+                                         table["doc_id"].to_pylist()))) == TOTAL
+    assert len(reference) == TOTAL
+    _assert_matches_reference(table.to_pylist(), reference)
     files = {}
     for path in glob.glob(os.path.join(out, "part-*.parquet")):
         for qid in set(pq.read_table(path)["query_id"].to_pylist()):
@@ -72,7 +76,7 @@ KILL_POINTS = {
 
 
 def test_a_job_killed_then_interrupted_resumes_each_time_without_loss_or_duplicates(
-        job_input, micro_model, baseline, cluster, tmp_path):
+        job_input, micro_model, job_reference, cluster, tmp_path):
     """One output through three runs: the first is SIGKILLed (a lost driver) a third of
     the way, with `status` read while it runs; the second is stopped by Ctrl-C (SIGINT
     drains as SIGTERM does) two thirds of the way; the third finishes. Each run scores
@@ -120,7 +124,7 @@ def test_a_job_killed_then_interrupted_resumes_each_time_without_loss_or_duplica
     assert f"rstar-batch: stopped on SIGINT: {done_at_stop} of {TOTAL} pairs are " \
         "committed; rerun the same command to resume" in text
 
-    per_run = _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
+    per_run = _rerun_equals_the_reference(job_input, out, micro_model, job_reference, tmp_path,
                                          cluster, log="run3.log")
     assert per_run.get(1, 0) == done_at_kill  # nothing committed was lost
     assert per_run[1] + per_run[2] == done_at_stop
@@ -138,7 +142,7 @@ def _catches(pid: int, sig: int) -> bool:
 
 
 def test_sigterm_before_ray_starts_then_during_start_up_then_between_the_passes_stops(
-        job_input, micro_model, baseline, cluster, tmp_path):
+        job_input, micro_model, job_reference, cluster, tmp_path):
     """SIGTERM to the driver as soon as it handles one at all (it is still importing
     and checking: it must stop there, say so and exit 75, not die of the signal), then
     to a rerun as soon as its plan is written (Ray starting), then to a third run
@@ -171,14 +175,14 @@ def test_sigterm_before_ray_starts_then_during_start_up_then_between_the_passes_
     assert f"rstar-batch: stopped on SIGTERM: {TOTAL} of {TOTAL} pairs are committed" in text
     assert not glob.glob(os.path.join(out, "part-*.parquet"))  # nothing ranked yet
 
-    per_run = _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
+    per_run = _rerun_equals_the_reference(job_input, out, micro_model, job_reference, tmp_path,
                                          cluster, log="run4.log")
     assert sum(per_run.values()) == TOTAL and 4 not in per_run  # the last run only ranked
 
 
 @pytest.mark.parametrize("point", ["during_final_pass"])
 def test_sigterm_drains_stops_within_the_bound_and_the_rerun_resumes(
-        point, job_input, micro_model, baseline, cluster, tmp_path):
+        point, job_input, micro_model, job_reference, cluster, tmp_path):
     """SIGTERM to the driver alone, as Kubernetes and `ray job stop` send it, in the
     rank pass (in the middle of scoring: the first test, with SIGINT; before Ray, in
     start-up and between the passes: the test above); the rerun gets one as it is about
@@ -202,7 +206,7 @@ def test_sigterm_drains_stops_within_the_bound_and_the_rerun_resumes(
         "committed; rerun the same command to resume" in text
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
 
-    per_run = _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
+    per_run = _rerun_equals_the_reference(job_input, out, micro_model, job_reference, tmp_path,
                                          cluster, env={FAULT_ENV: "sigterm:manifest"})
     text = open(tmp_path / "run2.log").read()
     assert "SIGTERM: draining" in text and f"rstar-batch: {TOTAL} pairs" in text
@@ -232,14 +236,14 @@ def _assert_logged_progress_follows_the_commits(text: str, samples: list, final:
         assert seen <= pairs <= final, (at, pairs, seen, samples)
 
 
-def _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
+def _rerun_equals_the_reference(job_input, out, micro_model, job_reference, tmp_path,
                                cluster=None, log: str = "run2.log",
                                env: Optional[dict] = None) -> dict:
     """Rerun the job; check its output and status; return pairs scored per run."""
     rerun = run(_args(job_input, out, micro_model), str(tmp_path / log), env,
                 cluster=cluster)
     assert rerun.proc.returncode == 0, rerun.output()[-3000:]
-    _assert_same_output(out, baseline)
+    _assert_same_output(out, job_reference)
     done = run(["status", out], str(tmp_path / "status2.log")).output()
     assert done.startswith(f"DONE {TOTAL} pairs, 30 queries")
     manifest = json.load(open(os.path.join(out, "_manifest.json")))
@@ -247,7 +251,7 @@ def _rerun_equals_the_baseline(job_input, out, micro_model, baseline, tmp_path,
 
 
 def test_a_run_survives_its_replica_and_writer_faults_and_completes_exactly_once(
-        job_input, micro_model, baseline, cluster, tmp_path):
+        job_input, micro_model, job_reference, cluster, tmp_path):
     """In one run: a batch raises once (its retry succeeds); a replica's process dies
     (Ray Data gives its block to another); a commit writer's process dies at its first
     commit with the rows it held, after the replica calls that scored them returned
@@ -261,7 +265,7 @@ def test_a_run_survives_its_replica_and_writer_faults_and_completes_exactly_once
         assert os.path.exists(tmp_path / f"fired-{kind}"), kind  # the fault did happen
     assert "were scored but not committed (a commit writer was lost); scoring them again" \
         in job.output()
-    _assert_same_output(out, baseline)
+    _assert_same_output(out, job_reference)
     manifest = json.load(open(os.path.join(out, "_manifest.json")))
     assert manifest["pairs_scored_per_run"] == {"1": TOTAL}  # no rerun needed
 

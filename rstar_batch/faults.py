@@ -12,8 +12,9 @@ RSTAR_BATCH_TEST_FAULT selects the faults, comma-separated (`exit:3,writerexit:1
   writerexit:N  a commit writer's process dies (os._exit) at its N-th commit, once per
                 job, with the rows it was about to commit (its node lost, in effect)
   sigterm:P     the driver sends itself SIGTERM on reaching phase P (`between_passes`:
-                every pair committed, nothing ranked; `manifest`: about to write it),
-                moments no signal from outside can be timed to hit
+                every pair committed, nothing ranked; `rank_pass`: its tasks submitted,
+                none awaited; `manifest`: about to write it), moments no signal from
+                outside can be timed to hit
   sigtermgroup:P  the same to every process of the job, as systemd stopping a unit
                 sends it: the driver's process group (an embedded Ray's processes too)
                 and the watcher that started it (supervise.py), if any

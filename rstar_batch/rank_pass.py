@@ -75,6 +75,7 @@ def rank_all(fs: Any, root: str, config: RerankConfig, progress: Progress,
     cpus = ray.cluster_resources().get("CPU", 1.0)
     refs = [task.remote(fs, root, reads, config.keep_columns, config.top_k)
             for _, reads in plan_tasks(progress, cpus)]
+    FaultHook.from_env().at_phase("rank_pass")
     waiting = list(refs)
     while waiting and not stopping():
         _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)

@@ -136,13 +136,18 @@ class Job:
             time.sleep(0.05)
 
     def terminate(self, timeout: float = 60, group: bool = False,
-                  sig: int = signal.SIGTERM) -> float:
+                  sig: int = signal.SIGTERM, every: bool = False) -> float:
         """SIGTERM (or `sig`: SIGINT is Ctrl-C) the driver alone (as Kubernetes and
-        `ray job stop` do), or with `group` its whole process group, the embedded Ray's
-        processes too (as systemd stopping a unit and Slurm's scancel do); return the
-        seconds until it exited. Whatever of its session survives is then killed."""
+        `ray job stop` do), with `group` its process group (`kill -- -PGID`, Slurm's
+        scancel), or with `every` every process of the job, a watched driver's and its
+        embedded Ray's too (systemd stopping a unit: its cgroup); return the seconds
+        until it exited. Whatever of its session survives is then killed."""
         sent = time.monotonic()
-        if group:
+        if every:
+            for pid in self.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        elif group:
             os.killpg(self.proc.pid, sig)
         else:
             self.proc.send_signal(sig)
@@ -156,6 +161,21 @@ class Job:
         """SIGKILL the driver and every process of its session; wait until none is left."""
         kill_until_gone(self.pids, "the killed job")
         self.proc.wait()
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid` (a watcher's: the driver it runs)."""
+    return [child for child, (ppid, _) in _live_processes().items() if ppid == pid]
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` handles `sig` yet (its SigCgt mask)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            mask = next(line.split()[1] for line in fh if line.startswith("SigCgt:"))
+    except (FileNotFoundError, StopIteration):
+        return False
+    return bool(int(mask, 16) >> (sig - 1) & 1)
 
 
 def paced(seconds: float) -> dict[str, str]:

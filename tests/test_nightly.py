@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -16,7 +18,7 @@ from rstar_batch import nightly
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.faults import FAULT_ENV
 from tests.infra_files import REPO
-from tests.jobs import Job, committed_rows, paced, run
+from tests.jobs import Job, catches, children, committed_rows, paced, run
 from tests.test_rerank_job import _assert_matches_reference
 
 
@@ -110,16 +112,29 @@ def _record(text: str) -> dict:
     return json.loads(lines[-1])
 
 
+def _assert_stopped(job: Job, seconds: float, committed: int) -> dict:
+    """Exit 75 within the bound; the record and the summary line say what is committed."""
+    text = job.output()
+    assert job.proc.returncode == 75 and seconds < 30, (seconds, text[-3000:])
+    record = _record(text)
+    assert record["status"] == "STOPPED" and record["committed"] == committed, record
+    line = f"stopped on SIGTERM: {committed} of 1000 pairs are committed"
+    assert record["error"].startswith(f"Stopped: {line}") and line in text
+    return record
+
+
 @pytest.mark.slow
-def test_group_sigterms_stop_a_nightly_job_on_its_own_ray_then_the_night_completes(
-        micro_model, sample_dir, sample_reference, cluster, tmp_path):
-    """systemd and Slurm signal every process of the job. The real entrypoint on its own
-    embedded Ray: run 1 gets SIGTERM to its process group part way through scoring (it
-    stops within the bound with 75 and its STOPPED record of what is committed; before
-    the watcher, the embedded Ray died with the driver, whose cleanup then hung); run 2
-    signals its own process group, Ray's processes too, once every pair is committed and
-    before the rank pass (the fault hook: no outside timing hits that moment) and still
-    stops with its record; run 3, on a running cluster, completes the night: output equal
+def test_sigterms_to_every_process_stop_a_nightly_job_in_each_phase_then_the_night_completes(
+        micro_model, sample_dir, sample_reference, tmp_path):
+    """systemd and Slurm signal every process of the job. The real entrypoint, each run
+    on its own embedded Ray (the driver runs watched: supervise.py), one output: SIGTERM
+    to every process of the job before Ray starts, then while Ray starts; to its process
+    group (the watcher, which passes it on) part way through scoring; then from the
+    driver itself to every process (the fault hook: moments no outside timing hits) once
+    every pair is committed and nothing ranked, and in the rank pass. Each run stops
+    within the bound with exit 75, its summary line and its STOPPED record of what is
+    committed, Ray's processes dying with the driver or not. The last run gets the
+    signal as it is about to write the manifest and finishes first: exit 0, output equal
     to the one-pair reference, each pair scored by exactly one run."""
     shutil.copytree(sample_dir, tmp_path / "candidates" / "date=2026-11-26")
     config = tmp_path / "nightly.yaml"
@@ -131,30 +146,40 @@ def test_group_sigterms_stop_a_nightly_job_on_its_own_ray_then_the_night_complet
     script = str(REPO / "jobs" / "nightly_rerank.py")
     out = str(tmp_path / "out" / "date=2026-11-26")
 
-    job = Job(args, str(tmp_path / "run1.log"), paced(0.5), script=script)
+    job = Job(args, str(tmp_path / "run1.log"), script=script)
+    job.wait_until(lambda: any(catches(pid, signal.SIGTERM) for pid in children(job.proc.pid)),
+                   timeout=60)
+    _assert_stopped(job, job.terminate(every=True), 0)
+    assert "Started a local Ray" not in job.output()
+
+    job = Job(args, str(tmp_path / "run2.log"), paced(0.5), script=script)
+    job.wait_until(lambda: "starting a local Ray" in job.output())
+    seconds = job.terminate(every=True)
+    _assert_stopped(job, seconds, committed_rows(out))
+
+    job = Job(args, str(tmp_path / "run3.log"), paced(0.5), script=script)
     job.wait_until(lambda: committed_rows(out) >= 100)
     seconds = job.terminate(group=True)
-    record = _record(job.output())
-    assert job.proc.returncode == 75 and seconds < 45, (seconds, job.output()[-3000:])
     done_at_stop = committed_rows(out)
-    assert record["status"] == "STOPPED" and record["committed"] == done_at_stop < 1000
-    assert record["error"].startswith(f"Stopped: stopped on SIGTERM: {done_at_stop} of 1000")
+    assert done_at_stop < 1000
+    _assert_stopped(job, seconds, done_at_stop)
 
-    job = run(args, str(tmp_path / "run2.log"), {FAULT_ENV: "sigtermgroup:between_passes"},
+    for n, fault in [(4, "sigtermgroup:between_passes"),
+                     (5, "sigtermgroup:rank_pass,slowrank:3")]:
+        job = run(args, str(tmp_path / f"run{n}.log"), {FAULT_ENV: fault}, script=script)
+        _assert_stopped(job, 0, 1000)
+        assert not os.path.exists(os.path.join(out, "_SUCCESS"))
+
+    job = run(args, str(tmp_path / "run6.log"), {FAULT_ENV: "sigtermgroup:manifest"},
               script=script)
-    assert job.proc.returncode == 75, job.output()[-3000:]
-    record = _record(job.output())
-    assert record["status"] == "STOPPED" and record["committed"] == 1000
-    assert record["error"].startswith("Stopped: stopped on SIGTERM: 1000 of 1000 pairs are "
-                                      "committed")
-
-    job = run(args, str(tmp_path / "run3.log"), cluster=cluster, script=script)
     assert job.proc.returncode == 0, job.output()[-3000:]
     assert _record(job.output())["status"] == "SUCCEEDED"
     _assert_matches_reference(pq.read_table(out).to_pylist(), sample_reference)
     manifest = json.load(open(os.path.join(out, "_manifest.json")))
-    per_run = {int(k): v for k, v in manifest["pairs_scored_per_run"].items()}
-    assert per_run[1] == done_at_stop and sum(per_run.values()) == 1000 and 3 not in per_run
+    per_run = {int(k): v for k, v in manifest["pairs_scored_per_run"].items() if v}
+    fourth = int(re.search(r"resuming run (\d+)", open(tmp_path / "run4.log").read())[1])
+    assert max(per_run) == fourth  # runs 5 and 6 only ranked
+    assert per_run[fourth] == 1000 - done_at_stop and sum(per_run.values()) == 1000
 
 
 def test_the_entrypoint_prints_the_record_as_its_last_stdout_line(tmp_path):

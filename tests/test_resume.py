@@ -19,7 +19,7 @@ import rstar_batch
 from rstar_batch.faults import FAULT_ENV
 from rstar_batch.progress.checkpoint import ResumeError
 from rstar_batch.testing import write_sample_data
-from tests.jobs import Job, committed_rows, paced, run
+from tests.jobs import Job, catches, committed_rows, paced, run
 from tests.reference import reference_scores
 from tests.test_rerank_job import _assert_matches_reference
 
@@ -131,16 +131,6 @@ def test_a_job_killed_then_interrupted_resumes_each_time_without_loss_or_duplica
     assert sum(per_run.values()) == TOTAL  # and nothing was scored twice
 
 
-def _catches(pid: int, sig: int) -> bool:
-    """Whether process `pid` handles `sig` yet (its SigCgt mask)."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            mask = next(line.split()[1] for line in fh if line.startswith("SigCgt:"))
-    except (FileNotFoundError, StopIteration):
-        return False
-    return bool(int(mask, 16) >> (sig - 1) & 1)
-
-
 def test_sigterm_before_ray_starts_then_during_start_up_then_between_the_passes_stops(
         job_input, micro_model, job_reference, cluster, tmp_path):
     """SIGTERM to the driver as soon as it handles one at all (it is still importing
@@ -152,7 +142,7 @@ def test_sigterm_before_ray_starts_then_during_start_up_then_between_the_passes_
     out = str(tmp_path / "out")
     args = _args(job_input, out, micro_model, "--drain-seconds", "20")
     job = Job(args, str(tmp_path / "run1.log"), cluster=cluster)
-    job.wait_until(lambda: _catches(job.proc.pid, signal.SIGTERM), timeout=60)
+    job.wait_until(lambda: catches(job.proc.pid, signal.SIGTERM), timeout=60)
     seconds = job.terminate()
     text = job.output()
     assert job.proc.returncode == 75, text[-3000:]

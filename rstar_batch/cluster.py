@@ -60,6 +60,10 @@ def live_nodes() -> list[Node]:
     return [node_of(info) for info in ray.nodes() if info.get("Alive")]
 
 
+# An embedded Ray's driver flushes its last task events for at most this long (ms).
+EMBEDDED_FLUSH_MS = 1000
+
+
 @contextlib.contextmanager
 def ray_session(address: Optional[str] = None) -> Iterator[None]:
     """Connect to (or start) Ray for one job; shut down only what we started."""
@@ -79,6 +83,11 @@ def ray_session(address: Optional[str] = None) -> Iterator[None]:
             cores = usable_cores()  # not the machine's: taskset, cpusets and quotas
             cpus = cores + EMBEDDED_EXTRA_CPUS
             log.info("starting a local Ray with %d logical CPUs on %d cores", cpus, cores)
+            # ray.shutdown() waits this long to flush task events to a GCS that a signal
+            # to every process of the job (systemd) may have ended already: by default it
+            # held a drained driver ~8 s, past which its watcher had to report for it.
+            os.environ.setdefault("RAY_task_events_shutdown_flush_timeout_ms",
+                                  str(EMBEDDED_FLUSH_MS))
             ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                      labels={CORES_LABEL: str(cores)}, log_to_driver=True)
         yield

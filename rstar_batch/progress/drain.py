@@ -27,9 +27,11 @@ EXIT_STOPPED = 75
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # The same signal again this soon is the same stop, not a second one: systemd (and a
 # cgroup kill) signals every process of the unit, so a watched driver gets SIGTERM
-# from it and again through its watcher (rstar_batch/supervise.py), within
-# milliseconds. A person's second Ctrl-C, or a scheduler's second SIGTERM, comes later.
-ECHO_S = 1.0
+# from it and again through its watcher (rstar_batch/supervise.py). They arrive within
+# milliseconds, but Python runs a handler only between bytecodes: a driver inside a
+# call into Ray (a wait, a shutdown) ran the second 0.75 s after the first. A person's
+# second Ctrl-C, or a scheduler's second SIGTERM, comes later.
+ECHO_S = 2.0
 
 
 def _echo(signum: int, first: tuple[str, float]) -> bool:

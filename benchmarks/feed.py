@@ -64,17 +64,24 @@ import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 passages = pq.read_table(sys.argv[2], columns=["passage"])["passage"].to_pylist()
 backend = AutoTokenizer.from_pretrained(sys.argv[1]).backend_tokenizer
-backend.encode_batch(passages[:1000], add_special_tokens=False)
+if sys.argv[3] == "nanotoken":  # the fast path's own call (stages/fast_tokens.py)
+    import nanotoken
+    fast = nanotoken.Tokenizer.from_json(backend.to_str())
+    encode = lambda texts: fast.encode_batch(texts, add_special_tokens=False, parallel=False)
+else:
+    encode = lambda texts: backend.encode_batch(texts, add_special_tokens=False)
+encode(passages[:1000])
 started = time.perf_counter()
-backend.encode_batch(passages, add_special_tokens=False)
+encode(passages)
 print(len(passages) / (time.perf_counter() - started))
 """
 
 
-def raw_tokenizer_rate(model: str, candidates: str) -> float:
-    """Passages/s of the bare Rust tokenizer on one thread, in a process of its own."""
+def raw_tokenizer_rate(model: str, candidates: str, library: str = "tokenizers") -> float:
+    """Passages/s of the bare Rust tokenizer (`tokenizers`, Hugging Face's, or
+    `nanotoken`, the fast path's) on one thread, in a process of its own."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", RAW_TOKENIZER, model, candidates],
+    out = subprocess.run([sys.executable, "-c", RAW_TOKENIZER, model, candidates, library],
                          env=env, check=True, capture_output=True, text=True)
     return float(out.stdout.split()[-1])
 
@@ -256,7 +263,8 @@ def host_side_us(small: dict, large: dict) -> float:
     return 1e6 * (host(large) - host(small)) / (large["pairs"] - small["pairs"])
 
 
-def render(raw: float, cases: list[tuple[str, dict, dict]], corpus_run: Optional[dict]) -> str:
+def render(raw: float, cases: list[tuple[str, dict, dict]], corpus_run: Optional[dict],
+           fast: Optional[float] = None) -> str:
     cores = usable_cores()
     device = cases[0][2]["device"] if cases else "cpu"  # the machine's name: GPU or CPU
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -268,6 +276,9 @@ def render(raw: float, cases: list[tuple[str, dict, dict]], corpus_run: Optional
              "| what | pairs | seconds | pairs/s | × raw tokenizer |",
              "| --- | ---: | ---: | ---: | ---: |",
              f"| raw tokenizer, `encode_batch`, one thread (passages) | | | {raw:.0f} | 1.00 |"]
+    if fast is not None:
+        lines.append(f"| raw nanotoken (the fast path), one thread (passages) | | | "
+                     f"{fast:.0f} | {fast / raw:.2f} |")
     for label, small, large in cases:
         lines += case_rows(label, small, large, raw)
     if corpus_run:
@@ -312,12 +323,20 @@ def main() -> int:
     text = {size: write_candidates(os.path.join(workdir, f"text-{size}"), size, seed)
             for size, seed in ((args.small, 8), (args.pairs, 7))}
     raw = raw_tokenizer_rate(model, os.path.join(text[args.pairs], "part-00000.parquet"))
+    fast = raw_tokenizer_rate(model, os.path.join(text[args.pairs], "part-00000.parquet"),
+                              "nanotoken")
     cases, corpus_run = [], None
     if "text" not in args.skip:
         runs = {size: run_job(model, ["--candidates", folder],
                               os.path.join(workdir, f"out-text-{size}"), [])
                 for size, folder in text.items()}
         cases.append(("from text", runs[args.small], runs[args.pairs]))
+        # the same job with the Hugging Face tokenizer (what every run did before)
+        runs = {size: run_job(model, ["--candidates", folder],
+                              os.path.join(workdir, f"out-text-hf-{size}"),
+                              ["--tokenizer-backend", "hf"])
+                for size, folder in text.items()}
+        cases.append(("from text, --tokenizer-backend hf", runs[args.small], runs[args.pairs]))
         if args.before:
             runs = {size: run_job(model, ["--candidates", folder],
                                   os.path.join(workdir, f"out-before-{size}"), [], args.before)
@@ -335,7 +354,7 @@ def main() -> int:
                                          "--corpus", tokens],
                                  os.path.join(workdir, f"out-ids-{size}"), [])
         cases.append(("tokenized corpus", runs[args.small], runs[args.id_pairs]))
-    report = render(raw, cases, corpus_run)
+    report = render(raw, cases, corpus_run, fast)
     print(report)
     if not args.smoke:
         with open(args.out, "a", encoding="utf-8") as fh:

@@ -56,7 +56,7 @@ TOKENIZE_FIELDS = ("corpus", "output", "overwrite", "restart", "max_rejected_fra
                    "checkpoint_rows", "drain_seconds", "progress_seconds", "doc_id_column",
                    "passage_column",
                    "model", "revision", "trust_remote_code", "tokenize_workers",
-                   "replica_batch_rows", "address")
+                   "tokenizer_backend", "replica_batch_rows", "address")
 NOT_TOKENIZE = tuple(f.name for f in dataclasses.fields(RerankConfig)
                      if f.name not in TOKENIZE_FIELDS)
 

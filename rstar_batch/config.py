@@ -23,6 +23,7 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 Quantize = Literal["none", "int8"]
 BadFile = Literal["fail", "skip"]
 LongPassages = Literal["truncate", "maxp", "firstp"]
+TokenizerBackend = Literal["auto", "hf", "fast"]
 
 
 # The fewest special tokens a pair takes ([CLS] q [SEP] p [SEP]), for the rules that
@@ -176,6 +177,12 @@ class RerankConfig:
         None, "Logical CPUs each replica reserves; a CPU replica runs one torch thread per "
         "CPU (default: 1 on GPU; on CPU, each node's CPUs less 2 for tokenizing and I/O, "
         "one replica a node).", "scaling")
+    tokenizer_backend: TokenizerBackend = _opt(
+        "auto", "What turns texts into token ids: fast = nanotoken's WordPiece (BERT-family "
+        "tokenizers, R*'s included; tens of times the Hugging Face tokenizer's rate), "
+        "checked against the Hugging Face tokenizer in every process; hf = the Hugging "
+        "Face tokenizer; auto = fast where it loads and checks out, else hf. The ids, and "
+        "so the scores, are the same.", "scaling")
     tokenize_workers: Optional[int] = _opt(
         None, "Largest number of CPU tokenizer actors; the pool grows to it while blocks "
         "queue (default: the cluster's CPUs the replicas leave, up to 16 per GPU replica "

@@ -73,6 +73,7 @@ class Job(abc.ABC):
         self.run = 0  # this run's number, once the output is opened
         self.stop: Optional[StopSignal] = None  # the workers' view of a stop, in Ray
         self.sink: Any = None  # where pass 1's replicas hand scored rows (the writers)
+        self.texts_by = ""  # what tokenizes texts (stages/fast_tokens.py), for the manifest
 
     @property
     def pairs_per_row(self) -> int:
@@ -131,6 +132,7 @@ class ScoringModel:
     tokenized: bool                  # the corpus is a tokenized corpus (passage ids)
     assembler: PairAssembler
     why_not: Optional[str]           # why pairs cannot be assembled (None: they can)
+    texts_by: str                    # what tokenizes the texts, and why (the manifest's)
 
 
 def check_scoring_model(config: RerankConfig, corpus: Optional[str]) -> ScoringModel:
@@ -143,8 +145,10 @@ def check_scoring_model(config: RerankConfig, corpus: Optional[str]) -> ScoringM
     tokenized = open_tokenized(corpus, model, tokenizer) is not None
     assembler, why_not = checked_assembler(
         tokenizer, model.source, config.max_length, PassagePolicy.of(config),
-        pairing_clause(corpus) if tokenized else None)
-    return ScoringModel(model, activation, tokenized, assembler, why_not)
+        pairing_clause(corpus) if tokenized else None, config.tokenizer_backend)
+    texts_by = (assembler.encoded_by if why_not is None
+                else "hf (each pair tokenized whole: no pair template)")
+    return ScoringModel(model, activation, tokenized, assembler, why_not, texts_by)
 
 
 def run(job: Job) -> JobSummary:
@@ -217,7 +221,8 @@ def _run(job: Job, drain: Drain) -> JobSummary:
     job.before_success(summary)
     FaultHook.from_env().at_phase("manifest")
     finish_job(job.fs, job.root, config, summary, job.plan, {
-        "command": job.command, **job.details(replicas, progress),
+        "command": job.command, "texts_tokenized_by": job.texts_by,
+        **job.details(replicas, progress),
         "pairs_by_node": progress_log.by_node, "seconds_by_phase": phases.seconds})
     return summary
 

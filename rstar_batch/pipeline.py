@@ -172,6 +172,7 @@ class RerankJob(driver.Job):
         self.model, self.activation = checked.model, checked.activation
         # The assembler the tokenizer actors use; None: they tokenize each pair whole.
         self.assembler = None if checked.why_not else checked.assembler
+        self.texts_by = checked.texts_by
         self.spec = JoinSpec.of(config.columns, checked.tokenized)
         self.inputs = check_inputs(config, self.spec)
         self.source = self.inputs.candidates

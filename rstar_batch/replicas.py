@@ -224,7 +224,8 @@ def on_tokenizers(ds: Any, stage: type, config: RerankConfig, model: Any, plan: 
 
     kwargs = dict(model=model, max_length=config.max_length,
                   trust_remote_code=config.trust_remote_code,
-                  passages=PassagePolicy.of(config), **stage_kwargs)
+                  passages=PassagePolicy.of(config), texts_by=config.tokenizer_backend,
+                  **stage_kwargs)
     if assembler is not None:
         kwargs["assembler"] = assembler
     return ds.map_batches(

@@ -83,6 +83,7 @@ class ScoreCorpusJob(driver.Job):
         model = self.model = checked.model
         self.activation = checked.activation
         self.tokenized, self.assembler = checked.tokenized, checked.assembler
+        self.texts_by = checked.texts_by
         # whole: no pair template; the replicas tokenize each pair from the texts
         self.whole = checked.why_not is not None
         self.corpus, doc_id = _corpus_files(config, self.tokenized)

@@ -69,7 +69,7 @@ class TokenizeCorpusJob(driver.Job):
     def check(self) -> dict:
         config = self.config
         self.model = describe_model(config.model, config.revision, config.trust_remote_code)
-        self.fingerprint = _check_tokenizer(config, self.model)
+        self.fingerprint, self.texts_by = _check_tokenizer(config, self.model)
         self.corpus = inspect_candidates([config.corpus],
                                          config.columns.roles("doc_id", "passage"), [])
         return _plan(config, self.corpus, self.fingerprint)
@@ -143,14 +143,16 @@ def _validate(config: RerankConfig) -> None:
             raise ConfigError(f"no {name} given: set --{name} (or `{name}:` in YAML)")
 
 
-def _check_tokenizer(config: RerankConfig, model: ModelInfo) -> dict[str, Any]:
-    """The tokenizer's fingerprint, once it is known that jobs can pair its ids."""
+def _check_tokenizer(config: RerankConfig, model: ModelInfo) -> tuple[dict[str, Any], str]:
+    """The tokenizer's fingerprint, once it is known that jobs can pair its ids, and
+    what will tokenize the passages."""
     tokenizer = load_tokenizer(model, config.trust_remote_code)
     fingerprint = tok.tokenizer_fingerprint(tokenizer)  # before any encoding: see its doc
-    checked_assembler(tokenizer, model.source, config.max_length, PassagePolicy(),
-                      "tokenize-corpus writes passage ids that jobs pair with separately "
-                      "tokenized queries")
-    return fingerprint
+    assembler, _ = checked_assembler(
+        tokenizer, model.source, config.max_length, PassagePolicy(),
+        "tokenize-corpus writes passage ids that jobs pair with separately tokenized "
+        "queries", config.tokenizer_backend)
+    return fingerprint, assembler.encoded_by
 
 
 def _plan(config: RerankConfig, corpus: CandidateFiles, fingerprint: dict) -> dict:

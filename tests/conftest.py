@@ -11,6 +11,7 @@ import pytest
 from rstar_batch.base.cores import usable_cores
 from rstar_batch.cluster import CORES_LABEL
 from rstar_batch.testing import MICRO_ARCHITECTURE, make_tiny_model, write_sample_data
+from rstar_batch.tiny_families import FAMILIES, make_family_model
 from tests.jobs import moto_s3, one_node_cluster
 from tests.reference import reference_scores
 
@@ -52,6 +53,13 @@ def edge_case_table() -> pa.Table:
     qid, query, did, passage = zip(*(rows + many))
     return pa.table({"query_id": pa.array(qid, pa.int64()), "query": list(query),
                      "doc_id": pa.array(did, pa.int64()), "passage": list(passage)})
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, str]:
+    """A tiny model of each family, with its own tokenizer (rstar_batch/tiny_families.py)."""
+    root = tmp_path_factory.mktemp("families")
+    return {family: make_family_model(family, str(root / family)) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -24,17 +24,11 @@ from rstar_batch.stages.normalize import Normalize, NormalizePassages
 from rstar_batch.stages.pairs import PairAssembler, PassagePolicy
 from rstar_batch.stages.score import Scorer
 from rstar_batch.stages.tokenize import Tokenize, TokenizePassages, checked_assembler
-from rstar_batch.tiny_families import FAMILIES, make_family_model, save_tokenizer
+from rstar_batch.tiny_families import FAMILIES, save_tokenizer
 from tests.reference import reference_scores
 
 MAX_LENGTH = 32   # the long texts below are cut at this length, on either side
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def family_models(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("families")
-    return {family: make_family_model(family, str(root / family)) for family in FAMILIES}
 
 
 def _pairs() -> pa.Table:
@@ -100,9 +94,10 @@ def unlearnable_model(micro_model, tmp_path_factory) -> str:
     return path
 
 
-def _every_command_scores_as_transformers(path: str, tmp_path) -> None:
+def _every_command_scores_as_transformers(path: str, tmp_path, texts_by: str) -> None:
     """rerank and score-corpus (every query × every passage) on `_pairs()` equal the
-    one-pair reference."""
+    one-pair reference; rerank's manifest says what tokenized the texts (`texts_by`
+    begins it)."""
     table = _pairs()
     reference = reference_scores(path, table, max_length=MAX_LENGTH)
     common = dict(model=path, max_length=MAX_LENGTH, dtype="float32")
@@ -114,6 +109,8 @@ def _every_command_scores_as_transformers(path: str, tmp_path) -> None:
     assert len(ranked) == table.num_rows
     for row in ranked:
         assert abs(row["score"] - reference[(row["query_id"], row["doc_id"])]) <= TOL
+    manifest = json.load(open(tmp_path / "reranked" / "_manifest.json"))
+    assert manifest["texts_tokenized_by"].startswith(texts_by), manifest["texts_tokenized_by"]
 
     corpus, queries = str(tmp_path / "corpus.parquet"), str(tmp_path / "queries.parquet")
     passages = table.num_rows // len(set(table["query_id"].to_pylist()))
@@ -167,7 +164,8 @@ def test_a_family_without_token_type_ids_reranks_and_scores_a_corpus_end_to_end(
         ray_local, family_models, tmp_path):
     """rerank and score-corpus, as jobs, for one family without token type ids
     (RoBERTa), as for BERT in the other tests."""
-    _every_command_scores_as_transformers(family_models["roberta"], tmp_path)
+    _every_command_scores_as_transformers(family_models["roberta"], tmp_path,
+                                          "hf (nanotoken does not implement")
 
 
 def test_pairs_of_a_tokenizer_without_a_learnable_template_are_tokenized_whole(
@@ -196,7 +194,8 @@ def test_pairs_of_a_tokenizer_without_a_learnable_template_are_tokenized_whole(
 @pytest.mark.slow
 def test_a_tokenizer_without_a_learnable_template_still_runs_every_command(
         ray_local, unlearnable_model, tmp_path):
-    _every_command_scores_as_transformers(unlearnable_model, tmp_path)
+    _every_command_scores_as_transformers(unlearnable_model, tmp_path,
+                                          "hf (each pair tokenized whole")
 
 
 def test_what_needs_a_passages_own_ids_refuses_a_tokenizer_without_a_template(

@@ -72,6 +72,9 @@ def test_rerank_cli_output_equals_the_one_pair_reference(
     for row in rows:
         assert (row["first_stage_score"], row["passage"]) == kept[(row["query_id"], row["doc_id"])]
     _assert_matches_reference(rows, sample_reference)
+    # R*'s tokenizer is WordPiece: the fast path tokenized the texts (tests/test_fast_tokens.py)
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    assert manifest["texts_tokenized_by"].startswith("fast (nanotoken "), manifest
 
     files_of_query = collections.defaultdict(set)
     for name, part in parts.items():

@@ -22,8 +22,9 @@ class TokenizeWhole(TokenizePassages):
     """`map_batches` class: each passage's own ids, whole (neither cut nor clipped)."""
 
     def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
-                 passages: PassagePolicy = PassagePolicy()):
-        super().__init__(model, max_length, trust_remote_code, PassagePolicy())
+                 passages: PassagePolicy = PassagePolicy(), texts_by: str = "auto"):
+        super().__init__(model, max_length, trust_remote_code, PassagePolicy(),
+                         texts_by=texts_by)
         self.limit = None
 
 

@@ -18,6 +18,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
+from rstar_batch.stages.fast_tokens import FastTokens
+
 
 def _probes(max_length: int) -> list[tuple[str, str]]:
     """Pairs that meet every truncation case at `max_length`, and are no longer than
@@ -256,12 +258,15 @@ def _place(ids: np.ndarray, types: Optional[np.ndarray], starts: np.ndarray,
 class PairAssembler:
     """Builds a tokenizer's pair encodings from per-text token ids, with its template."""
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, texts_by: str = "auto") -> None:
+        """`texts_by`: what encodes each text (fast_tokens.BACKENDS: auto, hf, fast)."""
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.backend = _bare_backend(tokenizer)
-        self.pair, self.single, self.why_no_template = learn_templates(tokenizer,
-                                                                       self.tokenize)
+        self.texts_by = texts_by
+        self.fast, self.encoded_by = FastTokens.of(self.backend, texts_by)
+        self.pair, self.single, self.why_no_template = learn_templates(
+            tokenizer, lambda texts: self.tokenize(texts, probes=True))
 
     @property
     def with_types(self) -> bool:
@@ -281,7 +286,7 @@ class PairAssembler:
             raise TypeError("only a verified assembler of a fast tokenizer can be sent "
                             "to actors")
         return {"backend": self.backend.to_str(), "pair": self.pair, "single": self.single,
-                "max_length": self.max_length}
+                "max_length": self.max_length, "texts_by": self.texts_by}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         from tokenizers import Tokenizer
@@ -290,11 +295,20 @@ class PairAssembler:
         self.backend = Tokenizer.from_str(state["backend"])
         self.pair, self.single = state["pair"], state["single"]
         self.max_length, self.why_no_template = state["max_length"], ""
+        # checked again here: this process's nanotoken, against this process's tokenizers
+        self.texts_by = state["texts_by"]
+        self.fast, self.encoded_by = FastTokens.of(self.backend, self.texts_by)
 
-    def tokenize(self, texts: list[str]) -> TokenTable:
-        """Each text's own token ids, without special tokens and uncut."""
+    def tokenize(self, texts: list[str], probes: bool = False) -> TokenTable:
+        """Each text's own token ids, without special tokens and uncut. The first job
+        texts (not `probes`) a process tokenizes check the fast path once more."""
         if not texts:  # the tokenizer fails on an empty batch
             return TokenTable.from_rows([])
+        if self.fast is not None and not probes and not self.fast.check_first(texts):
+            self.fast, self.encoded_by = None, "hf (the fast tokenizer differed)"
+        if self.fast is not None:
+            flat, offsets = self.fast.encode(texts)
+            return TokenTable(flat, offsets[:-1], np.diff(offsets))
         if self.backend is None:
             enc = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
                                  return_token_type_ids=False)
@@ -375,8 +389,8 @@ class PairAssembler:
         passages = [p for _, p in probes]
         index = np.arange(len(probes))
         empty = np.array([p == "" for p in passages])
-        ids, types = self.assemble(self.tokenize(queries), self.tokenize(passages), index,
-                                   index, empty)
+        ids, types = self.assemble(self.tokenize(queries, probes=True),
+                                   self.tokenize(passages, probes=True), index, index, empty)
         for i, (q, p) in enumerate(probes):
             single = self.tokenizer(q, p, truncation=True, max_length=self.max_length,
                                     return_token_type_ids=self.with_types)

@@ -49,7 +49,7 @@ class Tokenize(Stage):
 
     def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
                  assemble: bool = True, passages: PassagePolicy = PassagePolicy(),
-                 assembler: PairAssembler | None = None):
+                 assembler: PairAssembler | None = None, texts_by: str = "auto"):
         self.max_length = max_length
         self.passages = passages
         if assembler is not None:
@@ -58,7 +58,8 @@ class Tokenize(Stage):
             return
         self.tokenizer = load_tokenizer(model, trust_remote_code)
         self.with_types = "token_type_ids" in self.tokenizer.model_input_names
-        self.assembler = PairAssembler(self.tokenizer, max_length) if assemble else None
+        self.assembler = (PairAssembler(self.tokenizer, max_length, texts_by) if assemble
+                          else None)
         why_not = self.assembler.verify() if self.assembler else "not asked to assemble"
         if why_not:
             fall_back_to_whole_pairs(passages, why_not)
@@ -145,8 +146,8 @@ class Tokenize(Stage):
 
 
 def checked_assembler(tokenizer: Any, model_source: str, max_length: int,
-                      passages: PassagePolicy, needs_ids: Optional[str] = None
-                      ) -> tuple[PairAssembler, Optional[str]]:
+                      passages: PassagePolicy, needs_ids: Optional[str] = None,
+                      texts_by: str = "auto") -> tuple[PairAssembler, Optional[str]]:
     """The job's pair assembler, checked on the driver before Ray starts, and why its
     pairs cannot be assembled from separately tokenized texts (None: they can).
 
@@ -154,7 +155,8 @@ def checked_assembler(tokenizer: Any, model_source: str, max_length: int,
     the passages' own ids: `needs_ids` (why: a tokenized corpus, tokenize-corpus) and
     passage policies that cut or window passages are refused with the reason.
     """
-    assembler = PairAssembler(tokenizer, max_length)
+    assembler = PairAssembler(tokenizer, max_length, texts_by)
+    log.info("texts are tokenized by %s", assembler.encoded_by)
     why_not = assembler.verify()
     if why_not:
         why_not = f"for model '{model_source}' {why_not}"
@@ -187,9 +189,10 @@ class TokenizePassages(Stage):
 
     def __init__(self, model: ModelInfo, max_length: int, trust_remote_code: bool = False,
                  passages: PassagePolicy = PassagePolicy(),
-                 assembler: PairAssembler | None = None, limit: int | None = None):
+                 assembler: PairAssembler | None = None, limit: int | None = None,
+                 texts_by: str = "auto"):
         self.assembler = assembler or PairAssembler(load_tokenizer(model, trust_remote_code),
-                                                    max_length)
+                                                    max_length, texts_by)
         self.passages = passages
         self.limit = None if passages.windowed else limit
 

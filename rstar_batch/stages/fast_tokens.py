@@ -38,8 +38,10 @@ EDGE_TEXTS = [
     "", " ", "   leading and trailing   ", "plain words, punctuation; digits 12,345.67!",
     "[SEP] literal [CLS] special [PAD] tokens [UNK] [MASK] inside text",
     "a" * 100, "b" * 101, "x" + "\u00e9" * 99, "y" + "\u00e9" * 100,  # the 100-char limit
-    "soft\u00adhyphen", "combining e\u0301 a\u0308 o\u0302 marks", "fullwidth \uff21\uff22\uff23 \uff11\uff12",
-    "\u6771\u4eac and \u5317\u4eac \u6570\u636e \u691c\u7d22 \uc74c\uc545", "emoji \U0001f600 \U0001f680 \u2728 \U0001f469\u200d\U0001f469\u200d\U0001f467",
+    "soft\u00adhyphen", "combining e\u0301 a\u0308 o\u0302 marks",
+    "fullwidth \uff21\uff22\uff23 \uff11\uff12",
+    "\u6771\u4eac and \u5317\u4eac \u6570\u636e \u691c\u7d22 \uc74c\uc545",
+    "emoji \U0001f600 \U0001f680 \u2728 \U0001f469\u200d\U0001f469\u200d\U0001f467",
     "control\x00chars\x07and\x1b[0m escapes", "tabs\tand\nnew\r\nlines\u2028sep\u00a0nbsp",
     "Caf\u00e9 in Z\u00fcrich, na\u00efve r\u00e9sum\u00e9 of S\u00e3o Paulo",
     "\u00c5\u00c4\u00d6 \u00e5\u00e4\u00f6 \u00df \u1e9e \u01c4 \u01c5 \u01c6 \u0130 \u0131",

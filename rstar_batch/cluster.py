@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 from rstar_batch.base.cores import usable_cores
 from rstar_batch.faults import job_env
@@ -65,8 +65,28 @@ EMBEDDED_FLUSH_MS = 1000
 
 
 @contextlib.contextmanager
-def ray_session(address: Optional[str] = None) -> Iterator[None]:
-    """Connect to (or start) Ray for one job; shut down only what we started."""
+def _our_signal_handlers_kept() -> Iterator[None]:
+    """ray.init installs a SIGTERM handler of its own (sys.exit) before it connects: a
+    stop then raised SystemExit wherever the main thread was, and one raised in
+    logging's lock release was swallowed ("Exception ignored"): the job went on as if
+    never asked (seen once in six SIGTERMs to every process as Ray started). The job's
+    own handler (its drain) stays in place instead."""
+    import ray._private.utils as ray_utils
+
+    installs = ray_utils.set_sigterm_handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = installs
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str] = None,
+                starting: Callable[[], ContextManager[None]] = contextlib.nullcontext
+                ) -> Iterator[None]:
+    """Connect to (or start) Ray for one job; shut down only what we started.
+    `starting()` is entered around ray.init (the drain's: a stop leaves it at once)."""
     import ray
 
     if ray.is_initialized():
@@ -77,8 +97,9 @@ def ray_session(address: Optional[str] = None) -> Iterator[None]:
         if address:
             log.info("joining Ray cluster at %s", address)
             faults = job_env()  # tests only: unset in production
-            ray.init(address=address, log_to_driver=True,
-                     **({"runtime_env": {"env_vars": faults}} if faults else {}))
+            with starting(), _our_signal_handlers_kept():
+                ray.init(address=address, log_to_driver=True,
+                         **({"runtime_env": {"env_vars": faults}} if faults else {}))
         else:
             cores = usable_cores()  # not the machine's: taskset, cpusets and quotas
             cpus = cores + EMBEDDED_EXTRA_CPUS
@@ -88,8 +109,9 @@ def ray_session(address: Optional[str] = None) -> Iterator[None]:
             # held a drained driver ~8 s, past which its watcher had to report for it.
             os.environ.setdefault("RAY_task_events_shutdown_flush_timeout_ms",
                                   str(EMBEDDED_FLUSH_MS))
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                     labels={CORES_LABEL: str(cores)}, log_to_driver=True)
+            with starting(), _our_signal_handlers_kept():
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                         labels={CORES_LABEL: str(cores)}, log_to_driver=True)
         yield
     finally:
         ray.shutdown()

@@ -30,7 +30,7 @@ from rstar_batch.io.tokenized import open_tokenized, pairing_clause
 from rstar_batch.manifest import finish_job
 from rstar_batch.model import ModelInfo, describe_model, load_tokenizer
 from rstar_batch.progress import checkpoint
-from rstar_batch.progress.drain import Drain, StopSignal
+from rstar_batch.progress.drain import Drain, StartInterrupted, StopSignal
 from rstar_batch.progress.log import Progress, read_progress
 from rstar_batch.rank_pass import rank_all
 from rstar_batch.replicas import ReplicaPlan, plan_replicas, reserved
@@ -178,7 +178,7 @@ def _run(job: Job, drain: Drain) -> JobSummary:
     drain.check(committed)
 
     try:
-        with ray_session(config.address):
+        with ray_session(config.address, drain.while_starting):
             drain.watch()  # again: ray.init installs a SIGTERM handler of its own
             job.stop = drain.attach()
             chunks = job.chunks()
@@ -208,6 +208,9 @@ def _run(job: Job, drain: Drain) -> JobSummary:
             parts = job.second_pass(progress, lambda: drain.requested)
             drain.check(committed)
             phases.mark()
+    except StartInterrupted:  # a stop while Ray started: ray.init was left at once
+        drain.check(committed)
+        raise
     except SystemExit as exc:
         # SIGTERM while ray.init ran: Ray's own handler (sys.exit) was in place
         if exc.code != signal.SIGTERM or drain.requested:

@@ -18,14 +18,19 @@ runs where it was started: a signal to its group reaches no Ray process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Callable, Optional
 
 from rstar_batch.progress.drain import EXIT_STOPPED
+
+log = logging.getLogger(__name__)
 
 CHILD_ENV = "RSTAR_BATCH_WATCHED"  # set in the child: it runs the job itself
 
@@ -43,18 +48,29 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def watch(stopped: Callable[[str], int], argv: Optional[list[str]] = None) -> int:
+# How long past its drain a driver may take to exit after a stop before the watcher
+# ends it: one whose embedded Ray was killed while ray.init connected to it sat ~30 s in
+# Ray's C++ connect, where no Python handler runs (seen in 2 of 6 tries).
+STOP_GRACE_S = 5.0
+
+
+def watch(stopped: Callable[[str], int], argv: Optional[list[str]] = None,
+          drain_s: Optional[float] = None) -> int:
     """Run this process's command line (`argv`: the interpreter's arguments, by
     default as this process was started) in a child of its own session; return its
     exit code, or `stopped(signal name)` when it died without finishing after a stop
-    was asked. A child ended by a signal returns 128 + the signal, as a shell says."""
+    was asked. A child ended by a signal returns 128 + the signal, as a shell says.
+    With `drain_s` (the job's drain bound), a child still running `drain_s` +
+    STOP_GRACE_S after the first stop is killed, its Ray with it, and reported."""
     command = [sys.executable, *(sys.orig_argv[1:] if argv is None else argv)]
     child = subprocess.Popen(command, env={**os.environ, CHILD_ENV: "1"},
                              start_new_session=True, preexec_fn=_die_with_parent)
     asked: list[str] = []
+    first: list[float] = []
 
     def forward(signum: int, _frame) -> None:
         asked.append(signal.Signals(signum).name)
+        first.append(time.monotonic())
         try:
             child.send_signal(signum)  # the driver alone: a second one exits at once
         except ProcessLookupError:
@@ -62,7 +78,19 @@ def watch(stopped: Callable[[str], int], argv: Optional[list[str]] = None) -> in
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = child.wait()
+        while True:
+            try:
+                code = child.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if drain_s is not None and first and \
+                        time.monotonic() - first[0] > drain_s + STOP_GRACE_S:
+                    log.warning("the job did not stop within %g s of %s; ending it",
+                                drain_s + STOP_GRACE_S, asked[0])
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.pid, signal.SIGKILL)  # its session: its Ray too
+                    code = child.wait()
+                    break
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -21,7 +21,7 @@ from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import COMMITS
 from rstar_batch.progress import checkpoint
 from rstar_batch.progress import drain as drain_module
-from rstar_batch.progress.drain import Drain, Stopped, StopSignal
+from rstar_batch.progress.drain import Drain, StartInterrupted, Stopped, StopSignal
 from rstar_batch.progress.log import Commit, Progress
 from rstar_batch.replicas import CommitClock, ReplicaCommits
 
@@ -205,6 +205,27 @@ def test_first_signal_drains_its_echo_is_the_same_stop_a_second_exits(caplog, mo
         drain.restore()
     assert signal.getsignal(signal.SIGTERM) is not drain._on_signal
     assert "draining" in caplog.text and "second signal" in caplog.text
+
+
+def test_a_stop_while_ray_starts_leaves_the_start_at_once():
+    """A signal to every process kills the Ray being started: ray.init must not wait
+    for it (it waited ~30 s); a stop asked before does not start at all."""
+    drain = Drain(seconds=5)
+    drain.watch()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StartInterrupted):
+            with drain.while_starting():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # ray.init, waiting for a GCS that is gone
+        assert time.monotonic() - started < 1 and drain.requested
+        with pytest.raises(StartInterrupted):
+            with drain.while_starting():
+                raise AssertionError("started after a stop")
+        with pytest.raises(Stopped, match="stopped on SIGTERM: 0 of 5 pairs"):
+            drain.check(lambda: (0, 5))
+    finally:
+        drain.restore()
 
 
 class _Silent:

@@ -14,11 +14,12 @@ loses about `commit_seconds` of its scoring.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ def _echo(signum: int, first: tuple[str, float]) -> bool:
     """Whether `signum` repeats the first stop `(name, when)` within ECHO_S."""
     name, at = first
     return signal.Signals(signum).name == name and time.monotonic() - at < ECHO_S
+
+
+class StartInterrupted(BaseException):
+    """A stop asked while Ray starts (`Drain.while_starting`): ray.init is left at once.
+    A signal to every process of the job kills the Ray being started under it, and
+    ray.init then waited ~30 s for a GCS that was gone. A BaseException, as
+    KeyboardInterrupt is: ray.init's own `except Exception` (it logs and goes on) must
+    not catch it."""
 
 
 class Stopped(Exception):
@@ -146,6 +155,7 @@ class Drain:
         self.signal_name = ""
         self.signal: Optional[StopSignal] = None
         self._previous: dict[int, Any] = {}
+        self._starting = False
 
     @property
     def requested(self) -> bool:
@@ -208,6 +218,17 @@ class Drain:
             except Exception as exc:  # noqa: BLE001
                 log.debug("the stop flag could not be set: %s", exc)
 
+    @contextlib.contextmanager
+    def while_starting(self) -> Iterator[None]:
+        """Around ray.init: a stop asked meanwhile raises StartInterrupted there."""
+        if self.requested:
+            raise StartInterrupted(self.signal_name)
+        self._starting = True
+        try:
+            yield
+        finally:
+            self._starting = False
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested and _echo(signum, (self.signal_name, self.requested_at)):
@@ -221,6 +242,9 @@ class Drain:
         self.requested_at, self.signal_name = time.monotonic(), name
         log.warning("%s: draining: no new input; scored rows are committed; stopping within "
                     "%g s (a second signal exits at once)", name, self.seconds)
+        if self._starting:
+            self._starting = False
+            raise StartInterrupted(name)
 
     def check(self, committed: Callable[[], tuple[int, int]]) -> None:
         """Raise `Stopped` if a stop was asked; `committed()` gives (done, total) pairs."""

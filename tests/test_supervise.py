@@ -19,7 +19,7 @@ from tests.jobs import job_pids, kill_until_gone
 CHILD = """
 import os, signal, sys, time
 code = int(sys.argv[1])
-signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+signal.signal(signal.SIGTERM, signal.SIG_IGN if code < 0 else lambda *_: os._exit(code))
 print("ready", os.getpid(), os.getsid(0), flush=True)
 time.sleep(60)
 """
@@ -29,13 +29,16 @@ from rstar_batch import supervise
 def stopped(name):
     print("reported", name, flush=True)
     return 75
-sys.exit(supervise.watch(stopped, argv=["-c", sys.argv[1], sys.argv[2]]))
+supervise.STOP_GRACE_S = 0.5
+drain_s = float(sys.argv[3]) if len(sys.argv) > 3 else None
+sys.exit(supervise.watch(stopped, argv=["-c", sys.argv[1], sys.argv[2]], drain_s=drain_s))
 """
 
 
-def _start(exit_on_term: int) -> tuple[subprocess.Popen, int, int]:
+def _start(exit_on_term: int, *drain_s: str) -> tuple[subprocess.Popen, int, int]:
     """The watcher in a session of its own; the child's pid and session once ready."""
-    watcher = subprocess.Popen([sys.executable, "-c", WATCHER, CHILD, str(exit_on_term)],
+    watcher = subprocess.Popen([sys.executable, "-c", WATCHER, CHILD, str(exit_on_term),
+                                *drain_s],
                                stdout=subprocess.PIPE, text=True, start_new_session=True)
     ready = watcher.stdout.readline().split()
     assert ready[0] == "ready", ready
@@ -67,6 +70,20 @@ def test_a_group_sigterm_reaches_the_child_once_and_a_lost_driver_is_reported(
         out, _ = watcher.communicate(timeout=20)
         assert watcher.returncode == code
         assert ("reported SIGTERM" in out) == reported
+    finally:
+        kill_until_gone(job_pids(watcher.pid), "the watcher")
+
+
+def test_a_child_that_does_not_stop_in_time_is_ended_and_reported():
+    """A driver stuck where no handler runs (Ray's C++ connect to a killed GCS): the
+    watcher ends it drain_s + STOP_GRACE_S after the stop and reports for it."""
+    watcher, child, _ = _start(-1, "0.5")  # -1: the stand-in ignores SIGTERM
+    try:
+        sent = time.monotonic()
+        os.killpg(watcher.pid, signal.SIGTERM)
+        out, _ = watcher.communicate(timeout=20)
+        assert watcher.returncode == 75 and "reported SIGTERM" in out
+        assert 0.9 < time.monotonic() - sent < 5 and _gone(child)
     finally:
         kill_until_gone(job_pids(watcher.pid), "the watcher")
 

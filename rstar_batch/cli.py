@@ -380,15 +380,6 @@ def setup_process(log_level: str) -> None:
 JOBS = ("rerank", "score-corpus", "tokenize-corpus")  # what may start a Ray of its own
 
 
-def _drain_seconds(args: argparse.Namespace) -> Optional[float]:
-    """The job's --drain-seconds, for its watcher (None: its config does not parse; the
-    job itself will say why)."""
-    try:
-        return config_from_args(args).drain_seconds
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def report_stop(args: argparse.Namespace, signal_name: str) -> int:
     """A watcher's report for a job whose driver died after a stop was asked: what
     the output says is committed, as the driver would have said it."""
@@ -413,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv is None and args.command in JOBS:
         if supervise.wanted(getattr(args, "address", None)):
             return supervise.watch(lambda name: report_stop(args, name),  # supervise.py
-                                   drain_s=_drain_seconds(args))
+                                   drain_s=lambda: config_from_args(args).drain_seconds)
         watch_from_the_start()  # a stop while it imports and checks: it stops, says so
     try:
         return COMMANDS[args.command](args)

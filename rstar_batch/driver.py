@@ -132,7 +132,13 @@ class ScoringModel:
     tokenized: bool                  # the corpus is a tokenized corpus (passage ids)
     assembler: PairAssembler
     why_not: Optional[str]           # why pairs cannot be assembled (None: they can)
-    texts_by: str                    # what tokenizes the texts, and why (the manifest's)
+
+    @property
+    def texts_by(self) -> str:
+        """What tokenizes the texts, and why (the manifest's `texts_tokenized_by`)."""
+        if self.why_not is None:
+            return self.assembler.encoded_by
+        return "hf (each pair tokenized whole: no pair template)"
 
 
 def check_scoring_model(config: RerankConfig, corpus: Optional[str]) -> ScoringModel:
@@ -146,9 +152,7 @@ def check_scoring_model(config: RerankConfig, corpus: Optional[str]) -> ScoringM
     assembler, why_not = checked_assembler(
         tokenizer, model.source, config.max_length, PassagePolicy.of(config),
         pairing_clause(corpus) if tokenized else None, config.tokenizer_backend)
-    texts_by = (assembler.encoded_by if why_not is None
-                else "hf (each pair tokenized whole: no pair template)")
-    return ScoringModel(model, activation, tokenized, assembler, why_not, texts_by)
+    return ScoringModel(model, activation, tokenized, assembler, why_not)
 
 
 def run(job: Job) -> JobSummary:

@@ -155,20 +155,11 @@ def entrypoint(argv: Sequence[str], job: str = "rerank") -> int:
         args = None  # run() says what is wrong
     if args is not None and supervise.wanted(getattr(args, "address", None)):
         return supervise.watch(lambda name: _stopped(args, job, name, started),
-                               drain_s=_drain_seconds(args, job))
+                               drain_s=lambda: config_from_args(args, job)[0].drain_seconds)
     watch_from_the_start()
     code, record = run(argv, job)
     print(json.dumps(record), flush=True)
     return code
-
-
-def _drain_seconds(args: argparse.Namespace, job: str) -> Optional[float]:
-    """The job's drain bound, for its watcher (None: the config does not parse; the job
-    itself will say why)."""
-    try:
-        return config_from_args(args, job)[0].drain_seconds
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _stopped(args: argparse.Namespace, job: str, signal_name: str, started: float) -> int:

@@ -55,13 +55,18 @@ STOP_GRACE_S = 5.0
 
 
 def watch(stopped: Callable[[str], int], argv: Optional[list[str]] = None,
-          drain_s: Optional[float] = None) -> int:
+          drain_s: Callable[[], Optional[float]] = lambda: None) -> int:
     """Run this process's command line (`argv`: the interpreter's arguments, by
     default as this process was started) in a child of its own session; return its
     exit code, or `stopped(signal name)` when it died without finishing after a stop
     was asked. A child ended by a signal returns 128 + the signal, as a shell says.
-    With `drain_s` (the job's drain bound), a child still running `drain_s` +
+    With `drain_s()` (the job's drain bound, read from its config; None where the
+    config does not parse: the job itself says why), a child still running that +
     STOP_GRACE_S after the first stop is killed, its Ray with it, and reported."""
+    try:
+        bound = drain_s()
+    except Exception:  # noqa: BLE001 - the child reports the bad config
+        bound = None
     command = [sys.executable, *(sys.orig_argv[1:] if argv is None else argv)]
     child = subprocess.Popen(command, env={**os.environ, CHILD_ENV: "1"},
                              start_new_session=True, preexec_fn=_die_with_parent)
@@ -83,10 +88,10 @@ def watch(stopped: Callable[[str], int], argv: Optional[list[str]] = None,
                 code = child.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                if drain_s is not None and first and \
-                        time.monotonic() - first[0] > drain_s + STOP_GRACE_S:
+                if bound is not None and first and \
+                        time.monotonic() - first[0] > bound + STOP_GRACE_S:
                     log.warning("the job did not stop within %g s of %s; ending it",
-                                drain_s + STOP_GRACE_S, asked[0])
+                                bound + STOP_GRACE_S, asked[0])
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(child.pid, signal.SIGKILL)  # its session: its Ray too
                     code = child.wait()

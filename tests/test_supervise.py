@@ -31,7 +31,8 @@ def stopped(name):
     return 75
 supervise.STOP_GRACE_S = 0.5
 drain_s = float(sys.argv[3]) if len(sys.argv) > 3 else None
-sys.exit(supervise.watch(stopped, argv=["-c", sys.argv[1], sys.argv[2]], drain_s=drain_s))
+sys.exit(supervise.watch(stopped, argv=["-c", sys.argv[1], sys.argv[2]],
+                         drain_s=lambda: drain_s))
 """
 
 

@@ -50,7 +50,7 @@ def add_config_options(parser: argparse.ArgumentParser, leave_out: tuple[str, ..
 
 
 # Options that only make sense with candidate pairs: score-corpus has none.
-CANDIDATE_ONLY = ("candidates", "nested_column", "on_bad_file")
+CANDIDATE_ONLY = ("candidates", "nested_column", "on_bad_file", "score_cache")
 # What tokenize-corpus reads of the config: the corpus, the tokenizer, the job's own knobs.
 TOKENIZE_FIELDS = ("corpus", "output", "overwrite", "restart", "max_rejected_fraction",
                    "checkpoint_rows", "drain_seconds", "progress_seconds", "doc_id_column",
@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--config", metavar="FILE",
                           help="YAML file of options (default: none)")
     add_config_options(tokenize, leave_out=NOT_TOKENIZE)
+
+    cache = commands.add_parser(
+        "cache", help="Maintain a score cache (--score-cache).",
+        description="compact: merge the cache's files into one per range of buckets, "
+                    "keep each pair's latest score, and with --keep-days drop pairs no "
+                    "job used within that many days. Safe to rerun after a kill; jobs "
+                    "may run meanwhile.")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True,
+                                          metavar="CACHE_COMMAND")
+    compact = cache_commands.add_parser("compact", help="Merge files; drop unused entries.")
+    compact.add_argument("uri", metavar="URI", help="The --score-cache to compact")
+    compact.add_argument("--keep-days", type=float, default=None, metavar="N",
+                         help="Drop entries no job used within N days (default: keep all)")
 
     sample = commands.add_parser("sample-data", help="Write a synthetic candidate set.")
     sample.add_argument("out", metavar="OUT", help="Folder to write Parquet parts into")
@@ -330,6 +343,19 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_cache(args: argparse.Namespace) -> int:
+    from rstar_batch.cache.compact import compact
+
+    if args.keep_days is not None and args.keep_days < 0:
+        raise ConfigError(f"--keep-days must be 0 or more, got {args.keep_days}")
+    for report in compact(args.uri, keep_days=args.keep_days):
+        print(f"score cache key {report['key']}: {report['records_before']} record(s), "
+              f"{report['entries_before']} entries → {report.get('records_after', 0)} "
+              f"record(s), {report.get('entries_after', 0)} entries; "
+              f"{report['deleted_files']} file(s) no longer used deleted")
+    return 0
+
+
 def _run_convert(args: argparse.Namespace) -> int:
     from rstar_batch.io.convert import convert
 
@@ -342,7 +368,7 @@ COMMANDS = {"rerank": _run_rerank, "score-corpus": _run_score_corpus,
             "tokenize-corpus": _run_tokenize_corpus, "status": _run_status,
             "sample-data": _run_sample, "make-tiny-model": _run_tiny, "demo": _run_demo,
             "evaluate": _run_evaluate, "export": _run_export, "length-bias": _run_length_bias,
-            "convert": _run_convert}
+            "convert": _run_convert, "cache": _run_cache}
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -351,8 +377,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from rstar_batch.io.sources import InputError
     from rstar_batch.model import ModelUnavailableError
     from rstar_batch.summary import TooManyRejectedError
+    from rstar_batch.cache.store import CacheError
 
-    return (ConfigError, InputError, OutputError, ModelUnavailableError, TooManyRejectedError)
+    return (ConfigError, InputError, OutputError, ModelUnavailableError, TooManyRejectedError,
+            CacheError)
 
 
 class _StderrHandler(logging.StreamHandler):

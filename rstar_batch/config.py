@@ -95,6 +95,12 @@ class RerankConfig:
     on_bad_file: BadFile = _opt(
         "fail", "A candidates file that is not readable Parquet: fail the job, or skip "
         "it and record it in the manifest.", "input/output")
+    score_cache: Optional[str] = _opt(
+        None, "Score cache (local path or URI): pairs whose exact texts were scored "
+        "before under the same model and scoring config reuse their score instead of "
+        "being scored; the pairs this job scores are added once it succeeds. Entries of "
+        "another model or config are kept apart under the same URI (docs/operations.md).",
+        "input/output")
     checkpoint_rows: int = _opt(
         4096, "Pairs per checkpoint chunk: a killed job redoes at most the chunks that "
         "were in flight.", "input/output")

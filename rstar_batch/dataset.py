@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from rstar_batch import driver
 from rstar_batch.base import columns as C
 from rstar_batch.cluster import live_nodes
-from rstar_batch.config import RerankConfig
+from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.replicas import (on_replicas, on_tokenizers, plan_replicas, scorer_kwargs,
                                   tokenizer_batch_rows)
 from rstar_batch.stages.normalize import Normalize
@@ -45,6 +45,11 @@ def score_dataset(ds: Any, config: Optional[RerankConfig] = None, *, ranked: boo
     import ray
 
     config = (config or RerankConfig()).replace(**fields)
+    if config.score_cache:
+        # A lazy dataset has no moment of success at which to add entries, nor a
+        # checkpoint to make the lookup once; the rerank job has both.
+        raise ConfigError("score_dataset does not take a score cache: write the pairs "
+                          "as Parquet and run rerank with --score-cache instead")
     checked = driver.check_scoring_model(config, corpus=None)
     model, assembler, why_not = checked.model, checked.assembler, checked.why_not
     if not ray.is_initialized():

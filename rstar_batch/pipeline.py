@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -25,6 +26,8 @@ from rstar_batch import driver
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.columns import PREPARE_REASON
+from rstar_batch.cache.lookup import Looked, lookup
+from rstar_batch.cache.store import Record, ScoreCache, open_cache
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
 from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, prepare_nested
@@ -36,6 +39,7 @@ from rstar_batch.model import ModelInfo
 from rstar_batch.progress import checkpoint
 from rstar_batch.progress.drain import StopSignal
 from rstar_batch.progress.log import Progress
+from rstar_batch.rank_pass import CacheAdd, rank_all
 from rstar_batch.replicas import (ReplicaPlan, committing_replicas, describe_plan, on_tokenizers,
                                   scorer_kwargs, tokenizer_batch_rows)
 from rstar_batch.stages.normalize import Normalize
@@ -52,10 +56,11 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
                        sink: Any, assembler: Optional[PairAssembler] = None,
                        stop: Optional[StopSignal] = None) -> Any:
     """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit
-    (the replicas hand what they score to `sink`, the job's commit writers)."""
+    (the replicas hand what they score to `sink`, the job's commit writers). With a
+    score cache the rows carry their pair keys, which the rank pass adds to it."""
     ds = read_chunks(source, chunks, stop, consumers=replicas.max_size)
-    ds = ds.map_batches(Normalize(config.columns, buckets), batch_format="pyarrow",
-                        batch_size=None)
+    ds = ds.map_batches(Normalize(config.columns, buckets, keyed=bool(config.score_cache)),
+                        batch_format="pyarrow", batch_size=None)
     # Blocks of one tokenizer call each: otherwise Ray Data bundles many small
     # blocks into one task, whose output (and so every commit) lands only at its end.
     rows = tokenizer_batch_rows(replicas, C.PASSAGE_IDS in source.schema.names)
@@ -164,6 +169,10 @@ class RerankJob(driver.Job):
     def __init__(self, config: RerankConfig) -> None:
         config.validate_required()
         super().__init__(config)
+        self.cache: Optional[ScoreCache] = None
+        self.looked: Optional[Looked] = None
+        self.parts: list[dict] = []
+        self.cache_added = 0
 
     def check(self) -> dict:
         config = self.config
@@ -186,19 +195,45 @@ class RerankJob(driver.Job):
                                                self.root)
             self.plan = _plan_for_prepared(self.plan, self.config, self.source, self.fs,
                                            self.root)
-        return checkpoint.plan_chunks(self.source.file_rows, self.config.checkpoint_rows)
+        self.pairs = self.source.num_rows
+        chunks = checkpoint.plan_chunks(self.source.file_rows, self.config.checkpoint_rows)
+        if not self.config.score_cache:
+            return chunks
+        self.cache = open_cache(self.config, self.model, self.activation, self.replicas(),
+                                self.spec.tokenized)
+        import ray
+
+        self.looked = lookup(self.cache, self.source, chunks, self.config.columns,
+                             self.plan["buckets"], self.run, self.fs, self.root,
+                             ray.cluster_resources().get("CPU", 1.0),
+                             skip_bad=self.config.on_bad_file == "skip")
+        log.info("score cache: %d of %d pairs found (%d looked up, %d cache records read)",
+                 self.looked.hits, self.pairs, self.looked.keyed, self.looked.records)
+        self.source = self.looked.misses
+        return self.looked.chunks
 
     def describe(self, pending: list[checkpoint.Chunk], replicas: ReplicaPlan) -> str:
         return (f"scoring {sum(c.todo for c in pending)} pairs with {self.model.source} on "
                 f"{describe_plan(replicas)}")
 
     def scoring_pass(self, replicas: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
+        unread = [c.id for c in pending if c.file < 0]
+        if unread:  # hits are committed by the lookup, before _work/cache/_DONE
+            raise RuntimeError(f"chunks {unread[:5]} of score-cache hits are not committed; "
+                               "rerun with --restart")
         return build_scoring_plan(self.config, self.source, self.model, replicas,
                                   self.plan["buckets"], pending, self.sink, self.assembler,
                                   self.stop)
 
+    def second_pass(self, progress: Progress, stopping: Any) -> list[dict]:
+        adding = None
+        if self.cache is not None:
+            name = checkpoint.digest([self.config.output, self.plan["input"]["digest"]])
+            adding = CacheAdd(self.cache, name.split(":")[1][:16], int(time.time()))
+        return rank_all(self.fs, self.root, self.config, progress, stopping, adding)
+
     def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
-        pairs = self.source.num_rows
+        pairs, self.parts = self.pairs, parts
         rows = sum(p["rows"] for p in parts)
         if rows != pairs:
             raise RuntimeError(f"exactly-once check failed: the input has {pairs} rows but "
@@ -209,14 +244,37 @@ class RerankJob(driver.Job):
                           pairs_this_run=rows_this_run,
                           queries=sum(p["queries"] for p in parts),
                           rejected=merge_rejected(p["rejected"] for p in parts),
-                          seconds=round(seconds, 3))
+                          seconds=round(seconds, 3),
+                          reused=sum(p.get("reused", 0) for p in parts))
+
+    def before_success(self, summary: JobSummary) -> None:
+        """The pairs this job scored or reused become cache entries (one record)."""
+        if self.cache is None:
+            return
+        packs = tuple(p["cache_pack"] for p in self.parts if "cache_pack" in p)
+        name = packs[0][0].rsplit("/", 1)[-1].rsplit("-b", 1)[0] if packs else ""
+        entries = sum(s.rows for _, segments in packs for s in segments)
+        if packs:
+            self.cache.write_record(Record(name, packs, entries, time.time(),
+                                           fsio.redact(self.config.output)))
+        self.cache_added = entries
 
     def details(self, replicas: ReplicaPlan, progress: Progress) -> dict[str, Any]:
         candidates = self.inputs.candidates
+        reused = progress.reused_by_run
+        cache = {} if self.cache is None else {"score_cache": {
+            "uri": fsio.redact(self.config.score_cache), "key": self.cache.key,
+            "scoring": self.cache.scoring, "looked_up": self.looked.keyed,
+            "found": self.looked.hits, "records_read": self.looked.records,
+            "skipped_files": self.looked.skipped,
+            "reused": sum(p.get("reused", 0) for p in self.parts),
+            "added": self.cache_added}}
         return {
-            "pairs_scored_per_run": {str(k): v for k, v in sorted(progress.rows_by_run.items())},
+            **cache,
+            "pairs_scored_per_run": {str(k): v - reused.get(k, 0)
+                                     for k, v in sorted(progress.rows_by_run.items())},
             "model": dataclasses.asdict(self.model), "activation": self.activation,
-            "input": {"files": len(candidates.paths), "rows": self.source.num_rows,
+            "input": {"files": len(candidates.paths), "rows": self.pairs,
                       "bytes": candidates.total_bytes,
                       "fingerprint": self.plan["input"]["digest"],
                       "skipped_files": candidates.skipped},

@@ -10,15 +10,20 @@ scored rows are never listed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
+from rstar_batch.base.pair_keys import KEY_TYPE
+from rstar_batch.cache.store import ScoreCache
 from rstar_batch.config import RerankConfig
 from rstar_batch.faults import FaultHook
 from rstar_batch.io.scored import mark_duplicates, once_each, read_buckets
@@ -66,14 +71,17 @@ def plan_tasks(progress: Progress, cpus: float) -> list[tuple[list[int], Reads]]
 
 
 def rank_all(fs: Any, root: str, config: RerankConfig, progress: Progress,
-             stopping: Callable[[], bool] = lambda: False) -> list[dict]:
+             stopping: Callable[[], bool] = lambda: False,
+             cache: Optional["CacheAdd"] = None) -> list[dict]:
     """Pass 2: ranked files and rejected rows of every bucket; their counts. Returns
-    early (with what is done) once `stopping()`: a rerun ranks again."""
+    early (with what is done) once `stopping()`: a rerun ranks again. With `cache`,
+    each task also writes its buckets' scored pairs as a pack of score-cache entries
+    (in the first of its parts' counts, `cache_pack`)."""
     import ray
 
     task = ray.remote(num_cpus=1)(rank_buckets)
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    refs = [task.remote(fs, root, reads, config.keep_columns, config.top_k)
+    refs = [task.remote(fs, root, reads, config.keep_columns, config.top_k, cache)
             for _, reads in plan_tasks(progress, cpus)]
     FaultHook.from_env().at_phase("rank_pass")
     waiting = list(refs)
@@ -82,15 +90,33 @@ def rank_all(fs: Any, root: str, config: RerankConfig, progress: Progress,
     return [] if waiting else [part for parts in ray.get(refs) for part in parts]
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheAdd:
+    """Where the rank pass writes score-cache entries: the cache, the job's name for its
+    packs, and the time they were used (the job's start)."""
+
+    cache: ScoreCache
+    name: str
+    used: int
+
+
 def rank_buckets(fs: pafs.FileSystem, root: str, reads: Reads, keep: list[str],
-                 top_k: Optional[int]) -> list[dict]:
+                 top_k: Optional[int], cache: Optional[CacheAdd] = None) -> list[dict]:
     """Rank some buckets' committed rows into their output files, WRITERS at a time;
     their counts."""
     FaultHook.from_env().before_rank()
     buckets = sorted(read_buckets(fs, root, reads).items())
     with ThreadPoolExecutor(max_workers=max(1, min(WRITERS, len(buckets)))) as pool:
-        return list(pool.map(lambda item: rank_bucket(fs, root, *item, keep, top_k),
-                             buckets))
+        parts = list(pool.map(lambda item: rank_bucket(fs, root, *item, keep, top_k),
+                              buckets))
+    entries = [part.pop("entries") for part in parts]
+    if cache is not None and parts:
+        table = pa.concat_tables(entries)
+        table = table.append_column("used", pa.array(np.full(table.num_rows, cache.used),
+                                                     pa.int64()))
+        parts[0]["cache_pack"] = cache.cache.write_pack(
+            f"{cache.name}-b{buckets[0][0]:05d}", table)
+    return parts
 
 
 def rank_bucket(fs: pafs.FileSystem, root: str, bucket: int, table: Any, keep: list[str],
@@ -112,7 +138,15 @@ def rank_bucket(fs: pafs.FileSystem, root: str, bucket: int, table: Any, keep: l
                          rejected_table(bad, keep))
         for row in pc.value_counts(bad[C.REJECT]).to_pylist():
             reasons[row["values"]] = row["counts"]
+    keyed = valid.filter(pc.is_valid(valid[C.PAIR_KEY])) if C.PAIR_KEY in \
+        valid.column_names else valid.schema.empty_table()
+    reused = (int(pc.sum(pc.fill_null(valid[C.REUSED], False)).as_py() or 0)
+              if C.REUSED in valid.column_names else 0)
     return {
         "rows": table.num_rows, "scored": valid.num_rows, "written": ranked.num_rows,
         "queries": len(pc.unique(valid[C.QUERY_ID])), "rejected": reasons,
+        "reused": reused,
+        "entries": pa.table({"key": keyed[C.PAIR_KEY], "score": keyed[C.SCORE]}) if
+        keyed.num_rows else pa.table({"key": pa.array([], KEY_TYPE),
+                                      "score": pa.array([], pa.float32())}),
     }

@@ -79,6 +79,12 @@ class ScoreCorpusJob(driver.Job):
 
     def check(self) -> dict:
         config = self.config
+        if config.score_cache:
+            # Each night scores every query against every passage: a lookup per pair
+            # would cost what scoring the few changed passages costs. Score the changed
+            # passages' rows with rerank and its cache instead (docs/operations.md).
+            raise ConfigError("score-corpus does not use a score cache (it looks up no "
+                              "pairs: each query meets every passage); drop score_cache")
         checked = driver.check_scoring_model(config, config.corpus)
         model = self.model = checked.model
         self.activation = checked.activation

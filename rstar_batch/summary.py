@@ -24,6 +24,7 @@ class JobSummary:
     rejected: dict[str, int]
     seconds: float
     already_done: bool = False
+    reused: int = 0   # of `scored`, pairs whose score came from the score cache
 
     @property
     def pairs_per_second(self) -> float:
@@ -38,8 +39,9 @@ class JobSummary:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected.items()))
         resumed = (f" ({self.pairs_this_run} in this run)"
                    if self.pairs_this_run != self.pairs else "")
+        reused = f" ({self.reused} from the score cache)" if self.reused else ""
         return (f"rstar-batch: {self.pairs} pairs{resumed}, {self.queries} queries, "
-                f"{self.scored} scored, {rejected} rejected"
+                f"{self.scored} scored{reused}, {rejected} rejected"
                 f"{f' ({detail})' if detail else ''}, "
                 f"{self.seconds:.1f} s, {self.pairs_per_second:.1f} pairs/s → {self.output}")
 

@@ -19,6 +19,7 @@ LAYERS = [
     {"io", "stages"},                                         # the pipeline's steps
     {"replicas", "summary", "manifest", "rank_pass", "driver", "pipeline", "score_corpus",
      "tokenize_corpus", "dataset", "length_bias", "evaluate", "export", "status", "testing",
+     "cache",
      "tiny_families"},                                        # jobs and tools
     {"cli", "nightly", "demo", "__main__", "__init__"},       # entry points
 ]

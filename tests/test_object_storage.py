@@ -77,11 +77,13 @@ def test_a_job_on_s3_killed_then_resumed_equals_the_one_pair_reference(
     """S3 to S3: a job SIGKILLed half way, its status, then the rerun that resumes it.
     The output equals the one-pair reference, each pair once; the manifest names the
     input objects with their ETags; progress is removed on success; no log, status or
-    JSON object holds the secret key."""
+    JSON object holds the secret key. With a score cache on S3: the next night reuses
+    every score, and the cache compacts there."""
     out = f"s3://{BUCKET}/resumed/"
+    cache = ("--score-cache", f"s3://{BUCKET}/cache/")
     logs = []
     # paced by the fault hook (each replica batch 0.5 s longer) so there is time to kill
-    job = Job(_args(out, micro_model), str(tmp_path / "run1.log"),
+    job = Job(_args(out, micro_model, *cache), str(tmp_path / "run1.log"),
               env={**s3_env, **paced(0.5)}, cluster=cluster)
     committed = lambda: committed_rows(f"{BUCKET}/resumed", s3.glob, s3.cat_file)  # noqa: E731
     job.wait_until(lambda: committed() >= TOTAL // 2, timeout=240)
@@ -94,7 +96,7 @@ def test_a_job_on_s3_killed_then_resumed_equals_the_one_pair_reference(
     # "last commit … ago" needs the commits' times, which S3 gives only in its listings.
     assert f"/{TOTAL} pairs scored" in status and "rerun the same command" in status
 
-    rerun = run(_args(out, micro_model), str(tmp_path / "run2.log"), env=s3_env,
+    rerun = run(_args(out, micro_model, *cache), str(tmp_path / "run2.log"), env=s3_env,
                 cluster=cluster)
     logs.append(rerun.output())
     assert rerun.proc.returncode == 0, rerun.output()[-3000:]
@@ -125,6 +127,18 @@ def test_a_job_on_s3_killed_then_resumed_equals_the_one_pair_reference(
         assert SECRET not in text
     assert all(SECRET not in s3.cat(p).decode() for p in s3.find(f"{BUCKET}/resumed")
                if p.endswith(".json"))
+
+    night = run(_args(f"s3://{BUCKET}/night2/", micro_model, *cache),
+                str(tmp_path / "night2.log"), env=s3_env, cluster=cluster)
+    assert night.proc.returncode == 0, night.output()[-3000:]
+    assert f"{TOTAL} scored ({TOTAL} from the score cache)" in night.output()
+    key = [("query_id", "ascending"), ("doc_id", "ascending")]
+    assert _read_output(s3, "night2").sort_by(key).equals(table.sort_by(key))
+    compacted = run(["cache", "compact", cache[1]], str(tmp_path / "compact.log"), env=s3_env)
+    assert compacted.proc.returncode == 0, compacted.output()
+    assert f"2 record(s), {2 * TOTAL} entries → 1 record(s), {TOTAL} entries" in \
+        compacted.output()
+    assert SECRET not in night.output() + compacted.output()
 
 
 def test_credentials_stay_out_of_errors(s3_env, s3, micro_model, tmp_path, monkeypatch,

@@ -144,7 +144,9 @@ def _rerank(inputs: dict, corpus: str, out: str, model: str, **extra) -> rstar_b
 def test_rerank_against_a_tokenized_corpus_equals_rerank_against_its_texts(
         micro_model, inputs, tokenized, tmp_path, policy):
     texts = _rerank(inputs, inputs["corpus"], str(tmp_path / "texts"), micro_model, **policy)
-    ids = _rerank(inputs, tokenized, str(tmp_path / "ids"), micro_model, **policy)
+    # with a score cache keyed by the passages' ids (truncate: once is enough)
+    cache = dict(score_cache=str(tmp_path / "cache")) if not policy else {}
+    ids = _rerank(inputs, tokenized, str(tmp_path / "ids"), micro_model, **policy, **cache)
     assert texts.rejected == ids.rejected == {"missing_passage": 2}
     assert (texts.written, texts.pairs) == (ids.written, ids.pairs) == (51, 53)
     key = [("query_id", "ascending"), ("doc_id", "ascending")]
@@ -153,6 +155,12 @@ def test_rerank_against_a_tokenized_corpus_equals_rerank_against_its_texts(
     rejected = pq.read_table(tmp_path / "ids" / "_rejected").sort_by(key)
     assert rejected["doc_id"].to_pylist() == ["d-missing", "d-null"]
     assert rejected["passage"].null_count == 2
+    if cache:  # the next night finds every pair by its query text and passage ids
+        again = _rerank(inputs, tokenized, str(tmp_path / "again"), micro_model, **cache)
+        assert (again.reused, again.scored, again.rejected) == (51, 51, ids.rejected)
+        assert pq.read_table(tmp_path / "again").sort_by(key).equals(got)
+        manifest = json.load(open(tmp_path / "again" / "_manifest.json"))
+        assert manifest["score_cache"]["scoring"]["passages"] == "token ids"
 
 
 @pytest.mark.slow

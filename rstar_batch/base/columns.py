@@ -33,3 +33,10 @@ NULL_PASSAGE = "null_passage"
 DUPLICATE_PAIR = "duplicate_pair"          # a repeat of a (query_id, doc_id) pair: written once
 DUPLICATE_QUERY_ID = "duplicate_query_id"  # score-corpus: a repeat of a query id
 PREPARE_REASON = "_prepare_reason"  # set when the corpus or queries lack a row's text
+
+# The score cache (rstar_batch/cache/): a pair's key, and whether its score was reused.
+PAIR_KEY = "_pair_key"
+REUSED = "_reused"
+# A row's place in its input chunk once the lookup split the chunk into hits and
+# misses (cache/lookup.py): the rank pass orders rows by (input chunk, this).
+INPUT_ROW = "_input_row"

@@ -208,11 +208,13 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
         return json.loads(src.read().decode())
 
 
-def write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+def write_table(fs: pafs.FileSystem, path: str, table: pa.Table,
+                row_group_size: Optional[int] = None) -> None:
     """Write one Parquet file so readers never see half of it."""
     _make_parent(fs, path)
     target = temp_path(fs, path)
-    pq.write_table(table, target, filesystem=fs, compression="zstd")
+    pq.write_table(table, target, filesystem=fs, compression="zstd",
+                   row_group_size=row_group_size)
     if target != path:
         fs.move(target, path)
 

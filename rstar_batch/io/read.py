@@ -106,12 +106,12 @@ class ReadChunks:
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for task in batch.to_pylist():
-            for table in self._read(task):
+            for table in self.read(task):
                 if stop_requested(self.stop):
                     return
                 yield table
 
-    def _read(self, task: dict) -> Iterator[pa.Table]:
+    def read(self, task: dict) -> Iterator[pa.Table]:
         skips = {cid: list(zip(bounds[::2], bounds[1::2]))
                  for cid, _, _, *bounds in task["chunks"]}
         wanted = sorted((start, start + rows, cid) for cid, start, rows, *_ in task["chunks"])

@@ -95,11 +95,18 @@ def read_buckets(fs: pafs.FileSystem, root: str,
     """The rows of some buckets: `reads` gives, per pack, the segments wanted. Each pack
     is read with one ranged GET spanning its wanted segments (a pack holds its
     buckets in order, so a task's buckets are one span when they are consecutive)."""
+    return read_segments(fs, work_dir(root), reads)
+
+
+def read_segments(fs: pafs.FileSystem, base: str,
+                  reads: list[tuple[str, list[commit_log.Segment]]]) -> dict[int, pa.Table]:
+    """`read_buckets` for packs under any folder (`base`: what their names are relative
+    to): the score cache's packs and the lookup's are packs too."""
     found: dict[int, list[pa.Table]] = {}
     for data, segments in reads:
         first = min(s.offset for s in segments)
         last = max(s.offset + s.length for s in segments)
-        span = fsio.read_range(fs, pack_path(root, data), first, last - first)
+        span = fsio.read_range(fs, fsio.join(base, data), first, last - first)
         for s in segments:
             found.setdefault(s.bucket, []).append(
                 decode_segment(span[s.offset - first:s.offset - first + s.length]))
@@ -138,10 +145,13 @@ def repeated_rows(table: pa.Table) -> np.ndarray:
 
 def _input_order(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Rows by (chunk, row, query), ties in table order; and, in that order, whether a
-    row repeats the one before it."""
+    row repeats the one before it. Rows split by the score cache's lookup into hits
+    (chunk 2c) and misses (2c + 1) are ordered by input chunk c and their row in it."""
     qids = fill_null_ids(table[C.QUERY_ID])
     query = pc.dictionary_encode(qids.combine_chunks()).indices.to_numpy()
     chunk, row = table[C.CHUNK].to_numpy(), table[C.ROW].to_numpy()
+    if C.INPUT_ROW in table.column_names:
+        chunk, row = chunk >> 1, table[C.INPUT_ROW].to_numpy()
     key = packed_key(chunk, row, query)
     same = np.zeros(table.num_rows, dtype=bool)
     if key is not None:  # one sort of a packed key is ~6× a three-key lexsort

@@ -62,6 +62,7 @@ class Commit:
     nodes: dict[str, int] = dataclasses.field(default_factory=dict)  # rows by Ray node
     time: float = 0.0
     replaces: str = ""  # a commit this one makes void (a writer's running top K)
+    reused: int = 0     # rows among them whose score came from the score cache
 
     @property
     def rows(self) -> int:
@@ -71,7 +72,8 @@ class Commit:
         return {"run": self.run, "ranges": [list(r) for r in self.ranges],
                 "scored": self.scored, "data": self.data,
                 "segments": [[s.bucket, s.offset, s.length, s.rows] for s in self.segments],
-                "nodes": self.nodes, "time": self.time, "replaces": self.replaces}
+                "nodes": self.nodes, "time": self.time, "replaces": self.replaces,
+                **({"reused": self.reused} if self.reused else {})}
 
     @classmethod
     def from_json(cls, name: str, value: dict[str, Any]) -> "Commit":
@@ -79,7 +81,7 @@ class Commit:
                    int(value.get("scored", 0)), value.get("data", ""),
                    tuple(Segment(*s) for s in value.get("segments", ())),
                    dict(value.get("nodes", {})), float(value.get("time", 0.0)),
-                   value.get("replaces", ""))
+                   value.get("replaces", ""), int(value.get("reused", 0)))
 
 
 def commit_name(run: int, writer: str, seq: int) -> str:
@@ -143,11 +145,15 @@ class Progress:
         self.commits = [c for c in self.commits if c.name not in void]
         self.covered: dict[int, list[tuple[int, int]]] = {}  # chunk → [start, end) ranges
         self.rows_by_run: dict[int, int] = {}
+        self.reused_by_run: dict[int, int] = {}  # of those, scores from the score cache
         self.last_commit: Optional[float] = None
         for commit in self.commits:
             for chunk, start, end in commit.ranges:
                 self.covered.setdefault(chunk, []).append((start, end))
             self.rows_by_run[commit.run] = self.rows_by_run.get(commit.run, 0) + commit.rows
+            if commit.reused:
+                self.reused_by_run[commit.run] = (self.reused_by_run.get(commit.run, 0)
+                                                  + commit.reused)
             if commit.time:
                 self.last_commit = max(self.last_commit or commit.time, commit.time)
 

@@ -12,7 +12,9 @@ model (testing.MICRO_ARCHITECTURE: R*'s tokenizer, a one-layer BERT), so scoring
 cheap and what is timed is the job's own I/O and bookkeeping:
   - local:      input and output in folders under --workdir;
   - s3:         input and output on S3, through the proxy;
-  - s3-latency: the same with --latency-ms added to every request.
+  - s3-latency: the same with --latency-ms added to every request;
+  - s3-cache-fill, s3-cached: s3 with --score-cache on S3 (area `cache`): the first
+    fills an empty cache (every pair a miss), the second finds every pair in it.
 Each request is classified by S3 operation (GET, ranged GET, PUT, HEAD, DELETE,
 POST, LIST) and by key: the output's `_work/` (progress), the rest of the output,
 the input. The report counts them per run, per million pairs and per job phase,
@@ -64,6 +66,7 @@ log = logging.getLogger("object_storage")
 
 BUCKET = "bench"
 INPUT_PREFIX = "candidates/"
+CACHE_PREFIX = "cache/"
 PER_QUERY = 100
 OPERATIONS = ("GET", "GET-range", "PUT", "HEAD", "DELETE", "POST", "LIST")
 JOB_FLAGS = ["--rank-partitions", "50", "--dtype", "float32"]
@@ -216,6 +219,8 @@ def _area(key: str, output_key: str) -> str:
         return "output"
     if key.startswith(INPUT_PREFIX.rstrip("/")):
         return "input"
+    if key.startswith(CACHE_PREFIX):
+        return "cache"
     return "bucket"
 
 
@@ -514,9 +519,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.smoke:
         args.pairs, args.files, args.runs, args.latency_ms = 2000, 2, "local,s3", 0
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = set(args.runs) - {"local", "s3", "s3-latency"}
+    unknown = set(args.runs) - {"local", "s3", "s3-latency", "s3-cache-fill", "s3-cached"}
     if unknown:
-        parser.error(f"unknown runs {sorted(unknown)}; choose from local, s3, s3-latency")
+        parser.error(f"unknown runs {sorted(unknown)}; choose from local, s3, s3-latency, "
+                     "s3-cache-fill, s3-cached")
     return args
 
 
@@ -564,6 +570,8 @@ def _s3_run(name: str, s3_input: str, model: str, extra: list[str], endpoint: st
     host, port = endpoint.rsplit(":", 1)
     output_key = f"out-{name}/"
     output = f"s3://{BUCKET}/{output_key}"
+    if name.startswith("s3-cache"):
+        extra = [*extra, "--score-cache", f"s3://{BUCKET}/{CACHE_PREFIX}"]
     with RecordingProxy((host, int(port)), latency_ms) as proxy:
         result = run_job(name, s3_input, output, model, extra,
                          {**aws_env, "AWS_ENDPOINT_URL": proxy.url}, workdir, timeout)

@@ -74,6 +74,9 @@ class Job(abc.ABC):
         self.stop: Optional[StopSignal] = None  # the workers' view of a stop, in Ray
         self.sink: Any = None  # where pass 1's replicas hand scored rows (the writers)
         self.texts_by = ""  # what tokenizes texts (stages/fast_tokens.py), for the manifest
+        # Raises `Stopped` once SIGTERM or SIGINT asked the job to stop: for long steps
+        # of `chunks()` (the score cache's lookup) to call while they wait.
+        self.check_stop: Callable[[], None] = lambda: None
 
     @property
     def pairs_per_row(self) -> int:
@@ -185,6 +188,7 @@ def _run(job: Job, drain: Drain) -> JobSummary:
         with ray_session(config.address, drain.while_starting):
             drain.watch()  # again: ray.init installs a SIGTERM handler of its own
             job.stop = drain.attach()
+            job.check_stop = lambda: drain.check(committed)
             chunks = job.chunks()
             progress = read_progress(job.fs, job.root)
             pending = progress.pending(chunks, within=job.resumes_within_chunks)

@@ -206,7 +206,8 @@ class RerankJob(driver.Job):
         self.looked = lookup(self.cache, self.source, chunks, self.config.columns,
                              self.plan["buckets"], self.run, self.fs, self.root,
                              ray.cluster_resources().get("CPU", 1.0),
-                             skip_bad=self.config.on_bad_file == "skip")
+                             skip_bad=self.config.on_bad_file == "skip",
+                             check_stop=self.check_stop)
         log.info("score cache: %d of %d pairs found (%d looked up, %d cache records read)",
                  self.looked.hits, self.pairs, self.looked.keyed, self.looked.records)
         self.source = self.looked.misses

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import types
 
 import numpy as np
@@ -176,6 +177,36 @@ def test_a_crash_while_the_cache_is_added_to_then_the_rerun_leave_each_entry_onc
     def crash(*_, **__):
         raise Crash("killed")
 
+    # 0. a first night fills the cache; the second dies in its lookup after the hits
+    # were committed, before the lookup was recorded done: its rerun looks up again
+    first = rstar_batch.rerank(**{**config, "output": str(tmp_path / "first")})
+    assert first.reused == 0
+    import rstar_batch.cache.lookup as lookup_module
+
+    class NoDone:
+        def __getattr__(self, name):
+            return getattr(rstar_batch.base.fs, name)
+
+        @staticmethod
+        def write_json(fs, path, value):
+            if path.endswith("_DONE"):
+                crash()
+            return rstar_batch.base.fs.write_json(fs, path, value)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lookup_module, "fsio", NoDone())
+        with pytest.raises(Crash):
+            rstar_batch.rerank(**config)
+    assert any(n.startswith("r0001-cache-") for n in os.listdir(os.path.join(
+        out, "_work", "commits")))
+    again = rstar_batch.rerank(**config)
+    assert again.reused == again.scored == 1000
+    _assert_same_rows(pq.read_table(out), pq.read_table(str(tmp_path / "first")), out)
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    assert set(manifest["pairs_scored_per_run"].values()) == {0}  # the model scored none
+    shutil.rmtree(out)
+    shutil.rmtree(cache)
+
     # 1. the rank pass wrote the entries' packs, then the job died before their record
     with monkeypatch.context() as patch:
         patch.setattr(ScoreCache, "write_record", crash)
@@ -253,6 +284,34 @@ def test_an_unreadable_cache_file_fails_naming_it_or_is_skipped(tmp_path):
         cache.entries(reads)
     found, skipped = cache.entries(reads, skip_bad=True)
     assert skipped and skipped[0].endswith("packs/night-b00000.pack")
+    with open(os.path.join(cache.root, "log", "night.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(CacheError, match="log/night.json' cannot be read"):
+        cache.records()
+    assert cache.records(skip_bad=True) == []
+
+
+def test_two_jobs_adding_at_once_each_add_whole_files_of_their_own(tmp_path):
+    """Two nights' steps interleaved (pack A, pack B, record B, record A): no file is
+    written twice, each record lands whole, a reader between them sees only B."""
+    cache = _scoring_config(tmp_path)
+    keys = text_keys(pa.array(["q"] * 4), pa.array(["a", "b", "c", "d"]))
+
+    def entries(part):
+        return pa.table({"key": part, "score": pa.array([0.5] * len(part), pa.float32()),
+                         "used": pa.array([1] * len(part), pa.int64())})
+
+    pack_a = cache.write_pack("night-a-b00000", entries(keys.slice(0, 3)))
+    pack_b = cache.write_pack("night-b-b00000", entries(keys.slice(2, 2)))
+    cache.write_record(Record("night-b", (pack_b,), 2, 1.0))
+    found, _ = cache.entries(cache.reads(cache.records(), set(range(cache.buckets))))
+    assert sorted(k for t in found.values() for k in t["key"].to_pylist()) == sorted(
+        keys.slice(2, 2).to_pylist())
+    cache.write_record(Record("night-a", (pack_a,), 3, 1.0))
+    assert [r.name for r in cache.records()] == ["night-a", "night-b"]
+    found, _ = cache.entries(cache.reads(cache.records(), set(range(cache.buckets))))
+    assert sorted(k for t in found.values() for k in t["key"].to_pylist()) == sorted(
+        keys.to_pylist() + keys.slice(2, 1).to_pylist())  # "c" twice: harmless, compacted
 
 
 def test_compaction_keeps_each_keys_latest_use_and_drops_what_no_night_used(tmp_path):

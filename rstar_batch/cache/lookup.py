@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +50,8 @@ from rstar_batch.stages.normalize import Normalize
 
 log = logging.getLogger(__name__)
 
-GROUP_ROWS = 1_000_000   # input rows per keys/split task (one misses file, one commit)
+GROUP_ROWS = 1_000_000   # input rows per keys/split task at most (a misses file, a commit)
+MIN_GROUP_ROWS = 25_000  # a group's rows at least, when there are enough for two per CPU
 PROBE_ROWS = 4_000_000   # keys and cache entries one probe task holds at most
 MIN_PROBE_ROWS = 250_000  # below this another probe task costs more than it saves
 MISSES_ROW_GROUP = 65_536
@@ -84,9 +85,19 @@ def cache_dir(root: str) -> str:
 
 def lookup(cache: ScoreCache, source: CandidateFiles, chunks: list[checkpoint.Chunk],
            columns: Columns, buckets: int, run: int, fs: pafs.FileSystem, root: str,
-           cpus: float, skip_bad: bool = False) -> Looked:
-    """Split `source`'s chunks into hits (committed) and misses (to score), once per job."""
+           cpus: float, skip_bad: bool = False,
+           check_stop: Callable[[], None] = lambda: None) -> Looked:
+    """Split `source`'s chunks into hits (committed) and misses (to score), once per job.
+    `check_stop` is called every half second while tasks run (it raises to stop: a rerun
+    does the lookup again)."""
     import ray
+
+    def get(refs: list) -> list:
+        waiting = list(refs)
+        while waiting:
+            _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)
+            check_stop()
+        return ray.get(refs)
 
     work = cache_dir(root)
     done = fsio.join(work, "_DONE")
@@ -97,15 +108,17 @@ def lookup(cache: ScoreCache, source: CandidateFiles, chunks: list[checkpoint.Ch
     for folder in (work, commit_log.commits_dir(root),
                    fsio.join(checkpoint.work_dir(root), "scored")):
         fsio.delete(fs, folder)
-    records = cache.records()
-    groups = _groups(plan_read_tasks(chunks, source.paths, source.row_groups))
+    records = cache.records(skip_bad=skip_bad)
+    groups = _groups(plan_read_tasks(chunks, source.paths, source.row_groups), cpus)
     columns_read = source.schema.names
 
+    started = time.monotonic()
     key_task = ray.remote(num_cpus=1)(write_keys)
-    keyed = ray.get([key_task.remote(source.filesystem, columns_read, tasks, columns,
+    keyed = get([key_task.remote(source.filesystem, columns_read, tasks, columns,
                                      buckets, cache.buckets, fs, _keys_path(work, g))
                      for g, tasks in enumerate(groups)])
     key_packs = [(f"keys/g{g:06d}.pack", segments) for g, (segments, _) in enumerate(keyed)]
+    rounds = [time.monotonic() - started]
 
     group_of = np.zeros(max((c.id for c in chunks), default=-1) + 1, dtype=np.int32)
     for g, tasks in enumerate(groups):
@@ -114,18 +127,22 @@ def lookup(cache: ScoreCache, source: CandidateFiles, chunks: list[checkpoint.Ch
                 group_of[entry[0]] = g
     probe_task = ray.remote(num_cpus=1)(probe)
     ranges = _probe_ranges(key_packs, cache, records, cpus)
-    probed = ray.get([probe_task.remote(cache, cache.reads(records, set(bucket_range)),
+    probed = get([probe_task.remote(cache, cache.reads(records, set(bucket_range)),
                                         fs, work, segments_of(key_packs, set(bucket_range)),
                                         group_of, f"hits/p{i:05d}.pack", skip_bad)
                       for i, bucket_range in enumerate(ranges)])
     hit_packs = [(f"hits/p{i:05d}.pack", segments) for i, (segments, _) in enumerate(probed)]
     skipped = sorted({path for _, bad in probed for path in bad})
+    rounds.append(time.monotonic() - started - sum(rounds))
 
     split_task = ray.remote(num_cpus=1)(split)
-    splits = ray.get([split_task.remote(
+    splits = get([split_task.remote(
         source.filesystem, columns_read, tasks, columns, buckets, fs, root, run, g,
         segments_of(hit_packs, {g}), fsio.join(work, "misses", f"part-{g:06d}.parquet"))
         for g, tasks in enumerate(groups)])
+    rounds.append(time.monotonic() - started - sum(rounds))
+    log.info("score cache lookup: %d groups, %d probe tasks; keys %.2f s, probe %.2f s, "
+             "split %.2f s", len(groups), len(ranges), *rounds)
     result = {"chunks": [c for s in splits for c in s["chunks"]],
               "files": [s["file"] for s in splits if s["file"]],
               "keyed": sum(k for _, k in keyed), "records": len(records),
@@ -163,12 +180,16 @@ def _from_done(done: dict, source: CandidateFiles, fs: pafs.FileSystem) -> Looke
                   done.get("skipped_cache_files", []))
 
 
-def _groups(tasks: list[dict]) -> list[list[dict]]:
-    """Consecutive read tasks, about GROUP_ROWS rows a group."""
+def _groups(tasks: list[dict], cpus: float) -> list[list[dict]]:
+    """Consecutive read tasks: two groups per CPU (each at least MIN_GROUP_ROWS rows),
+    or more where a group would pass GROUP_ROWS."""
+    total = sum(task["rows"] for task in tasks)
+    wanted = max(1, min(int(cpus * 2), total // MIN_GROUP_ROWS), math.ceil(total / GROUP_ROWS))
+    per = total / wanted
     groups: list[list[dict]] = []
     rows = 0
     for task in tasks:
-        if not groups or rows + task["rows"] > GROUP_ROWS:
+        if not groups or rows + task["rows"] > per * 1.25:
             groups.append([])
             rows = 0
         groups[-1].append(task)
@@ -232,7 +253,7 @@ def write_keys(filesystem: pafs.FileSystem, columns: list[str], tasks: list[dict
     keys = pa.concat_tables(pieces) if pieces else None
     if keys is None or not keys.num_rows:
         return [], 0
-    data, segments = encode_pack(keys)
+    data, segments = encode_pack(keys, ipc=True)
     fsio.write_bytes(fs, target, data)
     return segments, keys.num_rows
 
@@ -258,7 +279,7 @@ def probe(cache: ScoreCache, cache_reads: list, fs: pafs.FileSystem, work: str,
     table = pa.concat_tables(hits)
     table = table.append_column(C.BUCKET, pa.array(
         group_of[table[C.CHUNK].to_numpy()], pa.int32()))
-    data, segments = encode_pack(table)
+    data, segments = encode_pack(table, ipc=True)
     fsio.write_bytes(fs, fsio.join(work, target), data)
     return segments, skipped
 
@@ -335,7 +356,7 @@ def _commit_hits(fs: pafs.FileSystem, root: str, run: int, group: int,
                  rows: pa.Table) -> None:
     """The hits of a group as one commit: a pack by rank bucket, then its record."""
     name = commit_log.commit_name(run, WRITER, group)
-    data, segments = encode_pack(rows)
+    data, segments = encode_pack(rows, ipc=True)  # read back by the rank pass alone
     relative = f"scored/{name}.pack"
     fsio.write_bytes(fs, fsio.join(checkpoint.work_dir(root), relative), data)
     chunk = rows[C.CHUNK].to_numpy()

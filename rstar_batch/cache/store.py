@@ -150,28 +150,35 @@ class ScoreCache:
 
     # -- records -----------------------------------------------------------------------
 
-    def records(self, include_void: bool = False) -> list[Record]:
+    def records(self, include_void: bool = False, skip_bad: bool = False) -> list[Record]:
         """Every live record: one listing of log/, a GET of each, void ones left out
-        (`include_void`: kept, for the compaction that deletes them)."""
+        (`include_void`: kept, for the compaction that deletes them). A record that
+        cannot be read fails naming it, or with `skip_bad` is left out."""
         paths = [i.path for i in fsio.list_files(self.fs, fsio.join(self.root, LOG),
                                                   recursive=False)
                  if i.path.endswith(".json")]
         if not paths:
             return []
         with ThreadPoolExecutor(max_workers=min(_READERS, len(paths))) as pool:
-            values = list(pool.map(self._read_record, paths))
+            values = list(pool.map(lambda p: self._read_record(p, skip_bad), paths))
         records = [Record.from_json(p.rsplit("/", 1)[-1][:-5], v)
                    for p, v in zip(paths, values) if v is not None]
         void = set() if include_void else {name for r in records for name in r.replaces}
         return sorted((r for r in records if r.name not in void), key=lambda r: r.name)
 
-    def _read_record(self, path: str) -> Optional[dict]:
+    def _read_record(self, path: str, skip_bad: bool) -> Optional[dict]:
         try:
-            return fsio.read_json(self.fs, path)
+            value = fsio.read_json(self.fs, path)
+            Record.from_json("", value)
+            return value
         except FileNotFoundError:  # replaced and deleted since the listing
             return None
-        except (OSError, ValueError) as exc:
-            raise CacheError(f"score cache record '{path}' cannot be read: {exc}") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if skip_bad:
+                log.warning("skipping score cache record '%s': %s", path, exc)
+                return None
+            raise CacheError(f"score cache record '{path}' cannot be read ({exc}); pass "
+                             "--on-bad-file skip to leave it out, or delete it") from None
 
     def write_record(self, record: Record) -> None:
         fsio.write_json(self.fs, fsio.join(self.root, LOG, record.name + ".json"),
@@ -188,7 +195,7 @@ class ScoreCache:
         entries = entries.select(ENTRIES.names).cast(ENTRIES)
         bucketed = entries.append_column(C.BUCKET, pa.array(
             key_buckets(entries["key"], self.buckets), pa.int32()))
-        data, segments = encode_pack(bucketed)
+        data, segments = encode_pack(bucketed, ipc=True)
         relative = f"{PACKS}/{name}.pack"
         fsio.write_bytes(self.fs, fsio.join(self.root, relative), data)
         return relative, tuple(segments)

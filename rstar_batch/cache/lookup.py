@@ -28,13 +28,12 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
@@ -146,8 +145,7 @@ def lookup(cache: ScoreCache, source: CandidateFiles, chunks: list[checkpoint.Ch
     result = {"chunks": [c for s in splits for c in s["chunks"]],
               "files": [s["file"] for s in splits if s["file"]],
               "keyed": sum(k for _, k in keyed), "records": len(records),
-              "skipped_cache_files": skipped,
-              "schema_of": source.paths[0]}
+              "skipped_cache_files": skipped}
     for folder in ("keys", "hits"):
         fsio.delete(fs, fsio.join(work, folder))
     fsio.write_json(fs, done, result)

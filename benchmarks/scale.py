@@ -187,6 +187,50 @@ def simulate(pairs: int, args: argparse.Namespace, row_bytes: float) -> dict[str
     }
 
 
+def simulate_cache(pairs: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The score cache's requests for a night of `pairs` pairs against a compacted cache
+    of as many entries, all found: the lookup's own planner (cache/lookup.py: groups,
+    probe ranges, which pack segments each task reads) and compaction's ranges
+    (cache/compact.py), counted, not run. Reading the candidates is not counted (pass 1
+    reads them as much without the cache)."""
+    from types import SimpleNamespace
+
+    from rstar_batch.cache import compact, lookup
+    from rstar_batch.cache.store import CACHE_BUCKETS, Record, segments_of
+    from rstar_batch.io.read import plan_read_tasks
+
+    config = RerankConfig(candidates=["s3://in/"], output="s3://out/")
+    files = math.ceil(pairs / args.file_rows)
+    file_rows = [args.file_rows] * (files - 1) + [pairs - args.file_rows * (files - 1)]
+    row_groups = [[min(65_536, rows - start) for start in range(0, rows, 65_536)]
+                  for rows in file_rows]
+    chunks = checkpoint.plan_chunks(file_rows, config.checkpoint_rows)
+    groups = lookup._groups(plan_read_tasks(chunks, [f"f{i}" for i in range(files)],
+                                            row_groups), args.cluster_cpus)
+    rows = [sum(t["rows"] for t in g) for g in groups]
+    per_bucket = lambda n: [commit_log.Segment(b, 0, 0, n // CACHE_BUCKETS)  # noqa: E731
+                            for b in range(CACHE_BUCKETS)]
+    key_packs = [(f"keys/g{g}", per_bucket(n)) for g, n in enumerate(rows)]
+    night = Record("night", (("packs/night", tuple(per_bucket(pairs))),), pairs, 0.0)
+    compacted = Record("compact", tuple(
+        (f"packs/c{i}", tuple(s for s in night.packs[0][1] if s.bucket in set(r)))
+        for i, r in enumerate(compact._ranges([night], CACHE_BUCKETS))), pairs, 0.0)
+    cache = SimpleNamespace(buckets=CACHE_BUCKETS)
+    ranges = lookup._probe_ranges(key_packs, cache, [compacted], args.cluster_cpus)
+    probe_gets = sum(len(segments_of(key_packs, set(r)))
+                     + len(segments_of(compacted.packs, set(r))) for r in ranges)
+    split_gets = len(groups) * len(ranges)  # every hits pack holds a segment of each group
+    requests = {
+        "LIST": 1, "GET (records)": 1,
+        "PUT": len(groups) * 4 + len(ranges) + 1,  # keys, misses, hit pack + record; hits; _DONE
+        "GET-range": probe_gets + split_gets,
+    }
+    total = sum(requests.values())
+    return {"pairs": pairs, "groups": len(groups), "probe_tasks": len(ranges),
+            "requests": requests, "requests_per_million": round(total * 1e6 / pairs, 1),
+            "compacted_packs": len(compacted.packs)}
+
+
 def simulate_corpus(args: argparse.Namespace, row_bytes: float) -> dict[str, Any]:
     """score-corpus of `--corpus-passages` × `--corpus-queries`, top `--top-k`: each
     node's forwarder keeps its node's running top K in memory and passes on what enters
@@ -291,6 +335,16 @@ def main() -> None:
               f"{r['objects_under_work']} | {r['objects_per_million']} | "
               f"{r['work_requests_per_million']} | {r['driver_peak_mb']} | "
               f"{r['driver_bookkeeping_s']} | {r['log_read_at_latency_s']} s |")
+    print(f"\nScore cache lookup, every pair found in a compacted cache of as many entries, "
+          f"{args.cluster_cpus:g} CPUs:")
+    print("| pairs | groups | probe tasks | requests | per M pairs |")
+    print("|---:|---:|---:|---:|---:|")
+    caches = []
+    for pairs in sizes:
+        c = simulate_cache(int(pairs), args)
+        caches.append(c)
+        print(f"| {c['pairs']:.0e} | {c['groups']} | {c['probe_tasks']} | "
+              f"{sum(c['requests'].values()):,} | {c['requests_per_million']} |")
     if args.smoke:
         args.corpus_passages, args.corpus_queries, args.top_k = 100_000, 200, 100
     corpus = [simulate_corpus(args, row_bytes)]
@@ -306,7 +360,7 @@ def main() -> None:
     if args.report:
         with open(args.report, "w") as out:
             json.dump({"cpu": cpu(), "args": vars(args), "results": results,
-                       "score_corpus": corpus}, out, indent=2)
+                       "score_cache": caches, "score_corpus": corpus}, out, indent=2)
 
 
 if __name__ == "__main__":

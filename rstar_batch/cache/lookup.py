@@ -49,8 +49,13 @@ from rstar_batch.stages.normalize import Normalize
 
 log = logging.getLogger(__name__)
 
-GROUP_ROWS = 1_000_000   # input rows per keys/split task at most (a misses file, a commit)
+GROUP_ROWS = 2_000_000   # input rows per keys/split task at most (a misses file, a commit)
 MIN_GROUP_ROWS = 25_000  # a group's rows at least, when there are enough for two per CPU
+# Tasks of a round beyond what the rows ask for (two per CPU) at most: each probe task
+# reads every group's key pack and each split task every probe task's hit pack, so
+# the requests grow as groups × probe tasks (benchmarks/scale.py: 1e8 pairs on 512
+# CPUs made 1,500 × 256 of them, 7,745 requests per million pairs, before this bound).
+MAX_SPREAD = 32
 PROBE_ROWS = 4_000_000   # keys and cache entries one probe task holds at most
 MIN_PROBE_ROWS = 250_000  # below this another probe task costs more than it saves
 MISSES_ROW_GROUP = 65_536
@@ -182,7 +187,8 @@ def _groups(tasks: list[dict], cpus: float) -> list[list[dict]]:
     """Consecutive read tasks: two groups per CPU (each at least MIN_GROUP_ROWS rows),
     or more where a group would pass GROUP_ROWS."""
     total = sum(task["rows"] for task in tasks)
-    wanted = max(1, min(int(cpus * 2), total // MIN_GROUP_ROWS), math.ceil(total / GROUP_ROWS))
+    wanted = max(1, min(int(cpus * 2), total // MIN_GROUP_ROWS, MAX_SPREAD),
+                 math.ceil(total / GROUP_ROWS))
     per = total / wanted
     groups: list[list[dict]] = []
     rows = 0
@@ -214,7 +220,7 @@ def _probe_ranges(key_packs: list, cache: ScoreCache, records: list[Record],
     if not looked:
         return []
     total = int(rows.sum())
-    tasks = max(1, min(int(cpus * 2), math.ceil(total / MIN_PROBE_ROWS)),
+    tasks = max(1, min(int(cpus * 2), math.ceil(total / MIN_PROBE_ROWS), MAX_SPREAD),
                 math.ceil(total / PROBE_ROWS))
     per = total / tasks
     ranges: list[list[int]] = [[]]

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
@@ -53,6 +54,8 @@ COMMITS = pa.schema([("chunk", pa.int64()), ("start", pa.int64()), ("end", pa.in
 # A writer commits at least this often by rows, whatever the clock says: a pack of
 # about 20 bytes a row compressed, tens of MB.
 MAX_COMMIT_ROWS = 2_000_000
+# Packs one task reads at once (ranged GETs in parallel: the rank pass, the score cache).
+READERS = 16
 # Tries of one upload before the writer fails the job (object stores throttle).
 UPLOAD_TRIES = 4
 # A writer's first commit comes this soon after its first rows (at most its interval),
@@ -114,15 +117,26 @@ def read_buckets(fs: pafs.FileSystem, root: str,
 def read_segments(fs: pafs.FileSystem, base: str,
                   reads: list[tuple[str, list[commit_log.Segment]]]) -> dict[int, pa.Table]:
     """`read_buckets` for packs under any folder (`base`: what their names are relative
-    to): the score cache's packs and the lookup's are packs too."""
-    found: dict[int, list[pa.Table]] = {}
-    for data, segments in reads:
+    to): the score cache's packs and the lookup's are packs too. Up to READERS packs
+    are read at once (each a ranged GET of 20-100 ms on object stores; a task may read
+    hundreds); each bucket's tables keep the order of `reads`."""
+    def span(read: tuple[str, list[commit_log.Segment]]) -> list[tuple[int, pa.Table]]:
+        data, segments = read
         first = min(s.offset for s in segments)
         last = max(s.offset + s.length for s in segments)
-        span = fsio.read_range(fs, fsio.join(base, data), first, last - first)
-        for s in segments:
-            found.setdefault(s.bucket, []).append(
-                decode_segment(span[s.offset - first:s.offset - first + s.length]))
+        got = fsio.read_range(fs, fsio.join(base, data), first, last - first)
+        return [(s.bucket, decode_segment(got[s.offset - first:s.offset - first + s.length]))
+                for s in segments]
+
+    if len(reads) > 1:
+        with ThreadPoolExecutor(max_workers=min(READERS, len(reads))) as pool:
+            spans = list(pool.map(span, reads))
+    else:
+        spans = [span(read) for read in reads]
+    found: dict[int, list[pa.Table]] = {}
+    for pieces in spans:
+        for bucket, table in pieces:
+            found.setdefault(bucket, []).append(table)
     return {b: pa.concat_tables(t, promote_options="permissive") for b, t in found.items()}
 
 

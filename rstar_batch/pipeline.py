@@ -170,6 +170,7 @@ class RerankJob(driver.Job):
         config.validate_required()
         super().__init__(config)
         self.cache: Optional[ScoreCache] = None
+        self.adding: Optional[CacheAdd] = None  # the rank pass's entries, once it runs
         self.looked: Optional[Looked] = None
         self.parts: list[dict] = []
         self.cache_added = 0
@@ -227,11 +228,10 @@ class RerankJob(driver.Job):
                                   self.stop)
 
     def second_pass(self, progress: Progress, stopping: Any) -> list[dict]:
-        adding = None
-        if self.cache is not None:
+        if self.cache is not None:  # named by the job: a rerun rewrites its own record
             name = checkpoint.digest([self.config.output, self.plan["input"]["digest"]])
-            adding = CacheAdd(self.cache, name.split(":")[1][:16], int(time.time()))
-        return rank_all(self.fs, self.root, self.config, progress, stopping, adding)
+            self.adding = CacheAdd(self.cache, name.split(":")[1][:16], int(time.time()))
+        return rank_all(self.fs, self.root, self.config, progress, stopping, self.adding)
 
     def summarise(self, parts: list[dict], rows_this_run: int, seconds: float) -> JobSummary:
         pairs, self.parts = self.pairs, parts
@@ -250,13 +250,12 @@ class RerankJob(driver.Job):
 
     def before_success(self, summary: JobSummary) -> None:
         """The pairs this job scored or reused become cache entries (one record)."""
-        if self.cache is None:
+        if self.adding is None:
             return
         packs = tuple(p["cache_pack"] for p in self.parts if "cache_pack" in p)
-        name = packs[0][0].rsplit("/", 1)[-1].rsplit("-b", 1)[0] if packs else ""
         entries = sum(s.rows for _, segments in packs for s in segments)
         if packs:
-            self.cache.write_record(Record(name, packs, entries, time.time(),
+            self.cache.write_record(Record(self.adding.name, packs, entries, time.time(),
                                            fsio.redact(self.config.output)))
         self.cache_added = entries
 

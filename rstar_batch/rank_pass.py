@@ -109,9 +109,10 @@ def rank_buckets(fs: pafs.FileSystem, root: str, reads: Reads, keep: list[str],
     with ThreadPoolExecutor(max_workers=max(1, min(WRITERS, len(buckets)))) as pool:
         parts = list(pool.map(lambda item: rank_bucket(fs, root, *item, keep, top_k),
                               buckets))
-    entries = [part.pop("entries") for part in parts]
+    entries = [e for e in (part.pop("entries", None) for part in parts) if e is not None]
     if cache is not None and parts:
-        table = pa.concat_tables(entries)
+        table = pa.concat_tables(entries) if entries else pa.table(
+            {"key": pa.array([], KEY_TYPE), "score": pa.array([], pa.float32())})
         table = table.append_column("used", pa.array(np.full(table.num_rows, cache.used),
                                                      pa.int64()))
         parts[0]["cache_pack"] = cache.cache.write_pack(
@@ -138,15 +139,13 @@ def rank_bucket(fs: pafs.FileSystem, root: str, bucket: int, table: Any, keep: l
                          rejected_table(bad, keep))
         for row in pc.value_counts(bad[C.REJECT]).to_pylist():
             reasons[row["values"]] = row["counts"]
-    keyed = valid.filter(pc.is_valid(valid[C.PAIR_KEY])) if C.PAIR_KEY in \
-        valid.column_names else valid.schema.empty_table()
-    reused = (int(pc.sum(pc.fill_null(valid[C.REUSED], False)).as_py() or 0)
-              if C.REUSED in valid.column_names else 0)
-    return {
+    counts = {
         "rows": table.num_rows, "scored": valid.num_rows, "written": ranked.num_rows,
         "queries": len(pc.unique(valid[C.QUERY_ID])), "rejected": reasons,
-        "reused": reused,
-        "entries": pa.table({"key": keyed[C.PAIR_KEY], "score": keyed[C.SCORE]}) if
-        keyed.num_rows else pa.table({"key": pa.array([], KEY_TYPE),
-                                      "score": pa.array([], pa.float32())}),
     }
+    if C.PAIR_KEY in valid.column_names:  # a job with a score cache: its entries
+        keyed = valid.filter(pc.is_valid(valid[C.PAIR_KEY]))
+        counts["entries"] = pa.table({"key": keyed[C.PAIR_KEY], "score": keyed[C.SCORE]})
+    if C.REUSED in valid.column_names:
+        counts["reused"] = int(pc.sum(pc.fill_null(valid[C.REUSED], False)).as_py() or 0)
+    return counts

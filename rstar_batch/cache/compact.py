@@ -27,12 +27,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from rstar_batch.base import fs as fsio
-from rstar_batch.cache.store import PACKS, SCORING, CacheError, Record, ScoreCache, latest
+from rstar_batch.cache.store import (PACKS, SCORING, CacheError, Record, ScoreCache,
+                                     consecutive, latest, live_records,
+                                     rows_by_bucket)
 from rstar_batch.progress.log import Segment
 
 log = logging.getLogger(__name__)
@@ -84,21 +85,9 @@ def compact_key(cache: ScoreCache, keep_days: Optional[float] = None,
 
 
 def _ranges(records: list[Record], buckets: int) -> list[list[int]]:
-    rows = np.zeros(buckets, dtype=np.int64)
-    for record in records:
-        for _, segments in record.packs:
-            for s in segments:
-                rows[s.bucket] += s.rows
-    per = RANGE_ROWS
-    ranges: list[list[int]] = [[]]
-    held = 0
-    for bucket in range(buckets):
-        if ranges[-1] and held + rows[bucket] > per:
-            ranges.append([])
-            held = 0
-        ranges[-1].append(bucket)
-        held += int(rows[bucket])
-    return [r for r in ranges if r]
+    """Consecutive buckets, about RANGE_ROWS entries a range (one pack each)."""
+    return consecutive(rows_by_bucket([p for r in records for p in r.packs], buckets),
+                       RANGE_ROWS)
 
 
 def _compact_range(cache: ScoreCache, records: list[Record], buckets: list[int],
@@ -130,7 +119,7 @@ def _delete_unused(cache: ScoreCache, now: float, grace_s: float) -> int:
     """Records made void and packs no live record names, once older than the grace."""
     fs = cache.fs
     every = cache.records(include_void=True)
-    live = {r.name for r in cache.records()}
+    live = {r.name for r in live_records(every)}
     voided_at = {name: r.time for r in every if r.name in live for name in r.replaces}
     deleted = 0
     kept = set(live)

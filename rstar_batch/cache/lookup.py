@@ -38,7 +38,8 @@ import pyarrow.fs as pafs
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
 from rstar_batch.base.pair_keys import key_buckets
-from rstar_batch.cache.store import Record, ScoreCache, segments_of
+from rstar_batch.cache.store import (Record, ScoreCache, consecutive, rows_by_bucket,
+                                     segments_of)
 from rstar_batch.config import Columns
 from rstar_batch.io.read import ReadChunks, plan_read_tasks
 from rstar_batch.io.scored import encode_pack, read_segments
@@ -184,21 +185,13 @@ def _from_done(done: dict, source: CandidateFiles, fs: pafs.FileSystem) -> Looke
 
 
 def _groups(tasks: list[dict], cpus: float) -> list[list[dict]]:
-    """Consecutive read tasks: two groups per CPU (each at least MIN_GROUP_ROWS rows),
-    or more where a group would pass GROUP_ROWS."""
-    total = sum(task["rows"] for task in tasks)
+    """Consecutive read tasks: two groups per CPU (each at least MIN_GROUP_ROWS rows,
+    at most MAX_SPREAD of them), or more where a group would pass GROUP_ROWS."""
+    sizes = [task["rows"] for task in tasks]
+    total = sum(sizes)
     wanted = max(1, min(int(cpus * 2), total // MIN_GROUP_ROWS, MAX_SPREAD),
                  math.ceil(total / GROUP_ROWS))
-    per = total / wanted
-    groups: list[list[dict]] = []
-    rows = 0
-    for task in tasks:
-        if not groups or rows + task["rows"] > per * 1.25:
-            groups.append([])
-            rows = 0
-        groups[-1].append(task)
-        rows += task["rows"]
-    return groups
+    return [[tasks[i] for i in run] for run in consecutive(sizes, total / wanted * 1.25)]
 
 
 def _keys_path(work: str, group: int) -> str:
@@ -207,31 +200,15 @@ def _keys_path(work: str, group: int) -> str:
 
 def _probe_ranges(key_packs: list, cache: ScoreCache, records: list[Record],
                   cpus: float) -> list[list[int]]:
-    """Consecutive cache buckets per probe task, by the rows each holds."""
-    rows = np.zeros(cache.buckets, dtype=np.int64)
-    for _, segments in key_packs:
-        for s in segments:
-            rows[s.bucket] += s.rows
-    looked = int(rows.sum())
-    for record in records:
-        for _, segments in record.packs:
-            for s in segments:
-                rows[s.bucket] += s.rows
-    if not looked:
+    """Consecutive cache buckets per probe task, by the keys and entries each holds."""
+    keys = rows_by_bucket(key_packs, cache.buckets)
+    if not keys.sum():
         return []
+    rows = keys + rows_by_bucket([p for r in records for p in r.packs], cache.buckets)
     total = int(rows.sum())
     tasks = max(1, min(int(cpus * 2), math.ceil(total / MIN_PROBE_ROWS), MAX_SPREAD),
                 math.ceil(total / PROBE_ROWS))
-    per = total / tasks
-    ranges: list[list[int]] = [[]]
-    held = 0
-    for bucket in range(cache.buckets):
-        if ranges[-1] and held + rows[bucket] > per and len(ranges) < tasks:
-            ranges.append([])
-            held = 0
-        ranges[-1].append(bucket)
-        held += int(rows[bucket])
-    return [r for r in ranges if r]
+    return consecutive(rows, total / tasks, most=tasks)
 
 
 def _read_rows(filesystem: pafs.FileSystem, columns: list[str], tasks: list[dict]
@@ -305,20 +282,11 @@ def split(filesystem: pafs.FileSystem, columns: list[str], tasks: list[dict],
     for table in _read_rows(filesystem, columns, tasks):
         chunk = int(table[C.CHUNK][0].as_py())
         hit = np.zeros(table.num_rows, dtype=bool)
-        rows = hits_by_chunk.get(chunk)
-        score = np.zeros(table.num_rows, dtype=np.float32)
-        key = None
+        rows = hits_by_chunk.get(chunk)  # in row order, as the filter below keeps them
         if rows is not None:
-            at = rows[C.ROW].to_numpy()
-            hit[at] = True
-            score[at] = rows[C.SCORE].to_numpy()
-            normalized = normalize(table)
-            key_at = np.full(table.num_rows, -1)
-            key_at[at] = np.arange(len(at))
-            key = rows["key"].take(pa.array(key_at[hit]))
-            if hit.any():
-                scored.append(_hit_rows(normalized.filter(pa.array(hit)),
-                                        score[hit], key, hits_chunk(chunk)))
+            hit[rows[C.ROW].to_numpy()] = True
+            scored.append(_hit_rows(normalize(table).filter(pa.array(hit)), rows[C.SCORE],
+                                    rows["key"], hits_chunk(chunk)))
         miss = table.append_column(C.INPUT_ROW, table[C.ROW]).filter(
             pa.array(~hit)).drop_columns([C.CHUNK, C.ROW])
         if miss.num_rows:
@@ -337,7 +305,8 @@ def split(filesystem: pafs.FileSystem, columns: list[str], tasks: list[dict],
     return {"chunks": counts, "file": file}
 
 
-def _hit_rows(rows: pa.Table, scores: np.ndarray, keys: pa.Array, chunk: int) -> pa.Table:
+def _hit_rows(rows: pa.Table, scores: pa.ChunkedArray, keys: pa.ChunkedArray, chunk: int
+              ) -> pa.Table:
     """Hits as the scoring pass hands scored rows to its writers: texts dropped (kept
     for rejected rows only), the score, the key, and that it was reused."""
     n = rows.num_rows
@@ -352,7 +321,7 @@ def _hit_rows(rows: pa.Table, scores: np.ndarray, keys: pa.Array, chunk: int) ->
     out = out.set_column(out.schema.get_field_index(C.ROW), C.ROW,
                          pa.array(np.arange(n), pa.int32()))
     return (out.append_column(C.PAIR_KEY, keys)
-            .append_column(C.SCORE, pa.array(scores, pa.float32()))
+            .append_column(C.SCORE, scores.cast(pa.float32()))
             .append_column(C.REUSED, pa.array(np.ones(n, bool))))
 
 

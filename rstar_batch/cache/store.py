@@ -161,10 +161,10 @@ class ScoreCache:
             return []
         with ThreadPoolExecutor(max_workers=min(_READERS, len(paths))) as pool:
             values = list(pool.map(lambda p: self._read_record(p, skip_bad), paths))
-        records = [Record.from_json(p.rsplit("/", 1)[-1][:-5], v)
-                   for p, v in zip(paths, values) if v is not None]
-        void = set() if include_void else {name for r in records for name in r.replaces}
-        return sorted((r for r in records if r.name not in void), key=lambda r: r.name)
+        records = sorted((Record.from_json(p.rsplit("/", 1)[-1][:-5], v)
+                          for p, v in zip(paths, values) if v is not None),
+                         key=lambda r: r.name)
+        return records if include_void else live_records(records)
 
     def _read_record(self, path: str, skip_bad: bool) -> Optional[dict]:
         try:
@@ -244,6 +244,37 @@ def segments_of(packs: Iterable[tuple[str, Iterable[Segment]]], buckets: set[int
     return wanted
 
 
+def live_records(records: list[Record]) -> list[Record]:
+    """`records` less those another of them replaces."""
+    void = {name for r in records for name in r.replaces}
+    return [r for r in records if r.name not in void]
+
+
+def rows_by_bucket(packs: Iterable[tuple[str, Iterable[Segment]]], buckets: int
+                   ) -> np.ndarray:
+    """Rows each bucket holds across `packs`."""
+    rows = np.zeros(buckets, dtype=np.int64)
+    for _, segments in packs:
+        for s in segments:
+            rows[s.bucket] += s.rows
+    return rows
+
+
+def consecutive(sizes: Iterable[int], per: float, most: Optional[int] = None
+                ) -> list[list[int]]:
+    """The indices of `sizes`, in order, cut into runs that pass `per` only when one
+    item does (at most `most` runs: the last takes the rest)."""
+    runs: list[list[int]] = [[]]
+    held = 0
+    for i, size in enumerate(sizes):
+        if runs[-1] and held + size > per and (most is None or len(runs) < most):
+            runs.append([])
+            held = 0
+        runs[-1].append(i)
+        held += int(size)
+    return [r for r in runs if r]
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     changed = [f"{k} {old.get(k)!r} there, {new.get(k)!r} in this job"
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -254,9 +285,9 @@ def latest(entries: pa.Table) -> pa.Table:
     """One entry per key: its most recent use (entries newest first, as `entries`)."""
     if not entries.num_rows:
         return entries
-    _, first = np.unique(np.frombuffer(
-        entries["key"].combine_chunks().buffers()[1], dtype="V16")[
-        entries["key"].combine_chunks().offset:][:entries.num_rows], return_index=True)
+    keys = entries["key"].combine_chunks()
+    _, first = np.unique(np.frombuffer(keys.buffers()[1], dtype="V16")[
+        keys.offset:keys.offset + len(keys)], return_index=True)
     return entries.take(pa.array(np.sort(first)))
 
 

@@ -9,21 +9,27 @@ rank. The caller's Ray runs it when the dataset is consumed.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from rstar_batch import driver
+from rstar_batch.cache.shards import ADD_ROWS, AddEntries, ProbeCache, Shards
+from rstar_batch.cache.store import open_cache
 from rstar_batch.base import columns as C
 from rstar_batch.cluster import live_nodes
-from rstar_batch.config import ConfigError, RerankConfig
+from rstar_batch.config import RerankConfig
 from rstar_batch.replicas import (on_replicas, on_tokenizers, plan_replicas, scorer_kwargs,
                                   tokenizer_batch_rows)
 from rstar_batch.stages.normalize import Normalize
 from rstar_batch.stages.rank import rank_table
 from rstar_batch.stages.score import Score
 from rstar_batch.stages.tokenize import Tokenize
+
+log = logging.getLogger(__name__)
 
 
 def score_dataset(ds: Any, config: Optional[RerankConfig] = None, *, ranked: bool = False,
@@ -41,26 +47,39 @@ def score_dataset(ds: Any, config: Optional[RerankConfig] = None, *, ranked: boo
     Takes the config (or its fields as keywords) that `rerank` takes; the output,
     checkpoint and rank-pass fields do not apply. The model is checked now, on the
     caller's process; scoring runs when the result is consumed.
+
+    With `score_cache`, pairs the cache held when this was called take its scores
+    without the model, and every pair scored or reused is added to the cache as the
+    result streams (cache/shards.py): consume the dataset to the end to add them all.
     """
     import ray
 
     config = (config or RerankConfig()).replace(**fields)
-    if config.score_cache:
-        # A lazy dataset has no moment of success at which to add entries, nor a
-        # checkpoint to make the lookup once; the rerank job has both.
-        raise ConfigError("score_dataset does not take a score cache: write the pairs "
-                          "as Parquet and run rerank with --score-cache instead")
     checked = driver.check_scoring_model(config, corpus=None)
     model, assembler, why_not = checked.model, checked.assembler, checked.why_not
     if not ray.is_initialized():
         ray.init()  # as Ray Data does when a dataset first runs
     replicas = plan_replicas(config, live_nodes())
+    cache = None
+    if config.score_cache:
+        cache = open_cache(config, model, checked.activation, replicas, tokenized=False)
+        shards = Shards(cache, skip_bad=config.on_bad_file == "skip")
+        log.info("score cache: %d entries of %d record(s) held by %d shard(s)%s",
+                 shards.entries, shards.records, len(shards.actors),
+                 f"; skipped {len(shards.skipped)} unreadable file(s): "
+                 f"{', '.join(shards.skipped[:3])}" if shards.skipped else "")
     rows = tokenizer_batch_rows(replicas, passages_tokenized=False)
-    ds = ds.map_batches(Normalize(config.columns, 1), batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(Normalize(config.columns, 1, keyed=cache is not None),
+                        batch_format="pyarrow", batch_size=None)
+    if cache is not None:
+        ds = ds.map_batches(ProbeCache(shards), batch_format="pyarrow", batch_size=None)
     ds = on_tokenizers(ds, Tokenize, config, model, replicas, rows,
                        None if why_not else assembler)
     ds = on_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
                      replicas.batch_rows)
+    if cache is not None:
+        ds = ds.map_batches(AddEntries(cache, int(time.time())), batch_format="pyarrow",
+                            batch_size=ADD_ROWS)
     keep = list(config.keep_columns)
     if not ranked:
         return ds.map_batches(_Scored(keep), batch_format="pyarrow", batch_size=None)

@@ -332,9 +332,7 @@ def test_compaction_keeps_each_keys_latest_use_and_drops_what_no_night_used(tmp_
     assert sorted(os.listdir(os.path.join(cache.root, "log"))) == [record.name + ".json"]
 
 
-def test_score_corpus_and_score_dataset_refuse_a_cache(micro_model, tmp_path):
-    with pytest.raises(ConfigError, match="score_dataset does not take a score cache"):
-        rstar_batch.score_dataset(None, model=micro_model, score_cache=str(tmp_path / "c"))
+def test_score_corpus_refuses_a_cache(micro_model, tmp_path):
     with pytest.raises(ConfigError, match="score-corpus does not use a score cache"):
         rstar_batch.score_corpus(corpus="c", queries="q", output=str(tmp_path / "o"),
                                  model=micro_model, top_k=5, score_cache=str(tmp_path / "cache"))

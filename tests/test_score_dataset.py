@@ -10,11 +10,17 @@ import sys
 import tempfile
 import textwrap
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from rstar_batch import score_dataset
+from rstar_batch.base.fs import resolve
+from rstar_batch.base.pair_keys import text_keys
+from rstar_batch.cache.store import CacheError, Record, ScoreCache
+from tests.reference import reference_scores
 from tests.jobs import kill_until_gone, session_pids
 from tests.test_rerank_job import TOL, _assert_matches_reference
 
@@ -62,6 +68,66 @@ def test_the_ranked_variant_ranks_each_query_as_the_rerank_job_does(
     _assert_matches_reference(ranked, sample_reference)
     assert sorted(r["reason"] for r in rows if r["reason"]) == ["null_passage",
                                                                "null_query_id"]
+
+
+def test_a_dataset_with_a_score_cache_takes_cached_scores_and_scores_only_new_texts(
+        ray_local, micro_model, sample_dir, sample_reference, tmp_path):
+    """Night 1 fills the cache as the result streams; then every cached pair is given a
+    planted score no model gives (newer than night 1's): night 2 must show exactly those
+    for its unchanged pairs, and the reference for its edited passages (new keys)."""
+    import ray
+
+    table, cache_uri = _pairs_with_bad_rows(sample_dir), str(tmp_path / "cache")
+    common = dict(model=micro_model, dtype="float32", replica_batch_rows=128,
+                  score_cache=cache_uri)
+    first = score_dataset(ray.data.from_arrow(table).repartition(3), **common).take_all()
+    assert sorted(r["reason"] or "" for r in first)[-2:] == ["null_passage", "null_query_id"]
+    for row in first:
+        if row["reason"] is None:
+            assert abs(row["score"] - sample_reference[(row["query_id"], row["doc_id"])]) <= TOL
+    (key,) = os.listdir(cache_uri)
+    cache = ScoreCache.at(*resolve(cache_uri), cache_uri, key)
+    entries, _ = cache.entries(cache.reads(cache.records(), set(range(cache.buckets))))
+    stored = pa.concat_tables(entries.values())
+    assert stored.num_rows == table.num_rows - 2   # every scorable pair, once
+
+    planted = pa.table({"key": stored["key"], "used": pc.add(stored["used"], 1),
+                        "score": pa.array(-1000.0 - np.arange(stored.num_rows), pa.float32())})
+    cache.write_record(Record("planted", (cache.write_pack("planted", planted),),
+                              planted.num_rows, 0.0, "test"))
+    fake = dict(zip(planted["key"].to_pylist(), planted["score"].to_pylist()))
+    rows = table.to_pylist()
+    for i in range(0, 100, 10):   # ten passages edited under the same doc_id
+        rows[i]["passage"] += " (edited)"
+    night_two = pa.Table.from_pylist(rows, schema=table.schema)
+    edited = {(rows[i]["query_id"], rows[i]["doc_id"]) for i in range(0, 100, 10)}
+    rescored = reference_scores(micro_model, night_two.filter(pc.is_in(
+        night_two["doc_id"], pa.array([d for _, d in edited]))))
+
+    second = score_dataset(ray.data.from_arrow(night_two).repartition(3), **common).take_all()
+    keys = dict(zip(zip(night_two["query_id"].to_pylist(), night_two["doc_id"].to_pylist()),
+                    text_keys(night_two["query"], night_two["passage"]).to_pylist()))
+    assert len(second) == night_two.num_rows
+    for row in second:
+        pair = (row["query_id"], row["doc_id"])
+        if row["reason"] is not None:
+            assert row["score"] is None
+        elif pair in edited:
+            assert abs(row["score"] - rescored[pair]) <= TOL, pair
+        else:
+            assert row["score"] == fake[keys[pair]], pair   # reused: never scored
+    # the edited pairs were added (scored) and the reused ones refreshed
+    records = cache.records()
+    assert len(records) > 2
+    newest, _ = cache.entries(cache.reads(records, set(range(cache.buckets))))
+    added = pa.concat_tables(newest.values())
+    assert {keys[p] for p in edited} <= set(added["key"].to_pylist())
+
+    # a cache file that cannot be read is named when the dataset is built
+    with open(os.path.join(cache.root, "packs", "planted.pack"), "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(CacheError, match="planted.pack' cannot be read"):
+        score_dataset(ray.data.from_arrow(night_two), **common)
 
 
 def test_a_plain_two_cpu_ray_scores_a_dataset_instead_of_waiting_forever(

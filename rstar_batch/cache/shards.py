@@ -123,8 +123,9 @@ class ProbeCache(Stage):
         rows = np.flatnonzero(pc.is_valid(keys).to_numpy(zero_copy_only=False))
         scores = np.full(batch.num_rows, np.nan, dtype=np.float32)
         if len(rows) and self.actors:
-            wanted = _keys(keys.take(pa.array(rows)))
-            shard = self.shard_of[key_buckets(keys.take(pa.array(rows)), self.buckets)]
+            scorable = keys.take(pa.array(rows))
+            wanted = _keys(scorable)
+            shard = self.shard_of[key_buckets(scorable, self.buckets)]
             asks = [(np.flatnonzero(shard == s), self.actors[s])
                     for s in np.unique(shard[shard >= 0])]
             answers = ray.get([actor.probe.remote(wanted[i]) for i, actor in asks])

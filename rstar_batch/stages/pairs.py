@@ -70,13 +70,19 @@ def _bare_backend(tokenizer: Any) -> Any:
     return bare
 
 
-def _ragged_gather(flat: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenate flat[starts[i] : starts[i] + counts[i]] for every i."""
+def _ragged_index(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenate range(starts[i], starts[i] + counts[i]) for every i (int64)."""
     total = int(counts.sum())
     if total == 0:
-        return flat[:0]
-    run_starts = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    return flat[run_starts + np.arange(total)]
+        return np.zeros(0, dtype=np.int64)
+    index = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    index += np.arange(total)
+    return index
+
+
+def _ragged_gather(flat: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenate flat[starts[i] : starts[i] + counts[i]] for every i."""
+    return flat[_ragged_index(starts, counts)]
 
 
 @dataclass(frozen=True)
@@ -346,9 +352,7 @@ class PairAssembler:
         ids = np.empty(int(offsets[-1]), dtype=np.int32)
         types = np.empty(len(ids), dtype=np.int8) if pair.with_types else None
         q_at, p_at = start + before, start + before + kq + between
-        positions = np.arange(len(ids))
-        q_pos = _ragged_gather(positions, q_at, kq)
-        p_pos = _ragged_gather(positions, p_at, kp)
+        q_pos, p_pos = _ragged_index(q_at, kq), _ragged_index(p_at, kp)
         ids[q_pos] = _ragged_gather(queries.flat, queries.starts[query_index], kq)
         ids[p_pos] = _ragged_gather(passages.flat, passages.starts[passage_index], kp)
         if types is not None:
@@ -375,7 +379,7 @@ class PairAssembler:
         """
         windows, first = passages.windows(window, stride)
         counts = np.diff(first)[passage_index]
-        index = _ragged_gather(np.arange(len(windows)), first[passage_index], counts)
+        index = _ragged_index(first[passage_index], counts)
         ids, types = self.assemble(queries, windows, np.repeat(query_index, counts), index,
                                    np.repeat(empty_passage, counts))
         return ids, types, counts

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rstar_batch import driver
+from rstar_batch.base import columns as C
 from rstar_batch.cache.shards import ADD_ROWS, AddEntries, ProbeCache, Shards
 from rstar_batch.cache.store import open_cache
-from rstar_batch.base import columns as C
 from rstar_batch.cluster import live_nodes
 from rstar_batch.config import RerankConfig
 from rstar_batch.replicas import (on_replicas, on_tokenizers, plan_replicas, scorer_kwargs,

@@ -158,7 +158,6 @@ def test_missing_column_names_column_and_file(tmp_path):
 
 
 def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     report = length_bias(*job(tmp_path, +1))
     target = tmp_path / "plots" / "length_bias.png"
     plot_length_bias(report, str(target))

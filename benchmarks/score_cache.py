@@ -20,7 +20,10 @@ running cluster, as `ray job submit` jobs do), default options but --dtype float
      filling an empty cache (every pair a miss), then ROUNDS rounds of plain (no cache)
      and cached (every pair found) in turn; each the fastest of its rounds (the first
      round of a size also starts the Ray worker processes its tasks need, ~1 s each
-     on 2 cores: reported beside it), marginal pairs/s between the two sizes.
+     on 2 cores: reported beside it), marginal pairs/s between the two sizes;
+  3. `score_dataset` (the streaming lookup: cache/shards.py) on the same two sizes with
+     the micro model: the dataset consumed to the end without the cache, filling an
+     empty one, and with every pair cached; the same rounds and marginal rates.
 """
 
 from __future__ import annotations
@@ -109,8 +112,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4000, help="night 1's pairs (R*)")
     parser.add_argument("--sizes", type=int, nargs=2, default=[50_000, 400_000],
                         help="the micro model's small and large night")
-    parser.add_argument("--only", choices=["night", "micro"], default=None,
-                        help="run only part 1 (night) or part 2 (micro)")
+    parser.add_argument("--only", choices=["night", "micro", "dataset"], default=None,
+                        help="run only part 1 (night), 2 (micro) or 3 (dataset)")
     parser.add_argument("--report", default=None, help="also write the report (JSON) here")
     args = parser.parse_args()
     if args.smoke:
@@ -129,10 +132,12 @@ def main() -> None:
         report = {"machine": machine("cpu"), "versions": versions(),
                   "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
 
-        if args.only != "micro":
+        if args.only in (None, "night"):
             night_part(args, work, r_star, report)
-        if args.only != "night":
+        if args.only in (None, "micro"):
             micro_part(args, work, micro, report)
+        if args.only in (None, "dataset"):
+            dataset_part(args, work, micro, report)
         print(json.dumps(report, indent=1))
         if args.report:
             Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
@@ -184,6 +189,43 @@ def micro_part(args: argparse.Namespace, work: str, micro: str, report: dict) ->
         report[f"marginal_{name}_pairs_per_s"] = (large - small) / dt if dt > 0 else None
     plain, cached = report["marginal_plain_pairs_per_s"], report["marginal_cached_pairs_per_s"]
     report["lookup_vs_scoring"] = cached / plain if plain and cached else None
+
+
+def dataset_part(args: argparse.Namespace, work: str, micro: str, report: dict) -> None:
+    """3. score_dataset: marginal pairs/s plain, filling, all cached."""
+    import ray
+
+    from rstar_batch import score_dataset
+
+    def consume(folder: str, cache: str | None) -> dict:
+        started = time.perf_counter()
+        ds = score_dataset(ray.data.read_parquet(folder), model=micro, dtype="float32",
+                           score_cache=cache)
+        rows = sum(len(batch["score"]) for batch in ds.iter_batches(batch_format="pyarrow"))
+        return {"seconds": time.perf_counter() - started, "rows": rows}
+
+    for size in args.sizes:
+        folder = os.path.join(work, f"m{size}")
+        if not os.path.exists(folder):
+            write(make_candidates(size // 50, 50, seed=size), folder)
+        cache = os.path.join(work, f"dcache-{size}")
+        report[f"dataset_{size}_filling"] = consume(folder, cache)
+        runs: dict[str, list] = {"plain": [], "cached": []}
+        for _ in range(1 if args.smoke else ROUNDS):
+            for name, use in (("plain", None), ("cached", cache)):
+                runs[name].append(consume(folder, use))
+        for name, found in runs.items():
+            report[f"dataset_{size}_{name}"] = {
+                **min(found, key=lambda r: r["seconds"]),
+                "rounds_s": [round(r["seconds"], 3) for r in found]}
+    small, large = args.sizes
+    for name in ("plain", "filling", "cached"):
+        dt = report[f"dataset_{large}_{name}"]["seconds"] - report[f"dataset_{small}_{name}"][
+            "seconds"]
+        report[f"dataset_marginal_{name}_pairs_per_s"] = (large - small) / dt if dt > 0 else None
+    plain = report["dataset_marginal_plain_pairs_per_s"]
+    cached = report["dataset_marginal_cached_pairs_per_s"]
+    report["dataset_lookup_vs_scoring"] = cached / plain if plain and cached else None
 
 
 if __name__ == "__main__":

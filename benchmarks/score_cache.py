@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -172,23 +173,15 @@ def micro_part(args: argparse.Namespace, work: str, micro: str, report: dict) ->
         cache = os.path.join(work, f"cache-{size}")
         report[f"micro_{size}_filling"] = job(folder, os.path.join(work, f"m{size}-fill"),
                                               micro, cache)
-        runs: dict[str, list] = {"plain": [], "cached": []}
-        for round_ in range(1 if args.smoke else ROUNDS):
-            for name, use in (("plain", None), ("cached", cache)):
-                out = os.path.join(work, f"m{size}-{name}-{round_}")
-                runs[name].append(job(folder, out, micro, use))
-                shutil.rmtree(out)
-        for name, found in runs.items():
-            report[f"micro_{size}_{name}"] = {
-                **min(found, key=lambda r: r["seconds"]),
-                "rounds_s": [round(r["seconds"], 3) for r in found]}
-    small, large = args.sizes
-    for name in ("plain", "filling", "cached"):
-        dt = report[f"micro_{large}_{name}"]["seconds"] - report[f"micro_{small}_{name}"][
-            "seconds"]
-        report[f"marginal_{name}_pairs_per_s"] = (large - small) / dt if dt > 0 else None
-    plain, cached = report["marginal_plain_pairs_per_s"], report["marginal_cached_pairs_per_s"]
-    report["lookup_vs_scoring"] = cached / plain if plain and cached else None
+
+        def one(name: str, round_: int) -> dict:
+            out = os.path.join(work, f"m{size}-{name}-{round_}")
+            found = job(folder, out, micro, cache if name == "cached" else None)
+            shutil.rmtree(out)
+            return found
+
+        best_of_rounds(report, f"micro_{size}", 1 if args.smoke else ROUNDS, one)
+    marginal_rates(report, "micro", args.sizes, "")
 
 
 def dataset_part(args: argparse.Namespace, work: str, micro: str, report: dict) -> None:
@@ -210,22 +203,34 @@ def dataset_part(args: argparse.Namespace, work: str, micro: str, report: dict) 
             write(make_candidates(size // 50, 50, seed=size), folder)
         cache = os.path.join(work, f"dcache-{size}")
         report[f"dataset_{size}_filling"] = consume(folder, cache)
-        runs: dict[str, list] = {"plain": [], "cached": []}
-        for _ in range(1 if args.smoke else ROUNDS):
-            for name, use in (("plain", None), ("cached", cache)):
-                runs[name].append(consume(folder, use))
-        for name, found in runs.items():
-            report[f"dataset_{size}_{name}"] = {
-                **min(found, key=lambda r: r["seconds"]),
-                "rounds_s": [round(r["seconds"], 3) for r in found]}
-    small, large = args.sizes
+        best_of_rounds(report, f"dataset_{size}", 1 if args.smoke else ROUNDS,
+                       lambda name, _: consume(folder, cache if name == "cached" else None))
+    marginal_rates(report, "dataset", args.sizes, "dataset_")
+
+
+def best_of_rounds(report: dict, prefix: str, rounds: int, run: Any) -> None:
+    """`run(name, round)` for plain and cached in turn, `rounds` times; the fastest of
+    each (with every round's seconds) under `prefix_name`."""
+    runs: dict[str, list] = {"plain": [], "cached": []}
+    for round_ in range(rounds):
+        for name in runs:
+            runs[name].append(run(name, round_))
+    for name, found in runs.items():
+        report[f"{prefix}_{name}"] = {**min(found, key=lambda r: r["seconds"]),
+                                      "rounds_s": [round(r["seconds"], 3) for r in found]}
+
+
+def marginal_rates(report: dict, prefix: str, sizes: list[int], into: str) -> None:
+    """Marginal pairs/s of plain, filling and cached between the two sizes, and the
+    cached rate over the plain one."""
+    small, large = sizes
     for name in ("plain", "filling", "cached"):
-        dt = report[f"dataset_{large}_{name}"]["seconds"] - report[f"dataset_{small}_{name}"][
-            "seconds"]
-        report[f"dataset_marginal_{name}_pairs_per_s"] = (large - small) / dt if dt > 0 else None
-    plain = report["dataset_marginal_plain_pairs_per_s"]
-    cached = report["dataset_marginal_cached_pairs_per_s"]
-    report["dataset_lookup_vs_scoring"] = cached / plain if plain and cached else None
+        dt = (report[f"{prefix}_{large}_{name}"]["seconds"]
+              - report[f"{prefix}_{small}_{name}"]["seconds"])
+        report[f"{into}marginal_{name}_pairs_per_s"] = (large - small) / dt if dt > 0 else None
+    plain = report[f"{into}marginal_plain_pairs_per_s"]
+    cached = report[f"{into}marginal_cached_pairs_per_s"]
+    report[f"{into}lookup_vs_scoring"] = cached / plain if plain and cached else None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from tests.reference import reference_scores
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# The files whose tests took longest (`pytest --durations=0`, 2026-12-07: 98, 122, 111,
+# The files whose tests took longest (`pytest --durations`, 2026-12-07: 123, 123, 111,
 # 86, 55 and 46 s of one worker's time); the rest follow by their number of slow tests.
 LONGEST_FIRST = ("test_nightly.py", "test_resume.py", "test_multi_node.py",
                  "test_tokenized_corpus.py", "test_score_corpus.py", "test_object_storage.py")

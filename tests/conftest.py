@@ -37,12 +37,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     slow: dict[str, int] = {}
     for item in items:
         slow[path(item)] = slow.get(path(item), 0) + (item.get_closest_marker("slow") is not None)
-    files = list(slow)
+    collected = {file: i for i, file in enumerate(slow)}
 
     def rank(file: str) -> tuple[int, int, int]:
         name = file.rsplit("/", 1)[-1]
         first = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-        return first, -slow[file], files.index(file)
+        return first, -slow[file], collected[file]
 
     items.sort(key=lambda item: rank(path(item)))
 

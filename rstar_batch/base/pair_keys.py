@@ -31,6 +31,14 @@ SCHEME = "blake2b-128, query xor swapped passage/v2"
 _QUERY, _PASSAGE, _IDS = b"Q", b"P", b"I"
 
 
+def key_bytes(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Keys (none null) as numpy 16-byte voids, without a copy: compared, sorted,
+    deduplicated and searched as bytes."""
+    keys = _array(keys)
+    data = np.frombuffer(keys.buffers()[1], dtype=f"V{KEY_BYTES}")
+    return data[keys.offset:keys.offset + len(keys)]
+
+
 def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 

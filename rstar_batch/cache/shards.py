@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rstar_batch.base import columns as C
-from rstar_batch.base.pair_keys import KEY_BYTES, key_buckets
+from rstar_batch.base.pair_keys import KEY_BYTES, key_buckets, key_bytes
 from rstar_batch.cache.store import (Record, ScoreCache, consecutive, latest,
                                      rows_by_bucket)
 from rstar_batch.stages.contract import Stage
@@ -45,14 +45,6 @@ REUSED = "_in_score_cache"
 CACHED = "_cached_score"
 
 
-def _keys(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Binary(16) keys (none null) as numpy V16: sorted, compared and searched as bytes."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    data = np.frombuffer(array.buffers()[1], dtype=f"V{KEY_BYTES}")
-    return data[array.offset:array.offset + len(array)]
-
-
 class CacheShard:
     """Ray actor: some buckets' newest entries, looked up by key."""
 
@@ -66,7 +58,7 @@ class CacheShard:
         tables, skipped = cache.entries(reads, skip_bad)
         newest = latest(pa.concat_tables(tables.values())) if tables else None
         if newest is not None and newest.num_rows:
-            keys = _keys(newest["key"])
+            keys = key_bytes(newest["key"])
             order = np.argsort(keys, kind="stable")
             self.keys = keys[order]
             self.scores = newest["score"].to_numpy(zero_copy_only=False)[order]
@@ -124,7 +116,7 @@ class ProbeCache(Stage):
         scores = np.full(batch.num_rows, np.nan, dtype=np.float32)
         if len(rows) and self.actors:
             scorable = keys.take(pa.array(rows))
-            wanted = _keys(scorable)
+            wanted = key_bytes(scorable)
             shard = self.shard_of[key_buckets(scorable, self.buckets)]
             asks = [(np.flatnonzero(shard == s), self.actors[s])
                     for s in np.unique(shard[shard >= 0])]

@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 
 from rstar_batch.base import columns as C
 from rstar_batch.base import fs as fsio
-from rstar_batch.base.pair_keys import KEY_TYPE, SCHEME, key_buckets
+from rstar_batch.base.pair_keys import KEY_TYPE, SCHEME, key_buckets, key_bytes
 from rstar_batch.io.scored import encode_pack, read_segments
 from rstar_batch.progress.log import Segment
 
@@ -285,9 +285,7 @@ def latest(entries: pa.Table) -> pa.Table:
     """One entry per key: its most recent use (entries newest first, as `entries`)."""
     if not entries.num_rows:
         return entries
-    keys = entries["key"].combine_chunks()
-    _, first = np.unique(np.frombuffer(keys.buffers()[1], dtype="V16")[
-        keys.offset:keys.offset + len(keys)], return_index=True)
+    _, first = np.unique(key_bytes(entries["key"]), return_index=True)
     return entries.take(pa.array(np.sort(first)))
 
 

@@ -4,6 +4,7 @@
                                                  # corpus: 25k and 1M id-only pairs
     python benchmarks/feed.py --before DIR       # also an older checkout's job, same data
     python benchmarks/feed.py --smoke            # tiny sizes for CI; writes nothing
+    python benchmarks/feed.py --rounds 1         # each text case once (default 3)
     python benchmarks/feed.py --cores 2          # on 2 of a bigger node's cores (a GPU node)
 
 The model has R*'s tokenizer but one layer of width 64 (testing.MICRO_ARCHITECTURE),
@@ -21,7 +22,13 @@ Reported beside each other, from one run of this script:
     thread over the large run's passages, passages/s;
   - each job end to end (process start to exit) and the marginal rate between the
     two sizes, (large - small pairs) / (large - small seconds), which leaves out the
-    fixed start-up (Ray, imports, model load);
+    fixed start-up (Ray, imports, model load); the text cases run --rounds times,
+    taking turns, and report their median round (start-up moves by ±0.5 s from run
+    to run, one marginal rate by ±15%);
+  - the same job with its replica shaped as a GPU's (one process and one torch
+    thread, as a GPU replica holds one CPU; float32, the micro model's cheapest
+    forward on CPUs with AMX, where --dtype auto picks bfloat16): on a CPU-only
+    machine, the nearest this script gets to the setting it stands for;
   - where the large job's CPU went: CPU seconds per kind of process, sampled from
     /proc while it runs (a Ray worker is named after the task it runs);
   - the job's own phases (start-up, scoring, rank pass) and driver peak RSS, from
@@ -58,6 +65,7 @@ from rstar_batch.testing import MICRO_ARCHITECTURE, make_candidates, make_tiny_m
 
 GPU_BATCH_TOKENS = 16384   # Scorer's default on a GPU: the micro model stands in for one
 GPU_BATCH_ROWS = 32768     # and the replica call's (replicas.GPU_BATCH_ROWS)
+GPU_SHAPED = ["--cpus-per-replica", "1", "--max-replicas", "1", "--dtype", "float32"]
 RAW_TOKENIZER = """
 import sys, time
 import pyarrow.parquet as pq
@@ -88,7 +96,9 @@ def raw_tokenizer_rate(model: str, candidates: str, library: str = "tokenizers")
 
 def _kind(cmdline: str, job_pid: int, pid: int) -> str:
     """Which part of the job a process (or the task it runs now) is."""
-    if pid == job_pid:
+    # the command the user ran watches a child that runs the same command (supervise.py):
+    # that child is the driver
+    if pid == job_pid or " -m rstar_batch " in f" {cmdline} ":
         return "driver"
     # the replica actor (ReplicaCommits) scores and hands slices to its node's commit
     # writer (CommitWriter; older checkouts wrote and committed in WriteRuns)
@@ -167,6 +177,32 @@ def run_job(model: str, inputs: list[str], out: str, extra: list[str],
             "device": manifest["replicas"].get("device", "cpu")}
 
 
+def marginal_rate(small: dict, large: dict) -> float:
+    return (large["pairs"] - small["pairs"]) / (large["seconds"] - small["seconds"])
+
+
+def interleaved(model: str, text: dict[int, str], small: int, large: int, workdir: str,
+                variants: list[tuple[str, str, list[str], Optional[str]]], rounds: int
+                ) -> list[tuple[str, dict, dict, list[float]]]:
+    """Each variant's small and large job, `rounds` times, the variants taking turns, so
+    that what the machine does meanwhile falls on all of them alike. A job's fixed
+    start-up moves by ±0.5 s from run to run, which moves one marginal rate by ±15%:
+    each case reports the round with the median marginal rate, and every round's."""
+    done: dict[str, list[tuple[dict, dict]]] = {label: [] for label, *_ in variants}
+    for _ in range(rounds):
+        for label, name, extra, source in variants:
+            runs = [run_job(model, ["--candidates", text[size]],
+                            os.path.join(workdir, f"out-{name}-{size}"), extra, source)
+                    for size in (small, large)]
+            done[label].append((runs[0], runs[1]))
+    cases = []
+    for label, pairs in done.items():
+        ordered = sorted(pairs, key=lambda p: marginal_rate(*p))
+        middle = ordered[(len(ordered) - 1) // 2]
+        cases.append((label, middle[0], middle[1], [marginal_rate(*p) for p in pairs]))
+    return cases
+
+
 def write_candidates(folder: str, pairs: int, seed: int) -> str:
     """`pairs` candidate rows, 100 per query, every passage its own text."""
     if not os.path.isdir(folder):
@@ -210,14 +246,18 @@ def tokenize_corpus(model: str, corpus: str, out: str) -> dict:
     return {"seconds": time.perf_counter() - started, "passages": manifest["summary"]["pairs"]}
 
 
-def case_rows(label: str, small: dict, large: dict, raw: float) -> list[str]:
-    marginal = (large["pairs"] - small["pairs"]) / (large["seconds"] - small["seconds"])
+def case_rows(label: str, small: dict, large: dict, raw: float,
+              rounds: list[float]) -> list[str]:
+    marginal = marginal_rate(small, large)
     rows = []
     for size, run in (("small", small), ("large", large)):
         rate = run["pairs"] / run["seconds"]
         rows.append(f"| {label}: {size}, end to end | {run['pairs']} | {run['seconds']:.1f} | "
                     f"{rate:.0f} | {rate / raw:.2f} |")
-    rows.append(f"| **{label}: marginal** (large − small) | {large['pairs'] - small['pairs']} | "
+    every = (f"; rounds: {', '.join(f'{r:.0f} ({r / raw:.2f}×)' for r in rounds)}"
+             if len(rounds) > 1 else "")
+    rows.append(f"| **{label}: marginal** (large − small{', the median round' if every else ''}"
+                f"{every}) | {large['pairs'] - small['pairs']} | "
                 f"{large['seconds'] - small['seconds']:.1f} | **{marginal:.0f}** | "
                 f"**{marginal / raw:.2f}** |")
     return rows
@@ -253,9 +293,9 @@ def cpu_table(label: str, small: dict, run: dict) -> list[str]:
 
 
 def host_side_us(small: dict, large: dict) -> float:
-    """Marginal CPU per pair of what a GPU would wait on: every process of the job
-    ('other' is not the job's), but on CPU the Score actor, whose CPU is then the micro
-    model's forward, which a GPU does."""
+    """Marginal CPU per pair of what a GPU would wait on: every process of the job, the
+    driver included ('other' is not the job's), but on CPU the Score actor, whose CPU is
+    then the micro model's forward, which a GPU does."""
     left_out = ("other",) if large["device"] == "cuda" else ("score", "other")
 
     def host(run: dict) -> float:
@@ -263,7 +303,8 @@ def host_side_us(small: dict, large: dict) -> float:
     return 1e6 * (host(large) - host(small)) / (large["pairs"] - small["pairs"])
 
 
-def render(raw: float, cases: list[tuple[str, dict, dict]], corpus_run: Optional[dict],
+def render(raw: float, cases: list[tuple[str, dict, dict, list[float]]],
+           corpus_run: Optional[dict],
            fast: Optional[float] = None) -> str:
     cores = usable_cores()
     device = cases[0][2]["device"] if cases else "cpu"  # the machine's name: GPU or CPU
@@ -279,19 +320,19 @@ def render(raw: float, cases: list[tuple[str, dict, dict]], corpus_run: Optional
     if fast is not None:
         lines.append(f"| raw nanotoken (the fast path), one thread (passages) | | | "
                      f"{fast:.0f} | {fast / raw:.2f} |")
-    for label, small, large in cases:
-        lines += case_rows(label, small, large, raw)
+    for label, small, large, rounds in cases:
+        lines += case_rows(label, small, large, raw, rounds)
     if corpus_run:
         rate = corpus_run["passages"] / corpus_run["seconds"]
         lines.append(f"| tokenize-corpus, once (passages), end to end | "
                      f"{corpus_run['passages']} | {corpus_run['seconds']:.1f} | {rate:.0f} | "
                      f"{rate / raw:.2f} |")
     lines += ["", f"Marginal rates per CPU core ({cores} cores): " + "; ".join(
-        f"{label} {(l['pairs'] - s['pairs']) / (l['seconds'] - s['seconds']) / cores:.0f}"
-        for label, s, l in cases) + " pairs/s. Driver peak RSS, small → large: " + "; ".join(
+        f"{label} {marginal_rate(s, l) / cores:.0f}"
+        for label, s, l, _ in cases) + " pairs/s. Driver peak RSS, small → large: " + "; ".join(
         f"{label} {s['rss_mb']:.0f} → {l['rss_mb']:.0f} MB "
-        f"({100 * (l['rss_mb'] / s['rss_mb'] - 1):+.1f}%)" for label, s, l in cases) + "."]
-    for label, small, large in cases:
+        f"({100 * (l['rss_mb'] / s['rss_mb'] - 1):+.1f}%)" for label, s, l, _ in cases) + "."]
+    for label, small, large, _ in cases:
         lines += cpu_table(label, small, large)
     return "\n".join(lines) + "\n"
 
@@ -306,6 +347,9 @@ def main() -> int:
     parser.add_argument("--before", metavar="DIR",
                         help="also time the text runs with the rstar_batch package in DIR")
     parser.add_argument("--skip", nargs="*", default=[], choices=["text", "tokenized"])
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="text runs per case, the cases taking turns; the median round "
+                             "is reported (default 3)")
     parser.add_argument("--workdir", help="keep data and model here between runs")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for CI; writes nothing")
     parser.add_argument("--cores", type=int,
@@ -317,7 +361,7 @@ def main() -> int:
         # inherited by the raw tokenizer's process, the jobs and their Ray processes
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
     if args.smoke:
-        args.pairs, args.id_pairs, args.small = 2000, 2000, 500
+        args.pairs, args.id_pairs, args.small, args.rounds = 2000, 2000, 500, 1
     workdir = args.workdir or tempfile.mkdtemp(prefix="rstar-feed-")
     model = make_tiny_model(os.path.join(workdir, "micro"), architecture=MICRO_ARCHITECTURE)
     text = {size: write_candidates(os.path.join(workdir, f"text-{size}"), size, seed)
@@ -327,21 +371,17 @@ def main() -> int:
                               "nanotoken")
     cases, corpus_run = [], None
     if "text" not in args.skip:
-        runs = {size: run_job(model, ["--candidates", folder],
-                              os.path.join(workdir, f"out-text-{size}"), [])
-                for size, folder in text.items()}
-        cases.append(("from text", runs[args.small], runs[args.pairs]))
-        # the same job with the Hugging Face tokenizer (what every run did before)
-        runs = {size: run_job(model, ["--candidates", folder],
-                              os.path.join(workdir, f"out-text-hf-{size}"),
-                              ["--tokenizer-backend", "hf"])
-                for size, folder in text.items()}
-        cases.append(("from text, --tokenizer-backend hf", runs[args.small], runs[args.pairs]))
+        variants = [("from text", "text", [], None),
+                    # the same job with the Hugging Face tokenizer (what every run did before)
+                    ("from text, --tokenizer-backend hf", "text-hf",
+                     ["--tokenizer-backend", "hf"], None),
+                    # the replica shaped as a GPU's: one process, one thread (a GPU replica
+                    # holds one CPU), in the micro model's cheapest dtype on this CPU
+                    (f"from text, replica as a GPU's ({' '.join(GPU_SHAPED)})", "text-gpu-shaped",
+                     GPU_SHAPED, None)]
         if args.before:
-            runs = {size: run_job(model, ["--candidates", folder],
-                                  os.path.join(workdir, f"out-before-{size}"), [], args.before)
-                    for size, folder in text.items()}
-            cases.append(("from text, before", runs[args.small], runs[args.pairs]))
+            variants.append(("from text, before", "before", [], args.before))
+        cases += interleaved(model, text, args.small, args.pairs, workdir, variants, args.rounds)
     if "tokenized" not in args.skip:
         corpus = os.path.join(text[args.pairs], "part-00000.parquet")   # ≤ 100k passages
         tokens = os.path.join(workdir, "tokenized-corpus")
@@ -353,7 +393,7 @@ def main() -> int:
             runs[size] = run_job(model, ["--candidates", candidates, "--queries", queries,
                                          "--corpus", tokens],
                                  os.path.join(workdir, f"out-ids-{size}"), [])
-        cases.append(("tokenized corpus", runs[args.small], runs[args.id_pairs]))
+        cases.append(("tokenized corpus", runs[args.small], runs[args.id_pairs], []))
     report = render(raw, cases, corpus_run, fast)
     print(report)
     if not args.smoke:

@@ -3,7 +3,8 @@
     pass 1 (Ray Data, streaming, checkpointed):
       read pending chunks → normalize → tokenize (CPU actors) → score (model
       replicas, which write runs of scored rows, one piece per bucket, and commit
-      them, on a clock: replicas.ReplicaCommits)
+      them, on a clock: replicas.ReplicaCommits); for replicas that take large calls
+      (GPUs) the tokenizer actors read and normalize too (ReadTokenize)
     pass 2 (one Ray task per bucket):
       read the bucket's committed rows → rank per query → part-NNNNN.parquet, _rejected/
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,7 +32,7 @@ from rstar_batch.cache.store import Record, ScoreCache, open_cache
 from rstar_batch.config import ConfigError, RerankConfig
 from rstar_batch.io.join import JoinSpec, prepare_joined, run_roles
 from rstar_batch.io.nested import Flatten, check_nested, find_nested_column, prepare_nested
-from rstar_batch.io.read import read_chunks
+from rstar_batch.io.read import READ_TASK_ROWS, ReadChunks, read_chunks, read_tasks
 from rstar_batch.io.sources import CandidateFiles, expand, inspect_candidates
 from rstar_batch.io.tokenized import inspect_tokenized
 from rstar_batch.manifest import bucket_count, job_plan
@@ -58,16 +59,57 @@ def build_scoring_plan(config: RerankConfig, source: CandidateFiles, model: Mode
     """Pass 1 as a lazy Ray Data dataset: read → normalize → tokenize → score → commit
     (the replicas hand what they score to `sink`, the job's commit writers). With a
     score cache the rows carry their pair keys, which the rank pass adds to it."""
-    ds = read_chunks(source, chunks, stop, consumers=replicas.max_size)
-    ds = ds.map_batches(Normalize(config.columns, buckets, keyed=bool(config.score_cache)),
-                        batch_format="pyarrow", batch_size=None)
-    # Blocks of one tokenizer call each: otherwise Ray Data bundles many small
-    # blocks into one task, whose output (and so every commit) lands only at its end.
+    normalize = Normalize(config.columns, buckets, keyed=bool(config.score_cache))
     rows = tokenizer_batch_rows(replicas, C.PASSAGE_IDS in source.schema.names)
-    ds = ds.repartition(target_num_rows_per_block=rows)
-    ds = on_tokenizers(ds, Tokenize, config, model, replicas, rows, assembler)
+    if host_in_tokenizers(replicas.batch_rows):
+        # each tokenizer actor reads its read task's chunks: only token ids cross the
+        # object store; a read task at a time per actor, so the pool shares them
+        tasks, _ = read_tasks(source, chunks)
+        ds = on_tokenizers(tasks, ReadTokenize, config, model, replicas, 1, assembler,
+                           tasks_per_actor=1, normalize=normalize, rows=rows, read=ReadChunks(
+                               source.filesystem, source.schema.names, stop))
+    else:
+        ds = read_chunks(source, chunks, stop, consumers=replicas.max_size)
+        ds = ds.map_batches(normalize, batch_format="pyarrow", batch_size=None)
+        # Blocks of one tokenizer call each: otherwise Ray Data bundles many small
+        # blocks into one task, whose output (and so every commit) lands only at its end.
+        ds = ds.repartition(target_num_rows_per_block=rows)
+        ds = on_tokenizers(ds, Tokenize, config, model, replicas, rows, assembler)
     return committing_replicas(ds, Score, scorer_kwargs(config, model, replicas), replicas,
                                replicas.batch_rows, sink, config, stop)
+
+
+def host_in_tokenizers(replica_batch_rows: int) -> bool:
+    """Whether reading and normalizing run in the tokenizer actors: when a replica's
+    call holds at least half a read task's rows, so that handing replicas whole read
+    tasks makes their calls no coarser than they are. Smaller calls (a CPU replica's
+    2048) keep the separate read tasks, whose blocks are cut to the tokenizer's rows,
+    so that slow replicas share the last blocks of a job evenly."""
+    return replica_batch_rows >= READ_TASK_ROWS // 2
+
+
+class ReadTokenize:
+    """`map_batches` class on the tokenizer pool: read tasks in (io/read.plan_read_tasks),
+    tokenized rows out, as Normalize then Tokenize would give them.
+
+    In the plan for small replica calls each stage runs in a process of its own and
+    hands its block to the next through Ray's object store, so every candidate's texts
+    are written and read there twice (read task → normalize task → tokenizer actor)
+    before they become ids. Here a tokenizer actor reads its read task's chunks itself:
+    only token ids leave it. The stages are the same objects with the same contracts,
+    called one after another on each chunk in slices of the tokenizer's rows; Ray Data
+    joins a task's slices into blocks of up to its target block size, so a replica's
+    input comes a read task at a time (docs/design.md, "Feeding the replicas")."""
+
+    def __init__(self, read: ReadChunks, normalize: Normalize, rows: int,
+                 **tokenize: Any) -> None:
+        self.read, self.normalize, self.rows = read, normalize, rows
+        self.tokenize = Tokenize(**tokenize)
+
+    def __call__(self, tasks: pa.Table) -> Iterator[pa.Table]:
+        for chunk in self.read(tasks):
+            for start in range(0, chunk.num_rows, self.rows):
+                yield self.tokenize(self.normalize(chunk.slice(start, self.rows)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +257,10 @@ class RerankJob(driver.Job):
         return self.looked.chunks
 
     def describe(self, pending: list[checkpoint.Chunk], replicas: ReplicaPlan) -> str:
+        reading = ("; the tokenizer actors read the candidates" if host_in_tokenizers(
+            replicas.batch_rows) else "")
         return (f"scoring {sum(c.todo for c in pending)} pairs with {self.model.source} on "
-                f"{describe_plan(replicas)}")
+                f"{describe_plan(replicas)}{reading}")
 
     def scoring_pass(self, replicas: ReplicaPlan, pending: list[checkpoint.Chunk]) -> Any:
         unread = [c.id for c in pending if c.file < 0]

@@ -216,10 +216,13 @@ def scorer_kwargs(config: RerankConfig, model: Any, plan: ReplicaPlan) -> dict[s
 
 
 def on_tokenizers(ds: Any, stage: type, config: RerankConfig, model: Any, plan: ReplicaPlan,
-                  batch_rows: int, assembler: Any = None, **stage_kwargs: Any) -> Any:
-    """`stage` (Tokenize, TokenizePassages, TokenizeWhole) as a pool of CPU tokenizer
-    actors, one started and more added, up to the plan's, while blocks queue for them.
-    An `assembler` the driver verified travels to them, so they load no model files."""
+                  batch_rows: Optional[int], assembler: Any = None,
+                  tasks_per_actor: Optional[int] = None, **stage_kwargs: Any) -> Any:
+    """`stage` (Tokenize, TokenizePassages, TokenizeWhole, ReadTokenize) as a pool of
+    CPU tokenizer actors, one started and more added, up to the plan's, while blocks
+    queue for them. An `assembler` the driver verified travels to them, so they load no
+    model files. `tasks_per_actor`: how many calls wait at each actor (Ray Data's
+    default when None)."""
     import ray.data
 
     kwargs = dict(model=model, max_length=config.max_length,
@@ -230,7 +233,8 @@ def on_tokenizers(ds: Any, stage: type, config: RerankConfig, model: Any, plan: 
         kwargs["assembler"] = assembler
     return ds.map_batches(
         stage, fn_constructor_kwargs=kwargs,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.tokenizers),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.tokenizers,
+                                           max_tasks_in_flight_per_actor=tasks_per_actor),
         batch_size=batch_rows, batch_format="pyarrow", num_cpus=plan.tokenizer_cpus)
 
 

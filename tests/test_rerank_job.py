@@ -179,3 +179,35 @@ def test_demo_runs_end_to_end_on_an_embedded_ray(micro_model, tmp_path):
     assert f"ranked output: {tmp_path / 'demo' / 'ranked'}" in lines
     top = [line for line in lines if line.startswith(("  1. ", "  2. ", "  3. "))]
     assert len(top) == 3
+
+
+def test_replicas_taking_large_calls_get_tokens_from_tokenizers_that_read_the_candidates(
+        ray_local, micro_model, sample_dir, sample_reference, tmp_path, caplog):
+    """A GPU's 32,768-row replica calls: the tokenizer actors read, normalize and tokenize
+    (pipeline.ReadTokenize), so texts never cross the object store. The output is still
+    the one-pair reference, every pair once, and rows that cannot be scored are kept with
+    their reason."""
+    table = pq.read_table(sample_dir)
+    nulls = pa.table({"query_id": pa.array([1, None], pa.int64()), "query": ["q", "q"],
+                      "doc_id": ["null-passage", "null-query-id"],
+                      "passage": pa.array([None, "text"], pa.string()),
+                      "first_stage_score": pa.array([0.0, 0.0], pa.float32())})
+    path = str(tmp_path / "c.parquet")
+    pq.write_table(pa.concat_tables([table, nulls.cast(table.schema)]), path,
+                   row_group_size=400)
+    out = str(tmp_path / "out")
+    with caplog.at_level("INFO"):
+        summary = rstar_batch.rerank(candidates=[path], output=out, model=micro_model,
+                                     dtype="float32", replica_batch_rows=32768,
+                                     checkpoint_rows=300, max_rejected_fraction=1.0)
+    assert "the tokenizer actors read the candidates" in caplog.text
+    assert (summary.pairs, summary.scored) == (1002, 1000)
+    assert summary.rejected == {"null_passage": 1, "null_query_id": 1}
+    result = pq.read_table(out)
+    assert result.num_rows == 1000
+    assert set(zip(result["query_id"].to_pylist(), result["doc_id"].to_pylist())) == set(
+        sample_reference)
+    _assert_matches_reference(result.to_pylist(), sample_reference)
+    rejected = pq.read_table(os.path.join(out, "_rejected")).sort_by("doc_id").to_pylist()
+    assert [(r["doc_id"], r["reason"], r["passage"]) for r in rejected] == [
+        ("null-passage", "null_passage", None), ("null-query-id", "null_query_id", "text")]

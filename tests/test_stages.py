@@ -385,3 +385,49 @@ def test_reused_buffers_give_the_same_logits_across_pass_shapes(tiny_model):
                                        rtol=1e-6, atol=1e-6)
             assert reused(**inputs).shape == (batch, 1)
     assert set(reused.buffers) == {"query", "key", "value", "intermediate"}
+
+
+def test_read_tokenize_reads_normalizes_and_tokenizes_each_chunk_as_hugging_face_would(
+        tiny_model, tmp_path):
+    """The tokenizer actors' own reading (pipeline.ReadTokenize): every unskipped row of
+    every chunk once, in order, scored rows as the plain HF tokenizer encodes the pair,
+    rejected rows kept with their reason and texts."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from rstar_batch.io.read import ReadChunks, plan_read_tasks
+    from rstar_batch.progress.checkpoint import Chunk
+    from rstar_batch.pipeline import ReadTokenize, host_in_tokenizers
+
+    words = ["alpha", "beta", "gamma", "café", "東京", "delta-epsilon", "x" * 30]
+    passages = [" ".join(words[(i + j) % len(words)] for j in range(i % 9 + 1))
+                for i in range(50)]
+    passages[13] = None
+    table = pa.table({"query_id": pa.array(np.arange(50) // 10, pa.int64()),
+                      "query": [f"query {i // 10} {words[i % 7]}" for i in range(50)],
+                      "doc_id": [f"d{i}" for i in range(50)], "passage": passages})
+    path = str(tmp_path / "c.parquet")
+    pq.write_table(table, path, row_group_size=16)
+    chunks = [Chunk(0, 0, 0, 20, skip=((5, 8),)), Chunk(1, 0, 20, 20), Chunk(2, 0, 40, 10)]
+    tasks = plan_read_tasks(chunks, [path], [[16, 16, 16, 2]])
+    stage = ReadTokenize(ReadChunks(pafs.LocalFileSystem(), table.column_names),
+                         Normalize(Columns(), 3), rows=7, model=describe_model(tiny_model),
+                         max_length=24)
+    out = pa.concat_tables([t for task in tasks for t in stage(pa.Table.from_pylist([task]))])
+
+    tags = list(zip(out[C.CHUNK].to_pylist(), out[C.ROW].to_pylist()))
+    assert tags == ([(0, r) for r in range(20) if not 5 <= r < 8]
+                    + [(1, r) for r in range(20)] + [(2, r) for r in range(10)])
+    hf = AutoTokenizer.from_pretrained(tiny_model)
+    for row in out.to_pylist():
+        source = 20 * row[C.CHUNK] + row[C.ROW]
+        assert row[C.DOC_ID] == f"d{source}"
+        if passages[source] is None:
+            assert row[C.REJECT] == C.NULL_PASSAGE and row[C.QUERY] == table["query"][source].as_py()
+            continue
+        expected = hf(table["query"][source].as_py(), passages[source], truncation=True,
+                      max_length=24)
+        assert row[C.REJECT] is None
+        assert row[C.INPUT_IDS] == expected["input_ids"], source
+    assert host_in_tokenizers(32768) and not host_in_tokenizers(2048)

@@ -42,13 +42,21 @@ def read_chunks(files: Any, chunks: list[Chunk], stop: Optional[StopSignal],
     """
     import ray.data
 
-    tasks = plan_read_tasks(chunks, files.paths, files.row_groups)
+    ds, tasks = read_tasks(files, chunks)
     rows = sum(task["rows"] for task in tasks)
     readers = max(1, min(len(tasks), max(consumers, math.ceil(rows / READER_ROWS))))
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     return ds.map_batches(ReadChunks(files.filesystem, files.schema.names, stop),
                           batch_size=1, batch_format="pyarrow",
                           compute=ray.data.TaskPoolStrategy(size=readers))
+
+
+def read_tasks(files: Any, chunks: list[Chunk]) -> tuple[Any, list[dict]]:
+    """The read tasks of the pending `chunks` (plan_read_tasks), as a Ray dataset of one
+    row and one block per task, and as the list itself."""
+    import ray.data
+
+    tasks = plan_read_tasks(chunks, files.paths, files.row_groups)
+    return ray.data.from_items(tasks, override_num_blocks=len(tasks)), tasks
 
 
 def plan_read_tasks(chunks: list[Chunk], paths: list[str],

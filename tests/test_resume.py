@@ -83,8 +83,9 @@ def test_a_job_killed_then_interrupted_resumes_each_time_without_loss_or_duplica
     only what the runs before it did not commit."""
     out = str(tmp_path / "out")
     args = _args(job_input, out, micro_model, "--drain-seconds", "20")
-    # Both runs log their progress each second (the second with replica calls of 240
-    # pairs that span several commits): what they log must follow the commit records.
+    # Both runs log their progress each second (the second with a GPU's replica calls,
+    # which span several commits and make the tokenizer actors read the candidates:
+    # pipeline.ReadTokenize): what they log must follow the commit records.
     logging_each_second = [*args, "--progress-seconds", "1"]
     samples: list[tuple[float, int]] = []  # (when, pairs committed) as the test saw them
 
@@ -111,15 +112,15 @@ def test_a_job_killed_then_interrupted_resumes_each_time_without_loss_or_duplica
     assert f"{done_at_kill}/{TOTAL} pairs scored" in status
     assert "rerun the same command" in status
 
-    job = Job([*logging_each_second, "--replica-batch-rows", "240"], str(tmp_path / "run2.log"),
-              PACED, cluster=cluster)
+    job = Job([*logging_each_second, "--replica-batch-rows", "32768"],
+              str(tmp_path / "run2.log"), PACED, cluster=cluster)
     job.wait_until(committed_at_least(2 * TOTAL // 3))
     seconds = job.terminate(sig=signal.SIGINT)
     text = job.output()
     _assert_logged_progress_follows_the_commits(logs + text, samples, committed_rows(out))
     assert seconds < 30, f"took {seconds:.1f} s to stop"
     assert job.proc.returncode == 75, text[-3000:]
-    assert "SIGINT: draining" in text
+    assert "SIGINT: draining" in text and "the tokenizer actors read the candidates" in text
     done_at_stop = committed_rows(out)
     assert f"rstar-batch: stopped on SIGINT: {done_at_stop} of {TOTAL} pairs are " \
         "committed; rerun the same command to resume" in text

@@ -216,7 +216,7 @@ def scorer_kwargs(config: RerankConfig, model: Any, plan: ReplicaPlan) -> dict[s
 
 
 def on_tokenizers(ds: Any, stage: type, config: RerankConfig, model: Any, plan: ReplicaPlan,
-                  batch_rows: Optional[int], assembler: Any = None,
+                  batch_rows: int, assembler: Any = None,
                   tasks_per_actor: Optional[int] = None, **stage_kwargs: Any) -> Any:
     """`stage` (Tokenize, TokenizePassages, TokenizeWhole, ReadTokenize) as a pool of
     CPU tokenizer actors, one started and more added, up to the plan's, while blocks
